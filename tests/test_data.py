@@ -1,0 +1,473 @@
+"""data.py: Amazon 2023 processing, MovieLens, bring-your-own tables, toy set, cache, prompts, errors."""
+import collections
+import csv
+import gzip
+import json
+import re
+import time
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+import data as D
+
+CAT = "CDs_and_Vinyl"
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+
+
+def ms(day, hour=0):
+    return int(datetime.fromisoformat(day).replace(hour=hour, tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def meta(asin, title=None, price=9.99, **kw):
+    return {"parent_asin": asin, "title": title or f"Album {asin}", "average_rating": 4.5, "rating_number": 10,
+            "description": ["Great record."], "price": price, **kw}
+
+
+def write_amazon(raw, metas, reviews):
+    """Official formats: meta jsonl.gz and a rating-only csv.gz with ms timestamps."""
+    raw.mkdir(parents=True, exist_ok=True)
+    with gzip.open(raw / f"meta_{CAT}.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metas)
+    with gzip.open(raw / f"{CAT}.csv.gz", "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "parent_asin", "rating", "timestamp"])
+        w.writerows([(u, a, 5.0, t) for u, a, t in reviews])
+
+
+def amazon_cfg(tmp_path, **kw):
+    return D.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path / "raw"),
+                        **{"min_items": 1, **kw})
+
+
+def filler(n_users=4, n_items=4, day="2023-05-01"):
+    """Enough in-window reviews of good items A0.. for non-empty splits."""
+    metas = [meta(f"A{i}") for i in range(n_items)]
+    reviews = [(f"f{u}", f"A{i}", ms(day) + 1000 * (u * n_items + i)) for u in range(n_users) for i in range(n_items)]
+    return metas, reviews
+
+
+def all_samples(ds):
+    return ds.splits["train"] + ds.splits["valid"] + ds.splits["test"]
+
+
+def no_cache(cfg):
+    d = Path(cfg.data_dir)
+    return not d.exists() or not [p for p in d.rglob("*") if p.is_file() and "raw" not in p.parts]
+
+
+def write_table(path, rows):
+    """rows of dicts -> .tsv/.csv with a header (the first row's keys), or .jsonl."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
+            w.writeheader()
+            w.writerows(rows)
+    return str(path)
+
+
+MOVIES = [{"item_id": 10, "title": "Toy Story", "year": 1995, "genres": "Animation Children's Comedy"},
+          {"item_id": 20, "title": "Heat", "year": 1995, "genres": "Action Crime Thriller"},
+          {"item_id": 30, "title": "Fargo", "year": 1996, "genres": "Crime Drama Thriller"},
+          {"item_id": 40, "title": "Alien", "year": 1979, "genres": "Horror Sci-Fi"}]
+RATINGS = [{"user_id": f"u{u}", "item_id": MOVIES[(u + k) % 4]["item_id"], "rating": 4, "timestamp": 1000 * u + k}
+           for u in range(4) for k in range(4)]  # 4 users x 4 = 12 samples
+
+
+def custom_cfg(tmp_path, ext=".tsv", ratings=RATINGS, movies=MOVIES, **kw):
+    inter, items = write_table(tmp_path / f"inter{ext}", ratings), write_table(tmp_path / f"items{ext}", movies)
+    return D.DataConfig(dataset="custom", data_dir=str(tmp_path / "data"), interactions=inter, items=items, **kw)
+
+
+# ---------------------------------------------------------------- Amazon 2023
+
+
+def test_amazon_item_filter_rules(tmp_path):
+    metas, reviews = filler()
+    bad = [{"parent_asin": "B_notitle", "price": 1.0}, meta("B_nulltitle", price=1.0) | {"title": None},
+           meta("B_span", title='<span id="x">Live</span>'), meta("B_51", title=" ".join(["w"] * 51)),
+           meta("B_dollar", price="$12.99"), meta("B_noprice", price=None), meta("B_emptyprice", price="")]
+    good = [meta("G_50", title=" ".join(["w"] * 50)), meta("G_str", price="12.50"), meta("G_int", price=3)]
+    metas += bad + good
+    reviews += [("x", m["parent_asin"], ms("2023-06-01") + k) for k, m in enumerate(bad + good)]
+    write_amazon(tmp_path / "raw", metas, reviews)
+    ds = D.load_dataset(amazon_cfg(tmp_path))
+    assert set(ds.titles[1:]) == {f"Album A{i}" for i in range(4)} | {" ".join(["w"] * 50), "Album G_str", "Album G_int"}
+    assert ds.n_items == 7 and len(ds.titles) == len(ds.texts) == 8
+
+
+def test_amazon_cleaning_and_item_text(tmp_path):
+    metas, reviews = filler()
+    metas[0] = meta("A0", title="Rock &amp; Roll <b>Live</b>\tin Caf\u00e9 \u2013 Tour",
+                    description=["<p>Line one&nbsp;here</p>\nline two", "<p>Line one&nbsp;here</p>\nline two"])
+    metas[1] = meta("A1", description=[" ".join(f"w{i}" for i in range(150))])
+    write_amazon(tmp_path / "raw", metas, reviews)
+    ds = D.load_dataset(amazon_cfg(tmp_path))
+    assert ds.titles[1] == "Rock & Roll Live in Caf Tour"  # items keep meta-file order
+    assert ds.texts[1] == ("'title': Rock & Roll Live in Caf Tour\n 'average_rating': 4.5\n 'rating_number': 10\n"
+                           " 'description': Line one here line two")  # duplicate description entry dropped
+    assert ds.texts[2].split("'description': ")[1] == " ".join(f"w{i}" for i in range(100))
+    assert all(t.isascii() for t in ds.texts) and ds.category == "CD or vinyl"
+
+
+def test_amazon_window_start_inclusive_end_exclusive(tmp_path):
+    metas, reviews = filler()
+    edges = {"S_start": ms("2022-10-01"), "S_before": ms("2022-10-01") - 1, "S_lastms": ms("2023-10-01") - 1,
+             "S_end": ms("2023-10-01")}
+    metas += [meta(a) for a in edges]
+    reviews += [("e", a, t) for a, t in edges.items()]
+    write_amazon(tmp_path / "raw", metas, reviews)
+    titles = set(D.load_dataset(amazon_cfg(tmp_path)).titles)
+    assert {"Album S_start", "Album S_lastms"} <= titles
+    assert not {"Album S_before", "Album S_end"} & titles
+
+
+def test_amazon_start_moves_back_until_min_items_then_stops_at_first_year(tmp_path):
+    metas, reviews = filler()  # 4 items inside [2022-10-01, 2023-10-01)
+    old = {"O_jul": ms("2022-07-01"), "O_jun": ms("2022-06-30"), "O_2021": ms("2021-05-01")}
+    metas += [meta(a) for a in old]
+    reviews += [("o", a, t) for a, t in old.items()]
+    write_amazon(tmp_path / "raw", metas, reviews)
+    ds = D.load_dataset(amazon_cfg(tmp_path, min_items=5))  # one 3-month step: start 2022-07-01
+    assert "Album O_jul" in ds.titles and not {"Album O_jun", "Album O_2021"} & set(ds.titles)
+    # never enough: the start moves back until its year is the data's first year (2021-10-01) and stops
+    ds = D.load_dataset(amazon_cfg(tmp_path, min_items=100))
+    assert {"Album O_jul", "Album O_jun"} <= set(ds.titles) and "Album O_2021" not in ds.titles
+
+
+def test_amazon_download_via_part_file_and_reuse(tmp_path, monkeypatch):
+    server = tmp_path / "server"
+    metas, reviews = filler()
+    write_amazon(tmp_path / "src", metas, reviews)
+    for rel, name in (("raw/meta_categories", f"meta_{CAT}.jsonl.gz"), ("benchmark/5core/rating_only", f"{CAT}.csv.gz")):
+        (server / rel).mkdir(parents=True)
+        (server / rel / name).write_bytes((tmp_path / "src" / name).read_bytes())
+    monkeypatch.setattr(D, "AMAZON_URL", server.as_uri() + "/")
+    cfg = D.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), min_items=1)
+    ds = D.load_dataset(cfg)
+    raw = tmp_path / "data" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == [f"{CAT}.csv.gz", f"meta_{CAT}.jsonl.gz"]  # no .part left
+    monkeypatch.setattr(D, "AMAZON_URL", "file:///nonexistent/")  # complete files are reused, not fetched
+    assert D.load_dataset(D.DataConfig(**{**vars(cfg), "force": True})).splits == ds.splits
+
+
+def test_failed_download_leaves_no_part_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "ML_URL", tmp_path.as_uri() + "/missing-{}.zip")
+    cfg = D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data"))
+    with pytest.raises(OSError, match="could not download .*missing-ml-1m.zip"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg) and not list((tmp_path / "data").rglob("*.part"))
+
+
+# ---------------------------------------------------------------- samples and splits
+
+
+def test_every_prefix_is_a_sample_with_at_most_20_history_items(tmp_path):
+    movies = [{"item_id": i, "title": f"Movie {i}"} for i in range(1, 31)]
+    ratings = [{"user_id": "long", "item_id": i, "timestamp": 100 + i} for i in range(1, 26)]
+    ratings += [{"user_id": f"s{u}", "item_id": 26 + u, "timestamp": 10 + u} for u in range(4)]
+    ratings += [{"user_id": f"s{u}", "item_id": 1, "timestamp": 50} for u in range(4)]
+    ds = D.load_dataset(custom_cfg(tmp_path, ratings=ratings, movies=movies))
+    long = [s for s in all_samples(ds) if s["user"] == "long"]
+    ids = {t: i for i, t in enumerate(ds.titles)}
+    seq = [ids[f"Movie {i}"] for i in range(1, 26)]
+    assert len(long) == 24 and [s["target"] for s in long] == seq[1:]
+    assert [len(s["history"]) for s in long] == [min(i, 20) for i in range(1, 25)]
+    assert long[-1]["history"] == seq[4:24] and long[0]["history"] == seq[:1]
+
+
+def test_stable_sort_keeps_file_order_on_time_ties(tmp_path):
+    ratings = [{"user_id": "u", "item_id": i, "rating": 3, "timestamp": 5} for i in (30, 10, 20)] + RATINGS
+    ds = D.load_dataset(custom_cfg(tmp_path, ratings=ratings))
+    u = [s for s in all_samples(ds) if s["user"] == "u"]
+    title = lambda i: ds.titles[i]
+    assert [title(s["target"]) for s in u] == ["Toy Story", "Heat"] and title(u[0]["history"][0]) == "Fargo"
+
+
+def test_split_sizes_and_time_order(tmp_path):
+    ds = D.load_dataset(D.DataConfig())
+    n = len(all_samples(ds))
+    assert [len(ds.splits[k]) for k in ("train", "valid", "test")] == [int(0.8 * n), int(0.9 * n) - int(0.8 * n),
+                                                                     n - int(0.9 * n)]
+    train_max = max(s["time"] for s in ds.splits["train"])
+    assert train_max <= min(s["time"] for s in ds.splits["valid"] + ds.splits["test"])
+    assert max(s["time"] for s in ds.splits["valid"]) <= min(s["time"] for s in ds.splits["test"])
+
+
+def test_pad_id_is_never_a_real_item(tmp_path):
+    ds = D.load_dataset(custom_cfg(tmp_path))
+    assert ds.titles[0] == "" and ds.texts[0] == "" and ds.n_items == 4
+    ids = {i for s in all_samples(ds) for i in s["history"] + [s["target"]]}
+    assert min(ids) == 1 and max(ids) == ds.n_items
+
+
+def test_single_interaction_users_are_skipped_and_counted(tmp_path):
+    ratings = RATINGS + [{"user_id": "once", "item_id": 40, "timestamp": 7}, {"user_id": "twice", "item_id": 40,
+                                                                             "timestamp": 8}]
+    cfg = custom_cfg(tmp_path, ratings=ratings)
+    ds = D.load_dataset(cfg)
+    stats = D.dataset_stats(ds)
+    assert stats["skipped_users"] == 2 and stats["users"] == 4 and stats["samples"] == 12
+    assert not {"once", "twice"} & {s["user"] for s in all_samples(ds)}
+    assert D.dataset_stats(D.load_dataset(cfg))["skipped_users"] == 2  # survives the cache
+
+
+# ---------------------------------------------------------------- MovieLens and bring-your-own
+
+
+def ml_ratings():
+    return [(u, m, 4, 880000000 + 100 * u + k) for u in (1, 2, 3) for k, m in enumerate((1, 2, 3, 4, 5))]
+
+
+def write_ml100k(zpath):
+    flags = lambda *on: "|".join("1" if g in on else "0" for g in D.ML100K_GENRES)
+    movies = [(1, "Toy Story (1995)", flags("Animation", "Children's", "Comedy")), (2, "GoldenEye (1995)",
+              flags("Action")), (3, "Caf\u00e9 M\u00fcller (1996)", flags("Drama")), (4, "Heat (1995)",
+              flags("Crime")), (5, "unknown", flags("unknown"))]
+    item = "".join(f"{i}|{t}|01-Jan-1995||http://x|{g}\n" for i, t, g in movies)
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.writestr("ml-100k/u.data", "".join(f"{u}\t{m}\t{r}\t{t}\n" for u, m, r, t in ml_ratings()))
+        z.writestr("ml-100k/u.item", item.encode("latin-1"))
+
+
+def write_ml1m(folder):
+    folder.mkdir(parents=True)
+    (folder / "ratings.dat").write_text("".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in ml_ratings()))
+    movies = ["1::Toy Story (1995)::Animation|Children's|Comedy", "2::GoldenEye (1995)::Action",
+              "3::Caf\u00e9 M\u00fcller (1996)::Drama", "4::Heat (1995)::Crime", "5::Sabrina (1954)::Romance"]
+    (folder / "movies.dat").write_bytes("\n".join(movies).encode("latin-1"))
+
+
+def test_movielens_100k_zip(tmp_path):
+    write_ml100k(tmp_path / "ml-100k.zip")
+    ds = D.load_dataset(D.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path)))
+    assert ds.category == "movie" and ds.n_items == 5 and len(all_samples(ds)) == 12
+    assert ds.texts[1] == "title: Toy Story; year: 1995; genres: Animation Children's Comedy"
+    assert ds.titles[3] == "Caf\u00e9 M\u00fcller" and ds.texts[5] == "title: unknown; genres: unknown"
+
+
+def test_movielens_1m_extracted_folder_and_zip(tmp_path):
+    write_ml1m(tmp_path / "data" / "raw" / "ml-1m")
+    ds = D.load_dataset(D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data")))  # <data_dir>/raw default
+    assert ds.texts[1] == "title: Toy Story; year: 1995; genres: Animation Children's Comedy"
+    assert ds.texts[3] == "title: Caf\u00e9 M\u00fcller; year: 1996; genres: Drama" and len(all_samples(ds)) == 12
+    with zipfile.ZipFile(tmp_path / "ml-1m.zip", "w") as z:
+        for f in ("ratings.dat", "movies.dat"):
+            z.write(tmp_path / "data" / "raw" / "ml-1m" / f, f"ml-1m/{f}")
+    cfg = D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data2"), raw_dir=str(tmp_path))
+    assert D.load_dataset(cfg).texts == ds.texts
+
+
+@pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl"])
+def test_bring_your_own_tables(tmp_path, ext):
+    movies = [dict(m, genres=m["genres"].split()) if ext == ".jsonl" else m for m in MOVIES]
+    ds = D.load_dataset(custom_cfg(tmp_path, ext, movies=movies, category="film"))
+    assert ds.texts[1] == "title: Toy Story; year: 1995; genres: Animation Children's Comedy"
+    assert ds.titles[1:] == ["Toy Story", "Heat", "Fargo", "Alien"] and ds.category == "film"
+    assert D.dataset_stats(ds) | {"dataset": ""} == {
+        "dataset": "", "users": 4, "items": 4, "samples": 12, "train": 9, "valid": 1, "test": 2, "skipped_users": 0,
+        "first_date": "1970-01-01", "last_date": "1970-01-01", "mean_history": 2.0}
+    (tmp_path / "ref").mkdir()
+    ref = D.load_dataset(custom_cfg(tmp_path / "ref"))  # TSV with genres as one string
+    assert ds.splits == ref.splits and ds.texts == ref.texts
+
+
+@pytest.mark.skipif(not ML100K.is_dir(), reason="shared MovieLens-100K copy absent")
+def test_shared_ml100k_numbers(tmp_path):
+    cfg = D.DataConfig(dataset="custom", data_dir=str(tmp_path), interactions=str(ML100K / "interactions.tsv"),
+                       items=str(ML100K / "items.tsv"))
+    s = D.dataset_stats(D.load_dataset(cfg))
+    assert (s["users"], s["items"], s["samples"], s["train"], s["valid"], s["test"]) == \
+        (943, 1682, 99057, 79245, 9906, 9906)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_cache_reused_atomic_and_keyed_by_settings(tmp_path, monkeypatch):
+    metas, reviews = filler()
+    write_amazon(tmp_path / "raw", metas, reviews)
+    cfg = amazon_cfg(tmp_path)
+    ds = D.load_dataset(cfg)
+    files = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    assert [p.relative_to(tmp_path / "data").as_posix() for p in files] == [f"{ds.name}/dataset.json"]
+    calls = []
+    build = D._build
+    monkeypatch.setattr(D, "_build", lambda *a: calls.append(1) or build(*a))
+    assert D.load_dataset(cfg) == ds and calls == []  # reused, not rebuilt
+    assert D.load_dataset(amazon_cfg(tmp_path, force=True)) == ds and calls == [1]
+    other = D.load_dataset(amazon_cfg(tmp_path, window=2))
+    assert other.name != ds.name and calls == [1, 1]
+    assert max(len(s["history"]) for s in all_samples(other)) == 2
+
+
+def test_failed_cache_write_leaves_nothing(tmp_path, monkeypatch):
+    cfg = custom_cfg(tmp_path)
+
+    def boom(*a):
+        raise OSError("disk full")
+    monkeypatch.setattr(D.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+def test_custom_cache_key_follows_file_content(tmp_path):
+    cfg = custom_cfg(tmp_path)
+    key = D.cache_key(cfg)
+    with open(cfg.interactions, "a") as f:
+        f.write("u9\t10\t3\t99\n")
+    assert D.cache_key(cfg) != key
+
+
+# ---------------------------------------------------------------- bad inputs (each leaves no cache)
+
+
+def test_unknown_dataset(tmp_path):
+    cfg = D.DataConfig(dataset="cd", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dataset 'cd'.*toy, cds, instruments, games, ml-100k, ml-1m, custom"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+@pytest.mark.parametrize("ext", [".tsv", ".jsonl"])
+def test_missing_columns(tmp_path, ext):
+    ratings = [{k: v for k, v in r.items() if k != "timestamp"} for r in RATINGS]
+    cfg = custom_cfg(tmp_path, ext, ratings=ratings)
+    with pytest.raises(ValueError, match=rf"inter{ext} lacks column\(s\) timestamp"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+def test_amazon_missing_column(tmp_path):
+    metas, reviews = filler()
+    write_amazon(tmp_path / "raw", metas, reviews)
+    with gzip.open(tmp_path / "raw" / f"{CAT}.csv.gz", "wt") as f:
+        f.write("user_id,asin,rating,timestamp\nu,A0,5,1\n")
+    cfg = amazon_cfg(tmp_path)
+    with pytest.raises(ValueError, match=f"{CAT}.csv.gz lacks column\\(s\\) parent_asin"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+@pytest.mark.parametrize("content", ["", "item_id\ttitle\n"])
+def test_empty_file(tmp_path, content):
+    cfg = custom_cfg(tmp_path)
+    Path(cfg.items).write_text(content)
+    with pytest.raises(ValueError, match="items.tsv is empty"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_gzip(tmp_path, damage):
+    metas, reviews = filler()
+    write_amazon(tmp_path / "raw", metas, reviews)
+    path = tmp_path / "raw" / f"meta_{CAT}.jsonl.gz"
+    path.write_bytes(b"not a gzip file" if damage == "garbage" else path.read_bytes()[:-12])
+    cfg = amazon_cfg(tmp_path)
+    with pytest.raises(ValueError, match=f"meta_{CAT}.jsonl.gz is a corrupt gzip file.*delete it and rerun"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+def test_corrupt_zip(tmp_path):
+    (tmp_path / "ml-100k.zip").write_bytes(b"PK not really")
+    cfg = D.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="ml-100k.zip is corrupt.*delete it"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+def test_interactions_naming_unknown_items(tmp_path):
+    cfg = custom_cfg(tmp_path, ratings=RATINGS + [{"user_id": "u0", "item_id": 99, "timestamp": 1},
+                                                  {"user_id": "u1", "item_id": 77, "timestamp": 1}])
+    with pytest.raises(ValueError, match="inter.tsv names 2 item id.*99, 77"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+def test_other_bad_inputs(tmp_path):
+    cfg = custom_cfg(tmp_path, ratings=RATINGS[:3])  # 2 samples: no valid/test split possible
+    with pytest.raises(ValueError, match="only 2 samples"):
+        D.load_dataset(cfg)
+    cfg = custom_cfg(tmp_path, ratings=[dict(r, timestamp="yesterday") for r in RATINGS])
+    with pytest.raises(ValueError, match="timestamp 'yesterday' is not a number"):
+        D.load_dataset(cfg)
+    with pytest.raises(FileNotFoundError, match="nope.tsv not found"):
+        D.load_dataset(D.DataConfig(**{**vars(cfg), "items": str(tmp_path / "nope.tsv")}))
+    with pytest.raises(ValueError, match="needs both tables"):
+        D.load_dataset(D.DataConfig(dataset="custom", data_dir=str(tmp_path / "data")))
+    assert no_cache(cfg)
+
+
+# ---------------------------------------------------------------- toy, prompts, stats, CLI
+
+
+def test_toy_builds_fast_deterministic_and_realistic():
+    t = time.perf_counter()
+    ds = D.load_dataset(D.DataConfig())
+    assert time.perf_counter() - t < 1.0
+    assert 150 <= ds.n_items <= 250 and 2000 <= len(all_samples(ds)) <= 4000 and ds.category == "book"
+    assert D.load_dataset(D.DataConfig()) == ds and D.load_dataset(D.DataConfig(seed=1)) != ds
+    assert all(re.fullmatch(r"The \w+ \w+, Book \d", t) for t in ds.titles[1:])
+    assert ds.texts[1].startswith(f"'title': {ds.titles[1]}\n 'average_rating': ")
+
+
+def test_toy_series_heuristic_beats_popularity():
+    """The next book of the last series (else popular books of its genre) is read from the item text."""
+    ds = D.load_dataset(D.DataConfig())
+    info = {i: (*re.fullmatch(r"(.*), Book (\d+)", ds.titles[i]).groups(), ds.texts[i].split("'description': ")[1]
+                .split(",")[0]) for i in range(1, ds.n_items + 1)}
+    by_key = {(s, int(k)): i for i, (s, k, _) in info.items()}
+    pop = collections.Counter(s["target"] for s in ds.splits["train"])
+    by_pop = sorted(info, key=lambda i: -pop[i])
+    test = ds.splits["test"]
+
+    def top10(history):
+        series, k, genre = info[history[-1]]
+        nxt = [by_key[(series, int(k) + 1)]] if (series, int(k) + 1) in by_key else []
+        return list(dict.fromkeys(nxt + [i for i in by_pop if info[i][2] == genre and i not in history]))[:10]
+    hr_rule = sum(s["target"] in top10(s["history"]) for s in test) / len(test)
+    hr_pop = sum(s["target"] in by_pop[:10] for s in test) / len(test)
+    assert hr_rule > 0.4 and hr_rule > 3 * hr_pop
+
+
+def test_history_text_budget_keeps_latest():
+    ds = D.Dataset("t", "item", ["", "a", "b", "c"], ["", "x" * 10, "y" * 10, "z" * 10], {})
+    assert D.history_text(ds, [1, 2, 3], 100) == f"{'x' * 10}\n{'y' * 10}\n{'z' * 10}"
+    assert D.history_text(ds, [1, 2, 3], 21) == f"{'y' * 10}\n{'z' * 10}"  # oldest dropped first
+    assert D.history_text(ds, [1, 2, 3], 20) == "z" * 10
+    assert D.history_text(ds, [1, 2, 3], 4) == "zzzz"  # the latest alone is too long: truncated, not empty
+    with pytest.raises(ValueError, match="empty history"):
+        D.history_text(ds, [], 100)
+
+
+def test_build_messages_official_prompt(tmp_path):
+    metas, reviews = filler()
+    write_amazon(tmp_path / "raw", metas, reviews)
+    cfg = amazon_cfg(tmp_path)
+    ds = D.load_dataset(cfg)
+    sample = ds.splits["test"][0]
+    (msg,) = D.build_messages(ds, sample, cfg)
+    assert msg["role"] == "user"
+    assert msg["content"].startswith("Analyze briefly and finally recommend next CD or vinyl item I might purchase.")
+    assert "recommend next CD or vinyl I might purchase inside <answer> and </answer>" in msg["content"]
+    assert msg["content"].endswith("\n" + D.history_text(ds, sample["history"], cfg.max_history_chars))
+    assert "next book item" in D.build_messages(D.load_dataset(D.DataConfig()), sample, cfg)[0]["content"]
+    with pytest.raises(ValueError, match="empty history"):
+        D.build_messages(ds, dict(sample, history=[]), cfg)
+
+
+def test_cli_table_and_json(capsys):
+    D.main(["--dataset", "toy", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    stats = json.loads(out[-1])
+    assert {"users", "items", "samples", "train", "valid", "test"} <= set(stats)
+    assert any(re.fullmatch(rf"samples\s+{stats['samples']:,}", line) for line in out[:-1])
+    with pytest.raises(SystemExit, match="unknown dataset 'nope'"):
+        D.main(["--dataset", "nope"])
