@@ -1,0 +1,104 @@
+"""Full-ranking evaluation (SPEC section 4) and the popularity baseline.
+
+Every real item (ids 1..N) is a candidate; column 0 of a score matrix is the pad item and never counts.
+rank = 1 + number of real items scoring strictly higher than the target, so ties favour the target.
+HR@K = 1{rank <= K}; NDCG@K = 1 / log2(rank + 1) if rank <= K else 0; both averaged over samples.
+History items stay candidates by default (the paper's protocol); `mask_history` removes them.
+Functions are pure over a list of samples so a caller can shard samples across processes and
+concatenate the per-sample ranks before calling `metrics`.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EvalConfig:
+    ks: tuple[int, ...] = (5, 10, 20)  # cut-offs K for HR@K and NDCG@K
+    chunk: int = 1024  # samples scored at once: a (chunk, N+1) score matrix must fit in memory
+    mask_history: bool = False  # True = history items (except the target) can't be ranked; paper: False
+
+
+def ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based rank (B,) of each target among items 1..N of scores (B, N+1); pad column 0 is ignored."""
+    n = scores.shape[1] - 1
+    targets = targets.to(scores.device).long()
+    if targets.numel() and (targets.min() < 1 or targets.max() > n):
+        raise ValueError(f"targets must be item ids in 1..{n} (0 is the pad item); got {targets.tolist()}")
+    t = scores.gather(1, targets[:, None])  # (B, 1)
+    if torch.isnan(t).any():
+        raise ValueError("a target scored NaN, its rank is undefined; check the model's scores for NaN")
+    return 1 + (scores[:, 1:] > t).sum(dim=1)
+
+
+def metrics(ranks: torch.Tensor, ks=(5, 10, 20)) -> dict:
+    """{"hr@K", "ndcg@K"} for each K as python floats, plus "n" (the sample count)."""
+    if ranks.numel() == 0:
+        raise ValueError("no ranks to average; the evaluated split is empty")
+    r = ranks.double()
+    out = {}
+    for k in ks:
+        hit = r <= k
+        out[f"hr@{k}"] = hit.double().mean().item()
+        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(r + 1), torch.zeros_like(r)).mean().item()
+    out["n"] = ranks.numel()
+    return out
+
+
+def mask_history_scores(scores: torch.Tensor, samples: list[dict]) -> torch.Tensor:
+    """A copy of scores with each sample's history items at -inf; the target keeps its score even when it
+    repeats a history item, otherwise a re-purchase could never be ranked."""
+    rows = [i for i, s in enumerate(samples) for h in s["history"] if h != s["target"]]
+    cols = [h for s in samples for h in s["history"] if h != s["target"]]
+    scores = scores.clone()
+    scores[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = -math.inf
+    return scores
+
+
+def full_ranking(score_fn, samples: list[dict], chunk: int = 1024, mask_history: bool = False) -> torch.Tensor:
+    """Ranks (len(samples),) long on CPU; score_fn(list of samples) -> (b, N+1) scores, called per chunk."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}; use a positive number of samples per chunk")
+    out = []
+    for i in range(0, len(samples), chunk):
+        part = samples[i:i + chunk]
+        with torch.no_grad():
+            s = score_fn(part)  # (b, N+1)
+        if s.shape[0] != len(part):
+            raise ValueError(f"score_fn returned {s.shape[0]} rows for {len(part)} samples; return one row each")
+        if mask_history:
+            s = mask_history_scores(s, part)
+        out.append(ranks(s, torch.tensor([x["target"] for x in part])).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def evaluate(score_fn, samples: list[dict], cfg: EvalConfig) -> dict:
+    """metrics of full_ranking with the config's chunk, masking and cut-offs."""
+    return metrics(full_ranking(score_fn, samples, cfg.chunk, cfg.mask_history), cfg.ks)
+
+
+def average_metrics(results: list[dict]) -> dict:
+    """Mean of several metric dicts, e.g. the official protocol's 4 sampled CoTs per valid sample."""
+    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+
+
+def popularity_scores(train_samples: list[dict], n_items: int) -> torch.Tensor:
+    """(N+1,) float64: how often each item is a train target, pad = -inf.
+
+    Ties are broken by subtracting id / (N+1) (< 1, so counts never reorder; smaller id wins). Without it
+    every tied item would share the target's rank under the strict-higher rule, inflating the baseline.
+    float64 keeps the fraction exact enough for any realistic count."""
+    targets = torch.tensor([s["target"] for s in train_samples], dtype=torch.long)
+    if targets.numel() and (targets.min() < 1 or targets.max() > n_items):
+        raise ValueError(f"train targets must be item ids in 1..{n_items}; check n_items matches the dataset")
+    counts = torch.bincount(targets, minlength=n_items + 1).double()  # (N+1,)
+    scores = counts - torch.arange(n_items + 1, dtype=torch.float64) / (n_items + 1)
+    scores[0] = -math.inf
+    return scores
+
+
+def popularity_metrics(train_samples: list[dict], samples: list[dict], n_items: int, cfg: EvalConfig) -> dict:
+    """The popularity baseline on a split: every user gets the train-popularity ranking."""
+    pop = popularity_scores(train_samples, n_items)
+    return evaluate(lambda part: pop.expand(len(part), -1), samples, cfg)

@@ -1,0 +1,196 @@
+"""Rechead: the reasoning-augmented recommendation head of RPORec (paper section 2.1, eq. 1-6).
+
+r_x, r_y, r_z = f_his(x), f_cot(y), f_ans(z)                       eq. 1 (sentence-transformer + FFN)
+r_sel = r_z if the answer z parsed else r_x                          eq. 2
+r_rea = TransformerEncoder([r_x; r_y; r_sel]) at the r_sel position  eq. 3
+gamma_0 = gamma * sigmoid(f_gate([r_sel || r_rea]) - 0.5)
+h_u = gamma_0 * r_rea + r_sel                                        eq. 4
+s(u, v) = h_u . h_v, h_v = f_item(text_v) precomputed into H_V       eq. 5
+L_rec = cross-entropy over the positive and k sampled negatives      eq. 6
+
+Also: `build_toy_encoder` (a tiny offline StaticEmbedding model for the `toy` preset and the tests) and
+`ground_scores` (the `-I` ablation: answer -> items by cosine of the pre-trained encoder, no Rechead).
+The train script owns the training loop; this module gives it the model, the sampler and the loss.
+"""
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from torch import nn
+
+
+@dataclass
+class RecheadConfig:
+    encoder: str = "sentence-transformers/static-retrieval-mrl-en-v1"  # hub id or local folder, all four f_*
+    trainable: bool = True  # fine-tune the three encoder copies (official); False = one frozen encoder, cached
+    official: bool = False  # official-code variant: FFN on history and CoT only, no "-0.5" in the gate
+    use_cot: bool = True  # False = `-cot` ablation: no CoT input, eq. 3 runs over [r_x; r_sel]
+    gamma: float = 0.1  # eq. 4 scale of the reasoning branch, in (0, 1)
+    gate_shift: float = 0.5  # the "- 0.5" inside eq. 4's sigmoid (forced to 0 when official=True)
+    layers: int = 4  # eq. 3 TransformerEncoder layers
+    heads: int = 8  # eq. 3 attention heads (must divide the encoder dimension d)
+    dropout: float = 0.1  # eq. 3 TransformerEncoder dropout (torch default)
+    ffn_layers: int = 3  # [LayerNorm, Linear(d, d), LeakyReLU] blocks after f_his, f_cot, f_ans encoders
+    max_seq_length: int = 0  # tokens kept per text; 0 = the encoder's own limit (none for StaticEmbedding)
+    lr: float = 1e-3  # Adam learning rate (official)
+    batch_size: int = 128  # training samples per step (official)
+    negatives: int = 49  # k in eq. 6 (official)
+    epochs: int = 100  # maximum training epochs (official)
+    patience: int = 5  # early stopping: epochs without a better valid NDCG@10
+    encode_batch: int = 256  # texts per forward when encoding without gradients (items, frozen cache)
+
+
+def load_encoder(name: str, max_seq_length: int, device) -> SentenceTransformer:
+    """A sentence-transformer from a hub id or local folder, with truncation set."""
+    st = SentenceTransformer(name, device=str(device))
+    if max_seq_length > 0:
+        if isinstance(st[0], StaticEmbedding):  # its max_seq_length is a read-only inf; truncate in the tokenizer
+            st[0].tokenizer.enable_truncation(max_seq_length)
+        else:
+            st.max_seq_length = max_seq_length
+    return st
+
+
+def encode(st: SentenceTransformer, texts: list[str], device) -> torch.Tensor:
+    """Differentiable encoding (preprocess + forward; `tokenize` is deprecated in sentence-transformers 6)."""
+    features = st.preprocess(list(texts))
+    features = {k: v.to(device) if torch.is_tensor(v) else v for k, v in features.items()}
+    return st(features)["sentence_embedding"]  # (B, d)
+
+
+def ffn(d: int, n: int) -> nn.Sequential:
+    return nn.Sequential(*[m for _ in range(n) for m in (nn.LayerNorm(d), nn.Linear(d, d), nn.LeakyReLU())])
+
+
+class Rechead(nn.Module):
+    def __init__(self, cfg: RecheadConfig, item_texts: list[str], device):
+        super().__init__()
+        if len(item_texts) < 2:
+            raise ValueError(f"item_texts has {len(item_texts)} entries; pass the dataset's texts list "
+                             "(index 0 = pad item, then one text per item id 1..N)")
+        self.cfg, self.device = cfg, torch.device(device)
+        self.item_encoder = load_encoder(cfg.encoder, cfg.max_seq_length, self.device).requires_grad_(False)
+        self.d = d = self.item_encoder.get_embedding_dimension()
+        if d % cfg.heads:
+            raise ValueError(f"encoder dimension {d} is not divisible by heads={cfg.heads}; pick heads dividing {d}")
+        self._cache: dict[str, torch.Tensor] = {}  # text -> frozen pre-trained embedding (d,)
+        kinds = ["his", "cot", "ans"] if cfg.use_cot else ["his", "ans"]
+        if cfg.trainable:  # separate fine-tuned copies of the pre-trained encoder (official)
+            self.encoders = nn.ModuleDict({k: copy.deepcopy(self.item_encoder).requires_grad_(True) for k in kinds})
+        with_ffn = [k for k in kinds if k != "ans" or not cfg.official]  # official code: no FFN on the answer
+        self.ffn = nn.ModuleDict({k: ffn(d, cfg.ffn_layers) for k in with_ffn})
+        layer = nn.TransformerEncoderLayer(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        self.reasoner = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.f_gate = nn.Linear(2 * d, 1)
+        h_v = self.encode_frozen(item_texts[1:])  # (N, d), f_item = pre-trained encoder alone
+        # Not persistent: recomputed from item_texts at construction, keeps checkpoints small.
+        self.register_buffer("item_vecs", torch.cat([torch.zeros(1, d, device=self.device), h_v]), persistent=False)
+        self._cache.clear()  # item texts are not user-side inputs; free the memory
+        self.to(self.device)
+
+    @torch.no_grad()
+    def encode_frozen(self, texts: list[str]) -> torch.Tensor:
+        """Pre-trained encoder embeddings (B, d), no gradients, cached in memory by text."""
+        new = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        for i in range(0, len(new), self.cfg.encode_batch):
+            chunk = new[i:i + self.cfg.encode_batch]
+            self._cache.update(zip(chunk, encode(self.item_encoder, chunk, self.device)))
+        return torch.stack([self._cache[t] for t in texts])
+
+    def f(self, kind: str, texts: list[str]) -> torch.Tensor:
+        """Eq. 1: encoder (fine-tuned copy, or frozen + cached) followed by the FFN where there is one."""
+        r = encode(self.encoders[kind], texts, self.device) if self.cfg.trainable else self.encode_frozen(texts)
+        return self.ffn[kind](r) if kind in self.ffn else r
+
+    def represent(self, x: list[str], y: list[str] | None, z: list[str | None]):
+        """Eq. 1-2: (r_x, r_y, r_sel), each (B, d); r_y is None for the -cot ablation."""
+        if len(x) != len(z) or (self.cfg.use_cot and (y is None or len(y) != len(x))):
+            raise ValueError(f"x, y, z must be lists of one length (got {len(x)}, "
+                             f"{None if y is None else len(y)}, {len(z)}); y may be None only with use_cot=False")
+        r_x = self.f("his", x)
+        r_y = self.f("cot", y) if self.cfg.use_cot else None
+        r_z = self.f("ans", [t if t is not None else "" for t in z])
+        parsed = torch.tensor([t is not None for t in z], device=self.device)[:, None]  # (B, 1)
+        return r_x, r_y, torch.where(parsed, r_z, r_x)
+
+    def reason(self, r_x, r_y, r_sel) -> torch.Tensor:
+        """Eq. 3: transformer over [r_x; r_y; r_sel] ([r_x; r_sel] for -cot), output at r_sel (last) position."""
+        seq = torch.stack([r_x, r_sel] if r_y is None else [r_x, r_y, r_sel], dim=1)  # (B, 2 or 3, d)
+        return self.reasoner(seq)[:, -1]  # (B, d)
+
+    def gate(self, r_sel, r_rea) -> torch.Tensor:
+        """Eq. 4 gate: gamma_0 = gamma * sigmoid(f_gate([r_sel || r_rea]) - shift), (B, 1)."""
+        shift = 0.0 if self.cfg.official else self.cfg.gate_shift
+        return self.cfg.gamma * torch.sigmoid(self.f_gate(torch.cat([r_sel, r_rea], dim=-1)) - shift)
+
+    def user_vecs(self, x: list[str], y: list[str] | None, z: list[str | None]) -> torch.Tensor:
+        """Eq. 1-4: h_u (B, d). z[i] None = the answer did not parse (eq. 2 fallback to history)."""
+        r_x, r_y, r_sel = self.represent(x, y, z)
+        r_rea = self.reason(r_x, r_y, r_sel)
+        return self.gate(r_sel, r_rea) * r_rea + r_sel
+
+    forward = user_vecs
+
+    def scores(self, h_u: torch.Tensor) -> torch.Tensor:
+        """Eq. 5 over all items: (B, N+1); column 0 is the pad item (score 0), callers ignore it."""
+        return h_u @ self.item_vecs.T
+
+
+def sample_negatives(pos: torch.Tensor, n_items: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, k) negatives uniform over items 1..N except each row's positive, drawn with replacement.
+
+    Draw from 1..N-1 and shift draws >= pos up by one: the same distribution as resampling collisions,
+    without a loop. Call it once per batch so negatives are fresh."""
+    if n_items < 2:
+        raise ValueError(f"n_items={n_items}: negative sampling needs at least 2 items")
+    if pos.numel() and (pos.min() < 1 or pos.max() > n_items):
+        raise ValueError(f"positives must be item ids in 1..{n_items} (0 is the pad item); got {pos.tolist()}")
+    neg = torch.randint(1, n_items, (pos.shape[0], k), generator=generator, device=generator.device)  # (B, k)
+    neg = neg.to(pos.device)
+    return neg + (neg >= pos[:, None]).long()
+
+
+def rec_loss(h_u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: mean cross-entropy of the positive (column 0) against its k negatives."""
+    cand = torch.cat([pos[:, None], neg], dim=1)  # (B, 1+k)
+    logits = torch.einsum("bd,bkd->bk", h_u, item_vecs[cand])  # (B, 1+k), eq. 5
+    return F.cross_entropy(logits, torch.zeros_like(pos))
+
+
+def ground_scores(answer_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+    """`-I` ablation (no Rechead): cosine between the pre-trained encoder's answer vectors (history text
+    where the answer did not parse) and every item, (B, N+1); the zero pad row scores 0."""
+    return F.normalize(answer_vecs, dim=-1) @ F.normalize(item_vecs, dim=-1).T
+
+
+def build_toy_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) -> str:
+    """Write a tiny random StaticEmbedding sentence-transformer with a lowercase word-level vocabulary
+    from `texts` ([PAD], [UNK] first), loadable offline by SentenceTransformer(out_dir). Deterministic
+    for a seed; a no-op if out_dir already holds a model."""
+    if os.path.isfile(os.path.join(out_dir, "modules.json")):
+        return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"{out_dir} exists and holds no sentence-transformer; delete it or pick another out_dir")
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t.lower())})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre
+    weights = torch.randn(len(vocab), dim, generator=torch.Generator().manual_seed(seed))  # (V, dim)
+    model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy_encoder_")
+    try:
+        model.save(tmp)
+        os.replace(tmp, out_dir)  # atomic; replaces an empty out_dir too
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
