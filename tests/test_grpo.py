@@ -1,0 +1,304 @@
+import copy
+import os
+import sys
+import tempfile
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+
+import grpo as G
+
+V = 64  # tiny vocabulary
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8)
+    return transformers.Qwen3ForCausalLM(cfg).eval()
+
+
+def toy_batch(model, temperature=1.0, seed=0):
+    """Two left-padded prompts, two right-padded completions of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(1, V, (2, 5), generator=g)
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    prompt_ids[~prompt_mask] = 0
+    tokens = torch.randint(1, V, (2, 6), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    tokens[~mask] = 0
+    ids = torch.cat([prompt_ids, tokens], 1)
+    am = torch.cat([prompt_mask, mask], 1).long()
+    with torch.no_grad():
+        logp, ent = G.sequence_logprobs(model, ids, am, 6, temperature, with_entropy=True)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask,
+            "old_logp": logp, "entropy": ent, "advantages": torch.tensor([1.0, -1.0])}
+
+
+def mean_logp(model, batch):
+    ids = torch.cat([batch["prompt_ids"], batch["tokens"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["mask"]], 1).long()
+    with torch.no_grad():
+        logp = G.sequence_logprobs(model, ids, am, batch["tokens"].shape[1])
+    m = batch["mask"].float()
+    return (logp * m).sum(1) / m.sum(1)  # (B,)
+
+
+# ---------------------------------------------------------------- advantages, KL, entropy mask
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.9])
+    adv = G.group_advantages(r, 4, eps=1e-4)
+    groups = r.view(3, 4)
+    assert torch.allclose(adv.view(3, 4).sum(1), torch.zeros(3), atol=1e-6)  # zero mean per group
+    assert torch.equal(adv[4:8], torch.zeros(4))  # constant group: exactly 0
+    for i in (0, 2):
+        x = groups[i]
+        mean = x.sum() / 4
+        std = ((x - mean).pow(2).sum() / 3).sqrt()  # unbiased
+        assert torch.allclose(adv.view(3, 4)[i], (x - mean) / (std + 1e-4), atol=1e-6)
+    assert G.zero_spread_groups(r, 4) == 1
+    assert torch.equal(G.group_advantages(torch.full((4,), 0.1), 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="group_size"):
+        G.group_advantages(r, 5)
+    with pytest.raises(ValueError, match="group_size"):
+        G.group_advantages(r, 1)
+
+
+def test_kl_k3():
+    a = torch.tensor([-1.0, -2.0, -0.1])
+    assert torch.equal(G.kl_k3(a, a), torch.zeros(3))
+    kl = G.kl_k3(a, a + torch.tensor([0.3, -0.5, 1.0]))
+    assert (kl > 0).all()
+    d = torch.tensor(0.3)
+    assert kl[0] == pytest.approx(float(d.exp() - d - 1))
+
+
+def test_entropy_mask_counts_valid_tokens_only():
+    torch.manual_seed(0)
+    ent = torch.rand(4, 10)
+    mask = torch.arange(10)[None] < torch.tensor([10, 7, 3, 5])[:, None]  # (4, 10)
+    ent[~mask] = 100.0  # huge padding entropies must not move the threshold or be kept
+    got = G.entropy_mask(ent, mask, rho=0.2)
+    valid = ent[mask]
+    tau = torch.quantile(valid, 0.8)
+    assert int(got.sum()) == int((valid >= tau).sum())
+    assert not (got & ~mask).any()
+    assert int(got.sum()) == 5  # 25 valid tokens, linear interpolation between distinct values
+    assert torch.equal(G.entropy_mask(ent, mask, rho=1.0), mask)  # rho = 1 keeps everything
+    assert not G.entropy_mask(ent, torch.zeros_like(mask), 0.2).any()
+    with pytest.raises(ValueError, match="rho"):
+        G.entropy_mask(ent, mask, rho=0.0)
+
+
+def test_quantile_sort_fallback_matches_torch(monkeypatch):
+    x = torch.randn(1001, generator=torch.Generator().manual_seed(1))
+    expected = [torch.quantile(x, q) for q in (0.0, 0.37, 0.8, 1.0)]
+    monkeypatch.setattr(G, "QUANTILE_MAX", 100)
+    for q, e in zip((0.0, 0.37, 0.8, 1.0), expected):
+        assert float(G.quantile(x, q)) == pytest.approx(float(e), abs=1e-6)
+
+
+def _dist_worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(0)
+        ents = [torch.rand(3, 8, generator=g) for _ in range(world)]
+        lengths = ([8, 2, 5], [1, 0, 3])  # uneven token counts per process
+        masks = [torch.arange(8)[None] < torch.tensor(n)[:, None] for n in lengths]
+        got = G.entropy_mask(ents[rank], masks[rank], rho=0.2)
+        tau = torch.quantile(torch.cat([e[m] for e, m in zip(ents, masks)]), 0.8)
+        assert torch.equal(got, masks[rank] & (ents[rank] >= tau))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_entropy_mask_threshold_spans_processes():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_dist_worker, args=(2, os.path.join(d, "init")), nprocs=2)
+
+
+# ---------------------------------------------------------------- loss
+
+def test_grpo_loss_at_ratio_one_matches_hand_computation():
+    logp = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-0.3, -0.7, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    ent_mask = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([2.0, -1.0])
+    loss, stats = G.grpo_loss(logp, logp.clone(), None, adv, mask, ent_mask, eps=0.2, beta=0.0)
+    # w = 1: each kept token contributes -A; denominators are the full lengths 3 and 2
+    expected = ((-2.0 * 2) / 3 + (1.0 * 1) / 2) / 2
+    assert float(loss) == pytest.approx(expected)
+    assert stats["clip_frac"] == 0.0 and stats["kl"] == 0.0
+    with pytest.raises(ValueError, match="ref_logp"):
+        G.grpo_loss(logp, logp, None, adv, mask, ent_mask, beta=0.1)
+
+
+@pytest.mark.parametrize("adv,clipped_ratio,free_ratio", [(1.0, 1.5, 0.5), (-1.0, 0.5, 1.5)])
+def test_grpo_loss_clipping_side(adv, clipped_ratio, free_ratio):
+    """Positive A clips w > 1+eps; negative A clips w < 1-eps; the other side keeps its gradient."""
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[clipped_ratio, free_ratio, 1.1]])).requires_grad_(True)
+    ones = torch.ones(1, 3, dtype=torch.bool)
+    loss, stats = G.grpo_loss(logp, old, None, torch.tensor([adv]), ones, ones, eps=0.2, beta=0.0)
+    loss.backward()
+    grad = logp.grad[0]
+    assert grad[0] == 0.0  # clipped: no gradient
+    assert grad[1] == pytest.approx(-adv * free_ratio / 3)  # d(-w A / 3)/d logp = -w A / 3
+    assert grad[2] == pytest.approx(-adv * 1.1 / 3)
+    side = "clip_high" if adv > 0 else "clip_low"
+    other = "clip_low" if adv > 0 else "clip_high"
+    assert stats[side] == pytest.approx(1 / 3) and stats[other] == 0.0
+    assert stats["clip_frac"] == pytest.approx(1 / 3)
+
+
+def test_grpo_loss_beta_adds_kl():
+    g = torch.Generator().manual_seed(0)
+    logp, old, ref = (-torch.rand(2, 5, generator=g) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    ent_mask = mask.clone()
+    adv = torch.tensor([0.5, -0.5])
+    base, _ = G.grpo_loss(logp, old, ref, adv, mask, ent_mask, beta=0.0)
+    with_kl, stats = G.grpo_loss(logp, old, ref, adv, mask, ent_mask, beta=0.1)
+    k3 = G.kl_k3(logp, ref) * mask
+    per_seq = k3.sum(1) / mask.sum(1)
+    assert float(with_kl - base) == pytest.approx(0.1 * float(per_seq.mean()), abs=1e-6)
+    assert stats["kl"] == pytest.approx(float(k3.sum() / mask.sum()), abs=1e-6)
+    assert stats["kl"] > 0
+
+
+# ---------------------------------------------------------------- log-probs
+
+def naive_logprobs(model, ids, am, n, temperature):
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, -n - 1:-1]
+    lsm = torch.log_softmax(logits.float() / temperature, -1)
+    return lsm.gather(-1, ids[:, -n:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+
+
+def test_sequence_logprobs_matches_naive_with_left_padding():
+    model = tiny_model()
+    b = toy_batch(model)
+    ids = torch.cat([b["prompt_ids"], b["tokens"]], 1)
+    am = torch.cat([b["prompt_mask"], b["mask"]], 1).long()
+    logp, ent = G.sequence_logprobs(model, ids, am, 6, temperature=0.7, chunk=5, with_entropy=True)
+    with torch.no_grad():
+        ref_lp, ref_ent = naive_logprobs(model, ids, am, 6, 0.7)
+    m = b["mask"]
+    assert logp.shape == ent.shape == (2, 6) and logp.dtype == torch.float32
+    assert torch.allclose(logp[m], ref_lp[m], atol=1e-5)
+    assert torch.allclose(ent[m], ref_ent[m], atol=1e-5)
+    # the left-padded row equals the same sequence without padding
+    alone = torch.cat([b["prompt_ids"][:1, 2:], b["tokens"][:1]], 1)
+    single = G.sequence_logprobs(model, alone, torch.ones_like(alone), 6, temperature=0.7)
+    assert torch.allclose(logp[0], single[0], atol=1e-5)
+    # gradients reach the decoder and the (tied or untied) output head through the checkpoints
+    (logp[m].sum()).backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="n_completion"):
+        G.sequence_logprobs(model, ids, am, ids.shape[1])
+
+
+# ---------------------------------------------------------------- update
+
+def test_one_update_step_moves_logprobs_by_advantage_sign():
+    model = tiny_model()
+    batch = toy_batch(model)
+    before = mean_logp(model, batch)
+    cfg = G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=2, max_grad_norm=1e9)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-1)
+    stats = G.update(model, None, opt, batch, cfg)
+    after = mean_logp(model, batch)
+    assert after[0] > before[0] + 0.05  # positive advantage: more likely
+    assert after[1] < before[1] - 0.05  # negative advantage: less likely
+    assert stats["kept"] == 1.0 and stats["clip_frac"] == 0.0 and stats["grad_norm"] > 0
+
+
+def test_update_is_micro_batch_invariant_and_uses_reference():
+    base = tiny_model()
+    batch = toy_batch(base)
+    noise = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
+    batch["old_logp"] = batch["old_logp"] + 0.05 * noise  # w != 1 so the ratio matters
+    ref = tiny_model(seed=1)  # a different reference so the KL term carries gradient
+    params = []
+    for mb in (1, 2):
+        model = copy.deepcopy(base)
+        cfg = G.GRPOConfig(beta=0.1, rho=0.5, micro_batch=mb, max_grad_norm=1e9)
+        stats = G.update(model, ref, torch.optim.SGD(model.parameters(), lr=1e-1), batch, cfg)
+        assert stats["kl"] > 0 and 0 < stats["kept"] < 1
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        stats_by_mb = stats
+    start = torch.cat([p.detach().flatten() for p in base.parameters()])
+    assert not torch.allclose(params[0], start)
+    assert torch.allclose(params[0], params[1], atol=1e-6)
+    assert set(stats_by_mb) >= {"loss", "kl", "clip_low", "clip_high", "clip_frac", "grad_norm",
+                                "kept"}
+
+
+def test_update_under_bf16_autocast_runs():
+    model = tiny_model()
+    batch = toy_batch(model)
+    cfg = G.GRPOConfig(beta=1e-3, rho=0.2, micro_batch=1)
+    stats = G.update(model, copy.deepcopy(model), torch.optim.AdamW(model.parameters(), lr=1e-3),
+                     batch, cfg, autocast_dtype=torch.bfloat16)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+# ---------------------------------------------------------------- rollout
+
+def test_rollout_repeats_prompts_in_contiguous_groups(monkeypatch):
+    calls = {}
+
+    def fake_generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False):
+        calls.update(ids=input_ids, am=attention_mask, stats=stats)
+        return "rollout"
+
+    monkeypatch.setitem(sys.modules, "decode", types.SimpleNamespace(generate=fake_generate))
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    am = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert G.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=False), [2], 0) == "rollout"
+    assert calls["ids"].tolist() == [[0, 5, 6]] * 3 + [[7, 8, 9]] * 3
+    assert calls["am"].tolist() == [[0, 1, 1]] * 3 + [[1, 1, 1]] * 3
+    assert calls["stats"] is True
+    with pytest.raises(ValueError, match="greedy"):
+        G.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=True), [2], 0)
+
+
+def test_rollout_stats():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]).bool()
+    ro = types.SimpleNamespace(mask=mask,
+                               entropy=torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 5.0],
+                                                     [6.0, 99.0, 99.0], [7.0, 8.0, 99.0]]))
+    rs = G.rollout_stats(ro, torch.tensor([1.0, 1.0, 0.0, 0.5]), 2)
+    assert rs["zero_spread"] == 1 and rs["zero_spread_frac"] == 0.5
+    assert rs["len_mean"] == 2.0 and rs["len_max"] == 3.0
+    assert rs["entropy_mean"] == pytest.approx(36 / 8)  # padding entropies excluded
+    assert rs["reward_mean"] == pytest.approx(0.625)
+
+
+def test_rollout_with_real_decoder_feeds_update():
+    decode = pytest.importorskip("decode")
+    model = tiny_model()
+    prompt_ids = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]])
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    dcfg = decode.DecodeConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0, greedy=False)
+    torch.manual_seed(0)
+    ro = G.rollout(model, prompt_ids, prompt_mask, 2, dcfg, [1], 0)
+    assert ro.tokens.shape[0] == 4 and ro.logp.shape == ro.tokens.shape
+    batch = G.make_batch(prompt_ids, prompt_mask, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), 2)
+    ids = torch.cat([batch["prompt_ids"], batch["tokens"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["mask"]], 1).long()
+    with torch.no_grad():
+        logp, ent = G.sequence_logprobs(model, ids, am, ro.tokens.shape[1], with_entropy=True)
+    m = batch["mask"]
+    assert torch.allclose(logp[m], batch["old_logp"][m], atol=1e-4)  # pi_old = the sampler
+    assert torch.allclose(ent[m], batch["entropy"][m], atol=1e-4)
+    stats = G.update(model, None, torch.optim.SGD(model.parameters(), lr=1e-2), batch,
+                     G.GRPOConfig(beta=0.0, micro_batch=2))
+    assert stats["clip_frac"] == pytest.approx(0.0)
