@@ -1,0 +1,396 @@
+"""Batched autoregressive decoding for every generation in RPORec: Stage I CoT generation, Stage II
+GRPO rollouts (the G samples per prompt behind eq. 8-11, with the per-token log-probs and entropies
+the entropy reward and the loss read), reference summaries (y_hat) and evaluation.
+
+Two backends behind one `generate`:
+- "hf": plain `model.generate`; per-token stats are recorded by a LogitsProcessor.
+- "fast": a compact decode forward for the Qwen3 / Qwen2 / Llama family over the model's own weights
+  (only QKV and gate/up are concatenated, to cut GEMM launches), a static KV cache, and on CUDA the
+  whole single-token step (all layers, final norm, lm_head, sampling, EOS bookkeeping) replayed as
+  one CUDA graph. HF decode at batch 64 is launch-bound (~1,800 tiny kernels per step, issue #6).
+  Prompts are left-padded, so every row writes step t's K/V to the same cache column; rows differ
+  only in where their prompt starts, which the attention mask (built in the graph from a per-row
+  start and a shared column tensor, both updated in place) takes care of. Attention reads the cache
+  up to the next multiple of kv_bucket columns, so there is one graph per (batch size, bucket).
+
+Sampling semantics are HF's: temperature, then top-k, then top-p, greedy = argmax of raw logits.
+logp / entropy always describe log_softmax(logits / temperature), ignoring top-k/top-p truncation.
+"""
+import weakref
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+FAST_ARCHS = ("qwen3", "qwen2", "llama")  # pre-norm, SwiGLU, RoPE, GQA; qwen3 adds q/k RMSNorm
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 768  # paper's maximum completion length
+    temperature: float = 1.0  # sampling temperature; logp/entropy are taken at this temperature too
+    top_p: float = 1.0  # nucleus: smallest set with cumulative prob >= top_p (1.0 = off)
+    top_k: int = 0  # keep only the k most likely tokens (0 = off)
+    greedy: bool = False  # argmax decoding (summaries, evaluation); temperature then only scales stats
+    backend: str = "auto"  # "auto" (fast on CUDA for FAST_ARCHS, else hf) | "hf" | "fast"
+    cuda_graph: bool = True  # fast backend on CUDA: replay each decode step as one CUDA graph
+    kv_bucket: int = 256  # attention reads the cache in multiples of this many columns; one graph each
+    sync_every: int = 16  # fast: test "every row done" each this many steps (on CUDA a host sync)
+    prefill_rows: int = 16  # prompts per prefill forward; bounds the (rows, P, P) mask and activations
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor  # (B, T) long, completion only, pad_id after EOS
+    mask: torch.Tensor  # (B, T) bool, real completion tokens, EOS included
+    logp: torch.Tensor | None  # (B, T) float32, log-prob of the chosen token at `temperature`
+    entropy: torch.Tensor | None  # (B, T) float32, entropy of that same distribution
+
+
+def top_k_filter(logits, k):
+    """HF TopKLogitsWarper: -inf below the k-th largest logit (ties with it are kept)."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """HF TopPLogitsWarper: keep the smallest set whose probability reaches p, always >= 1 token."""
+    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending, as HF
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p
+    drop[..., -1] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def token_stats(logits, temperature):
+    """log_softmax(logits / T) (B, V) and its entropy (B,); 0 * log 0 counts as 0."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp, -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
+
+
+def choose_tokens(logits, cfg, noise):
+    """Next token (B,) from raw logits (B, V). Sampling uses the exponential race: argmax_i p_i / E_i
+    with E_i ~ Exp(1) (noise, (B, V)) picks i with probability p_i; torch.multinomial does the same
+    for one sample, but a caller-filled noise buffer keeps the RNG out of the CUDA graph."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    x = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        x = top_k_filter(x, cfg.top_k)
+    if cfg.top_p < 1.0:
+        x = top_p_filter(x, cfg.top_p)
+    return (x.softmax(-1) / noise).argmax(-1)
+
+
+def fast_unsupported(model):
+    """Why the fast backend cannot run `model`, or None if it can."""
+    c = model.config
+    kind = getattr(c, "model_type", type(model).__name__)
+    params = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    rope = params.get("rope_type", params.get("type", "default"))
+    if kind not in FAST_ARCHS:
+        return f"model_type {kind!r} is not one of {FAST_ARCHS}"
+    if getattr(c, "use_sliding_window", False) or getattr(c, "hidden_act", "silu") != "silu":
+        return f"{kind} with sliding-window attention or a non-SiLU MLP"
+    if rope not in STATIC_ROPE:
+        return f"{kind} with rope_type {rope!r}"
+    return None
+
+
+class _Recorder:
+    """LogitsProcessor recording per step the entropy, and for the PREVIOUS step the log-prob of the
+    token just chosen (now the last column of input_ids), holding one (B, V) log-softmax at a time.
+    transformers 5.x runs custom processors before the temperature/top-k/top-p warpers, so `scores`
+    are raw logits; we divide by the temperature ourselves either way."""
+
+    def __init__(self, temperature):
+        self.temperature, self.prev, self.logp, self.entropy = temperature, None, [], []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.logp.append(self.prev.gather(1, input_ids[:, -1:])[:, 0])
+        self.prev, ent = token_stats(scores, self.temperature)
+        self.entropy.append(ent)
+        return scores
+
+
+def _generate_hf(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats):
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    # greedy: temperature/top_p 1.0 and top_k 50 are HF's neutral defaults, so nothing warns
+    sampling = dict(temperature=1.0, top_p=1.0, top_k=50) if cfg.greedy else \
+        dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy,
+                               eos_token_id=list(eos_ids), pad_token_id=pad_id, **sampling)
+    rec = _Recorder(cfg.temperature) if stats else None
+    seq = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
+                         logits_processor=LogitsProcessorList([rec] if stats else []))
+    tokens = seq[:, input_ids.shape[1]:]  # (B, T)
+    is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), dtype=torch.long, device=tokens.device))
+    mask = is_eos.long().cumsum(1) - is_eos.long() == 0  # up to and including the first EOS
+    if not stats:
+        return Rollout(tokens, mask, None, None)
+    logp = torch.stack(rec.logp + [rec.prev.gather(1, tokens[:, -1:])[:, 0]], 1)  # (B, T)
+    return Rollout(tokens, mask, logp.masked_fill(~mask, 0.0),
+                   torch.stack(rec.entropy, 1).masked_fill(~mask, 0.0))
+
+
+class _FastDecoder:
+    """Static KV cache, fused weights and step state for one (model, batch size); graphs per
+    (attended length, sampling mode). Everything a graph reads or writes lives here, updated in place."""
+
+    def __init__(self, model, batch, max_len):
+        c, m = model.config, model.model
+        self.H, self.Hkv, self.hid = c.num_attention_heads, c.num_key_value_heads, c.hidden_size
+        self.D = getattr(c, "head_dim", None) or self.hid // self.H
+        self.eps, self.max_len = c.rms_norm_eps, max_len
+        self.signature = _signature(model)
+        self.embed, self.norm = m.embed_tokens.weight, m.norm.weight
+        self.head, self.head_b = model.lm_head.weight, model.lm_head.bias
+        self.fused, self.layers = [], []
+        for layer in m.layers:
+            a, f = layer.self_attn, layer.mlp
+            qk_norm = [a.q_norm.weight.expand(self.H, -1), a.k_norm.weight.expand(self.Hkv, -1)] \
+                if hasattr(a, "q_norm") else None
+            self.layers.append(SimpleNamespace(
+                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                qkv=self._fuse([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                qkv_b=self._fuse([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                qk_norm=self._fuse(qk_norm),  # (H + Hkv, D): one multiply scales q and k heads
+                o=a.o_proj.weight, o_b=a.o_proj.bias, down=f.down_proj.weight, down_b=f.down_proj.bias,
+                gu=self._fuse([f.gate_proj.weight, f.up_proj.weight]),
+                gu_b=self._fuse([f.gate_proj.bias, f.up_proj.bias])))
+        dev, dtype = self.embed.device, self.embed.dtype
+        rot = getattr(m, "rotary_emb", None)
+        if rot is not None and hasattr(rot, "inv_freq"):  # the model's own buffer: exactly what HF uses
+            inv_freq, scale = rot.inv_freq.float(), float(getattr(rot, "attention_scaling", 1.0))
+        else:
+            # transformers 5 keeps theta in config.rope_parameters, 4.x in config.rope_theta
+            theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", None))
+            inv_freq = 1.0 / theta ** (torch.arange(0, self.D, 2, device=dev).float() / self.D)
+            scale = 1.0
+        freqs = torch.arange(max_len, device=dev).float()[:, None] * inv_freq  # (max_len, D/2)
+        emb = torch.cat([freqs, freqs], -1)  # (max_len, D), HF's half-split layout
+        self.cos = (emb.cos() * scale).to(dtype)
+        sign = torch.cat([-inv_freq.new_ones(self.D // 2), inv_freq.new_ones(self.D // 2)])  # (D,)
+        self.sin = (emb.sin() * scale * sign).to(dtype)  # rotate_half(x) * sin == roll(x, D/2) * sign * sin
+        self.cache = torch.zeros(len(self.layers), 2, batch, self.Hkv, max_len, self.D, device=dev, dtype=dtype)
+        self.cols = torch.arange(max_len, device=dev)
+        long = dict(device=dev, dtype=torch.long)
+        self.tok, self.start = torch.zeros(batch, **long), torch.zeros(batch, **long)  # (B,)
+        self.col, self.step, self.pad = torch.zeros(1, **long), torch.zeros(1, **long), torch.zeros(1, **long)
+        self.eos = torch.full((8,), -1, **long)  # EOS ids, -1 = unused slot
+        self.done = torch.zeros(batch, device=dev, dtype=torch.bool)
+        self.noise = torch.ones(batch, self.head.shape[0], device=dev)  # (B, V) Exp(1) draws
+        self.out_tok = torch.zeros(batch, max_len, **long)  # (B, max_len) columns = decode steps
+        self.out_mask = torch.zeros(batch, max_len, device=dev, dtype=torch.bool)
+        self.out_logp = torch.zeros(batch, max_len, device=dev)  # (B, max_len) float32
+        self.out_ent = torch.zeros(batch, max_len, device=dev)
+        self.graphs = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.embed.is_cuda else None  # shared by all graphs
+
+    def _fuse(self, srcs):
+        if srcs is None or any(s is None for s in srcs):
+            return None
+        dst = torch.cat(srcs)
+        self.fused.append((dst, srcs))
+        return dst
+
+    def reset(self, input_ids, attention_mask, eos_ids, pad_id):
+        """Load a new batch; re-copy the fused weights (the optimizer updates the originals in place)."""
+        for dst, srcs in self.fused:
+            torch.cat(srcs, out=dst)
+        self.start.copy_((attention_mask == 0).sum(1))
+        self.col.fill_(input_ids.shape[1])
+        self.step.zero_()
+        self.done.zero_()
+        self.pad.fill_(pad_id)
+        self.eos.fill_(-1)
+        self.eos[:len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
+
+    def _layers(self, h, cos, sin, attend):
+        """Pre-norm decoder layers on h (N, S, hid); attend(i, q, k, v) -> (N, S, H * D)."""
+        H, Hkv, D = self.H, self.Hkv, self.D
+        for i, w in enumerate(self.layers):
+            qkv = F.linear(F.rms_norm(h, (self.hid,), w.ln1, self.eps), w.qkv, w.qkv_b)  # (N, S, (H+2Hkv)D)
+            qk = qkv[..., :(H + Hkv) * D].unflatten(-1, (H + Hkv, D))  # (N, S, H + Hkv, D)
+            if w.qk_norm is not None:
+                qk = F.rms_norm(qk, (D,), None, self.eps) * w.qk_norm
+            qk = qk * cos + qk.roll(D // 2, -1) * sin  # RoPE
+            v = qkv[..., (H + Hkv) * D:].unflatten(-1, (Hkv, D))  # (N, S, Hkv, D)
+            h = _residual_linear(h, attend(i, qk[..., :H, :], qk[..., H:, :], v), w.o, w.o_b)
+            g, u = F.linear(F.rms_norm(h, (self.hid,), w.ln2, self.eps), w.gu, w.gu_b).chunk(2, -1)
+            h = _residual_linear(h, F.silu(g) * u, w.down, w.down_b)
+        return h
+
+    def _logits(self, h):
+        """(N, hid) -> (N, V) float32, as HF: lm_head in the model dtype, then upcast."""
+        return F.linear(F.rms_norm(h, (self.hid,), self.norm, self.eps), self.head, self.head_b).float()
+
+    def prefill(self, input_ids, attention_mask, rows_per_chunk):
+        """Eager forward over the left-padded prompts, writing K/V to cache columns [0, P)."""
+        B, P = input_ids.shape
+        G, last = self.H // self.Hkv, []
+        causal = torch.ones(P, P, device=input_ids.device, dtype=torch.bool).tril()  # (P, P)
+        eye = torch.eye(P, device=input_ids.device, dtype=torch.bool)
+        for r in range(0, B, rows_per_chunk):
+            rows = slice(r, min(B, r + rows_per_chunk))
+            pos = (self.cols[:P] - self.start[rows, None]).clamp_min(0)  # (N, P), HF: cumsum(mask) - 1
+            # pad queries see themselves so no row is fully masked (no NaN reaches the cache)
+            mask = (causal & attention_mask[rows, None, :].bool()) | eye  # (N, P, P)
+
+            def attend(i, q, k, v):
+                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (N, Hkv, P, D)
+                self.cache[i, 0, rows, :, :P], self.cache[i, 1, rows, :, :P] = k, v
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(G, 1),
+                                                   v.repeat_interleave(G, 1), attn_mask=mask[:, None])
+                return o.transpose(1, 2).flatten(2)  # (N, P, H * D)
+
+            h = self._layers(F.embedding(input_ids[rows], self.embed), self.cos[pos][:, :, None],
+                             self.sin[pos][:, :, None], attend)
+            last.append(h[:, -1])
+        return self._logits(torch.cat(last))
+
+    def emit(self, logits, cfg, stats):
+        """Choose, record at column `step`, update EOS state, feed back. Graph-safe: no host syncs."""
+        nxt = torch.where(self.done, self.pad, choose_tokens(logits, cfg, self.noise))  # (B,)
+        self.out_tok.index_copy_(1, self.step, nxt[:, None])
+        self.out_mask.index_copy_(1, self.step, ~self.done[:, None])
+        if stats:
+            logp, ent = token_stats(logits, cfg.temperature)
+            self.out_logp.index_copy_(1, self.step, logp.gather(1, nxt[:, None]))
+            self.out_ent.index_copy_(1, self.step, ent[:, None])
+        self.done |= (nxt[:, None] == self.eos).any(1)
+        self.tok.copy_(nxt)
+        self.step += 1
+
+    def decode_step(self, kv_len, cfg, stats):
+        """Feed `tok` at cache column `col` (same for every row: prompts are left-padded), attend
+        over columns [start_b, col] of the first kv_len, then emit."""
+        B, G, dtype = self.tok.shape[0], self.H // self.Hkv, self.cache.dtype
+        pos = self.col - self.start  # (B,) RoPE position = real tokens before this one
+        valid = (self.cols[:kv_len] >= self.start[:, None]) & (self.cols[:kv_len] <= self.col)  # (B, kv_len)
+        mask = torch.zeros(B, 1, 1, kv_len, device=valid.device, dtype=dtype)
+        mask = mask.masked_fill(~valid[:, None, None], float("-inf"))  # additive, broadcast over heads
+
+        def attend(i, q, k, v):
+            kc, vc = self.cache[i, 0], self.cache[i, 1]  # (B, Hkv, max_len, D)
+            kc.index_copy_(2, self.col, k.transpose(1, 2))
+            vc.index_copy_(2, self.col, v.transpose(1, 2))
+            # GQA without copying K/V: the G query heads of a group act as G query rows
+            o = F.scaled_dot_product_attention(q.reshape(B, self.Hkv, G, self.D), kc[:, :, :kv_len],
+                                               vc[:, :, :kv_len], attn_mask=mask)  # (B, Hkv, G, D)
+            return o.reshape(B, 1, self.H * self.D)
+
+        h = self._layers(F.embedding(self.tok[:, None], self.embed), self.cos[pos][:, None, None],
+                         self.sin[pos][:, None, None], attend)
+        self.emit(self._logits(h[:, 0]), cfg, stats)
+        self.col += 1
+
+    def run_step(self, kv_len, cfg, stats, use_graph):
+        """One decode step, eager or as a CUDA graph. A key's first step runs eagerly on a side stream
+        (it doubles as the warm-up) and is then captured (capture records, it does not execute)."""
+        if not use_graph:
+            return self.decode_step(kv_len, cfg, stats)
+        key = (kv_len, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p, stats)
+        if key in self.graphs:
+            return self.graphs[key].replay()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.decode_step(kv_len, cfg, stats)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            self.decode_step(kv_len, cfg, stats)
+        self.graphs[key] = graph
+
+
+def _residual_linear(h, x, w, b):
+    """h + x @ w.T (+ b): one GEMM with the residual added in its epilogue."""
+    out = torch.addmm(h.flatten(0, -2), x.flatten(0, -2), w.t()).view_as(h)
+    return out if b is None else out + b
+
+
+def _signature(model):
+    """Identity of the parameter storage a decoder (and its graphs) points into."""
+    return tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
+
+
+_DECODERS = weakref.WeakKeyDictionary()  # model -> {batch size: _FastDecoder}
+
+
+def clear_fast_cache(model=None):
+    """Free the fast backend's KV caches and CUDA graphs (for `model`, or all)."""
+    if model is None:
+        _DECODERS.clear()
+    else:
+        _DECODERS.pop(model, None)
+
+
+def _generate_fast(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats, generator):
+    reason = fast_unsupported(model)
+    if reason is not None:
+        raise ValueError(f"decode backend 'fast' does not support {reason}; use --decode.backend hf")
+    if cfg.kv_bucket < 8 or cfg.kv_bucket % 8 or cfg.sync_every < 1 or cfg.prefill_rows < 1:
+        raise ValueError(f"kv_bucket={cfg.kv_bucket} must be a positive multiple of 8, sync_every="
+                         f"{cfg.sync_every} and prefill_rows={cfg.prefill_rows} >= 1; fix the DecodeConfig")
+    if len(eos_ids) > 8:
+        raise ValueError(f"at most 8 EOS ids are supported, got {len(eos_ids)}; pass the ones the model emits")
+    B, P = input_ids.shape
+    align = cfg.kv_bucket  # multiples of 8 keep the attention mask aligned for fused kernels
+    need = -(-(P + cfg.max_new_tokens - 1) // align) * align
+    decoders = _DECODERS.setdefault(model, {})
+    dec = decoders.get(B)
+    if dec is None or dec.max_len < need or dec.signature != _signature(model):
+        decoders.pop(B, None)
+        dec = decoders[B] = _FastDecoder(model, B, need)
+    use_graph = input_ids.is_cuda and cfg.cuda_graph
+    dec.reset(input_ids, attention_mask, eos_ids, pad_id)
+    if not cfg.greedy:
+        dec.noise.exponential_(generator=generator)
+    dec.emit(dec.prefill(input_ids, attention_mask, cfg.prefill_rows), cfg, stats)
+    for t in range(1, cfg.max_new_tokens):
+        if t % cfg.sync_every == 0 and bool(dec.done.all()):
+            break
+        if not cfg.greedy:
+            dec.noise.exponential_(generator=generator)
+        dec.run_step(min(dec.max_len, -(-(P + t) // align) * align), cfg, stats, use_graph)
+    steps = int(dec.step)
+    mask = dec.out_mask[:, :steps]
+    T = int(mask.sum(1).max())  # rows finished between two checks only add all-pad columns
+    mask = mask[:, :T].clone()
+    if not stats:
+        return Rollout(dec.out_tok[:, :T].clone(), mask, None, None)
+    return Rollout(dec.out_tok[:, :T].clone(), mask, dec.out_logp[:, :T].masked_fill(~mask, 0.0),
+                   dec.out_ent[:, :T].masked_fill(~mask, 0.0))
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False, generator=None):
+    """Decode completions for left-padded prompts. `generator` seeds the fast backend's sampling
+    (the hf backend draws from the global RNG: use torch.manual_seed)."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be (B, P); tokenize the batch with padding=True")
+    am = attention_mask.long()
+    if not bool((am[:, 1:] >= am[:, :-1]).all() and am[:, -1].all()):
+        raise ValueError("prompts must be left-padded with at least one real token; "
+                         "set tokenizer.padding_side = 'left'")
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (it also scales the recorded logp/entropy), got "
+                         f"{cfg.temperature}; for argmax decoding set greedy=True and leave temperature at 1.0")
+    if not (0.0 <= cfg.top_p <= 1.0 and cfg.top_k >= 0):
+        raise ValueError(f"need 0 <= top_p <= 1 and top_k >= 0, got top_p={cfg.top_p}, top_k={cfg.top_k}; "
+                         "use top_p=1.0 and top_k=0 to turn them off")
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "fast" if input_ids.is_cuda and fast_unsupported(model) is None else "hf"
+    if backend == "hf":
+        return _generate_hf(model, input_ids, am, cfg, list(eos_ids), pad_id, stats)
+    if backend == "fast":
+        return _generate_fast(model, input_ids, am, cfg, list(eos_ids), pad_id, stats, generator)
+    raise ValueError(f"unknown decode backend {cfg.backend!r}; use 'auto', 'hf' or 'fast'")
