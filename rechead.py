@@ -39,12 +39,13 @@ class RecheadConfig:
     dropout: float = 0.1  # eq. 3 TransformerEncoder dropout (torch default)
     ffn_layers: int = 3  # [LayerNorm, Linear(d, d), LeakyReLU] blocks after f_his, f_cot, f_ans encoders
     max_seq_length: int = 0  # tokens kept per text; 0 = the encoder's own limit (none for StaticEmbedding)
+    history_chars: int = 0  # character budget of x (newest items kept); 0 = data.max_history_chars
     lr: float = 1e-3  # Adam learning rate (official)
     batch_size: int = 128  # training samples per step (official)
     negatives: int = 49  # k in eq. 6 (official)
     epochs: int = 100  # maximum training epochs (official)
     patience: int = 5  # early stopping: epochs without a better valid NDCG@10
-    encode_batch: int = 256  # texts per forward when encoding without gradients (items, frozen cache)
+    encode_batch: int = 64  # texts per forward when encoding without gradients (items, frozen cache)
 
 
 def load_encoder(name: str, max_seq_length: int, device) -> SentenceTransformer:

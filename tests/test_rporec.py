@@ -1,0 +1,111 @@
+"""The train script end to end on the toy preset: flags, the reasoning cache, Stage II, resume."""
+import json
+import os
+
+import pytest
+import torch
+
+import decode as dec
+import rporec
+
+
+def small(tmp_path, *extra):
+    """Flags for a seconds-long toy run in tmp_path."""
+    return ["--out", str(tmp_path / "run"), "--data.data_dir", str(tmp_path / "data"), "--limit", "48",
+            "--rechead.epochs", "1", "--decode.max_new_tokens", "8", "--grpo.max_new_tokens", "8",
+            "--grpo.prompts_per_step", "2", "--grpo.micro_batch", "4", *extra]
+
+
+def test_parse_config_presets_and_flags():
+    cfg = rporec.parse_config(["--grpo.beta", "0", "--rechead.trainable", "false", "--resume"])
+    assert cfg.grpo.beta == 0.0 and cfg.rechead.trainable is False and cfg.run.resume is True
+    assert cfg.run.model == "toy" and cfg.rechead.encoder == "toy"  # the toy preset applied
+    cfg = rporec.parse_config(["--dataset=cds", "--ablate", "cot"])
+    assert cfg.run.model == "Qwen/Qwen3-0.6B" and cfg.data.dataset == "cds" and cfg.rechead.use_cot is False
+    for bad, msg in ((["--dataset", "nope"], "unknown dataset"), (["--grpo.nope", "1"], "unknown flag"),
+                     (["--stage", "3"], "--stage"), (["--rechead.trainable", "maybe"], "true/false")):
+        with pytest.raises(SystemExit, match=msg):
+            rporec.parse_config(bad)
+
+
+def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
+    cfg = rporec.parse_config(small(tmp_path, "--gen_batch", "8"))
+    ds = rporec.D.load_dataset(cfg.data)
+    samples = ds.splits["valid"][:40]
+    model, tok = rporec.load_backbone(cfg, ds)
+    real, calls = dec.generate, []
+
+    def dying(*a, **k):
+        calls.append(a[1].shape[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while generating the third batch
+        return real(*a, **k)
+
+    monkeypatch.setattr(dec, "generate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
+    path = rporec.cache_path(cfg, "valid")
+    assert len(rporec.read_cache(path)) == 16
+    with open(path, "a") as f:
+        f.write('{"i": 39, "text": "half a li')  # a write cut short by the kill
+    calls.clear()
+    monkeypatch.setattr(dec, "generate", lambda *a, **k: (calls.append(a[1].shape[0]), real(*a, **k))[1])
+    out = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
+    assert sum(calls) == 24 and len(out) == 40  # only the 24 missing samples were generated
+    calls.clear()
+    assert rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples) == out and not calls
+
+
+def test_toy_both_stages_two_steps(tmp_path):
+    m = rporec.main(small(tmp_path, "--grpo.steps", "2"))
+    run = tmp_path / "run"
+    saved = json.load(open(run / "metrics.json"))
+    assert set(saved) == {"stage1", "popularity", "stage2"} and saved == json.loads(json.dumps(m))
+    for part in ("stage1", "stage2"):
+        assert set(saved[part]) == {"valid", "test"} and 0 <= saved[part]["test"]["ndcg@10"] <= 1
+    recs = [json.loads(line) for line in open(run / "log.jsonl")]
+    steps = [r for r in recs if r["stage"] == 2]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("reward", "fmt", "clean", "ndcg", "sim", "comp", "ent", "kl", "entropy", "clip_low",
+                "clip_high", "len", "cot_len", "zero_std_groups"):
+        assert key in steps[0], key
+    assert json.load(open(run / "config.json"))["grpo"]["steps"] == 2
+    assert os.path.exists(run / "ckpt" / "trainer_state.pt") and os.path.exists(run / "rechead.pt")
+
+
+def test_resume_repeats_and_loses_no_step(tmp_path):
+    def weights(run):
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(run / "ckpt").state_dict()
+
+    straight = tmp_path / "a"
+    rporec.main(small(straight, "--grpo.steps", "4", "--grpo.save_every", "2", "--grpo.beta", "0.01"))
+    cut = tmp_path / "b"
+    rporec.main(small(cut, "--grpo.steps", "2", "--grpo.save_every", "2", "--grpo.beta", "0.01"))
+    rporec.main(small(cut, "--grpo.steps", "4", "--grpo.save_every", "2", "--grpo.beta", "0.01",
+                      "--stage", "2", "--init", str(cut / "run"), "--resume"))
+    a, b = weights(straight / "run"), weights(cut / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in open(cut / "run" / "log.jsonl") if '"stage": 2' in l]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_reward_parts_on_formatted_completions(tmp_path):
+    cfg = rporec.parse_config(small(tmp_path, "--rewards.summary_max_new_tokens", "4"))
+    ds = rporec.D.load_dataset(cfg.data)
+    model, tok = rporec.load_backbone(cfg, ds)
+    head = rporec.make_head(cfg, ds)
+    samples = [dict(ds.splits["train"][i], i=i) for i in range(2)]
+    good = "<think>mystery series book</think><answer>the northern dossier</answer>"
+    texts = [good, "no tags at all", good + " tail", "<think>x</think>"] * 2
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    T = max(map(len, ids))
+    tokens = torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i in ids])
+    ro = dec.Rollout(tokens=tokens, mask=tokens != tok.pad_token_id, logp=torch.zeros(tokens.shape),
+                     entropy=torch.rand(tokens.shape))
+    r, parts, cot_len, _ = rporec.reward_parts(cfg, ds, head, model, tok, samples, texts, ro)
+    assert parts["fmt"].tolist() == [1.0, 0.0, 1.0, 0.0] * 2
+    assert parts["clean"][2] < 1.0 == parts["clean"][0]
+    assert (r[[1, 3]] == 0).all() and (r[[0, 2]] > 0).all()  # eq. 7: nothing without the format
+    assert (parts["comp"][[0, 2]] > 0).all() and cot_len[0] == 3  # the summary ran for formatted ones
+    assert torch.all((parts["ndcg"] > 0) & (parts["ndcg"] <= 1))
