@@ -105,6 +105,13 @@ class Rechead(nn.Module):
             self._cache.update(zip(chunk, encode(self.item_encoder, chunk, self.device)))
         return torch.stack([self._cache[t] for t in texts])
 
+    def knows(self, text: str) -> bool:
+        return text in self._cache
+
+    def remember(self, texts: list[str], vecs: torch.Tensor | None):
+        """Seed the frozen-embedding cache, e.g. from disk: texts[i] -> vecs[i] (d,)."""
+        self._cache.update(zip(texts, [] if vecs is None else vecs.to(self.device)))
+
     def f(self, kind: str, texts: list[str]) -> torch.Tensor:
         """Eq. 1: encoder (fine-tuned copy, or frozen + cached) followed by the FFN where there is one."""
         r = encode(self.encoders[kind], texts, self.device) if self.cfg.trainable else self.encode_frozen(texts)

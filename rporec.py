@@ -327,14 +327,24 @@ def make_head(cfg, ds):
     return R.Rechead(cfg.rechead, ds.texts, DEVICE)
 
 
-def embed_frozen(head, inputs):
-    """Frozen encoders: embed every distinct text once, up front."""
+def embed_frozen(cfg, head, inputs):
+    """Frozen encoders: embed every distinct text once, up front, and keep the embeddings on disk
+    (<data_dir>/embeddings/) so that a rerun with the same encoder skips the work."""
     if head.cfg.trainable:
         return
-    texts = list(dict.fromkeys(t or "" for x, y, z in inputs for t in (*x, *y, *z)))
+    key = hashlib.sha1(f"{head.cfg.encoder}|{head.cfg.max_seq_length}".encode()).hexdigest()[:12]
+    path = os.path.join(cfg.data.data_dir, "embeddings", f"{key}.pt")
+    known = torch.load(path, weights_only=False) if os.path.exists(path) else {"texts": [], "vecs": None}
+    head.remember(known["texts"], known["vecs"])
+    texts = [t for t in dict.fromkeys(t or "" for x, y, z in inputs for t in (*x, *y, *z)) if not head.knows(t)]
     step = 16 * head.cfg.encode_batch
     for i in tqdm(range(0, len(texts), step), desc="embedding texts (frozen encoder)", disable=not MAIN):
         head.encode_frozen(texts[i:i + step])
+    if texts and MAIN:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({"texts": known["texts"] + texts, "vecs": head.encode_frozen(known["texts"] + texts).cpu()},
+                   f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
 
 
 def rechead_step(net, head, opt, inputs, targets, idx, neg):
@@ -567,18 +577,22 @@ def main(argv):
               "built in code (no download). Its reasoning is noise; the numbers only exercise the code.")
     mpath = os.path.join(out, "metrics.json")
     metrics = json.load(open(mpath)) if os.path.exists(mpath) else {}
+    if cfg.run.stage == "2":  # the frozen Rechead of a Stage I run, built as that run configured it
+        path = os.path.join(cfg.run.init, "rechead.pt")
+        if not os.path.exists(path):
+            raise SystemExit(f"error: --stage 2 needs --init RUN_FOLDER, a Stage I run holding rechead.pt ({path})")
+        saved = torch.load(path, weights_only=False)
+        cfg.rechead = R.RecheadConfig(**saved["config"]["rechead"])
     head = make_head(cfg, ds)
     if cfg.run.stage in ("1", "both"):
         inputs = {k: rechead_inputs(cfg, ds, v, generate_reasoning(cfg, ds, model, tok, k, v)) for k, v in splits.items()}
-        embed_frozen(head, inputs.values())
+        embed_frozen(cfg, head, inputs.values())
         if cfg.run.ablate != "I":
             head = train_rechead(cfg, ds, head, inputs, splits, log, out)
         metrics["stage1"] = {k: evaluate_split(head, inputs[k], splits[k], cfg.run.ablate == "I") for k in ("valid", "test")}
         metrics["popularity"] = {"test": E.popularity_metrics(splits["train"], splits["test"], ds.n_items, E.EvalConfig())}
-    elif not os.path.exists(os.path.join(cfg.run.init, "rechead.pt")):
-        raise SystemExit("error: --stage 2 needs --init RUN_FOLDER, a Stage I run holding rechead.pt")
     else:
-        head.load_state_dict(torch.load(os.path.join(cfg.run.init, "rechead.pt"), weights_only=False)["state"])
+        head.load_state_dict(saved["state"])
     if MAIN:
         save_json(mpath, metrics)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
@@ -602,4 +616,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except torch.cuda.OutOfMemoryError as e:
+        raise SystemExit(f"error: CUDA out of memory ({e}).\nFinished work is kept (reasoning cache, rechead.pt, "
+                         "ckpt/): lower --gen_batch, --grpo.micro_batch or --grpo.logit_chunk, or turn on "
+                         "--grpo.grad_checkpointing, then rerun (Stage II with --resume).") from e

@@ -109,3 +109,14 @@ def test_reward_parts_on_formatted_completions(tmp_path):
     assert (r[[1, 3]] == 0).all() and (r[[0, 2]] > 0).all()  # eq. 7: nothing without the format
     assert (parts["comp"][[0, 2]] > 0).all() and cot_len[0] == 3  # the summary ran for formatted ones
     assert torch.all((parts["ndcg"] > 0) & (parts["ndcg"] <= 1))
+
+
+def test_history_only_frozen_run_reuses_disk_embeddings(tmp_path):
+    flags = small(tmp_path, "--model", "none", "--ablate", "cot", "--stage", "1", "--rechead.trainable", "false")
+    first = rporec.main(flags)
+    (emb,) = (tmp_path / "data" / "embeddings").iterdir()
+    stamp = emb.stat().st_mtime_ns
+    assert len(torch.load(emb, weights_only=False)["texts"]) > 48
+    second = rporec.main(flags)
+    assert emb.stat().st_mtime_ns == stamp  # nothing new to embed, nothing rewritten
+    assert first["stage1"] == second["stage1"] and "stage2" not in second
