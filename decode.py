@@ -8,10 +8,15 @@ Two backends behind one `generate`:
   (only QKV and gate/up are concatenated, to cut GEMM launches), a static KV cache, and on CUDA the
   whole single-token step (all layers, final norm, lm_head, sampling, EOS bookkeeping) replayed as
   one CUDA graph. HF decode at batch 64 is launch-bound (~1,800 tiny kernels per step, issue #6).
+  It computes in DecodeConfig.dtype (bf16 on CUDA by default): fp32 master weights decode in bf16
+  through copies refreshed from the masters before every batch.
   Prompts are left-padded, so every row writes step t's K/V to the same cache column; rows differ
   only in where their prompt starts, which the attention mask (built in the graph from a per-row
   start and a shared column tensor, both updated in place) takes care of. Attention reads the cache
   up to the next multiple of kv_bucket columns, so there is one graph per (batch size, bucket).
+  Decoders (KV cache + graphs) are cached per model: at most KEEP_DECODERS, least recently used
+  evicted, each with a multiple of 8 rows; a smaller batch reuses a larger decoder, padded with
+  copies of row 0 that are marked done at once and sliced off the outputs.
 
 Sampling semantics are HF's: temperature, then top-k, then top-p, greedy = argmax of raw logits.
 logp / entropy always describe log_softmax(logits / temperature), ignoring top-k/top-p truncation.
@@ -39,6 +44,8 @@ class DecodeConfig:
     kv_bucket: int = 256  # attention reads the cache in multiples of this many columns; one graph each
     sync_every: int = 16  # fast: test "every row done" each this many steps (on CUDA a host sync)
     prefill_rows: int = 16  # prompts per prefill forward; bounds the (rows, P, P) mask and activations
+    dtype: str = "auto"  # fast backend compute dtype: "auto" = bfloat16 on CUDA else the weights' dtype;
+    # or "float32" | "bfloat16" | "float16". The hf backend ignores it (runs the model as it is).
 
 
 @dataclass
@@ -137,31 +144,34 @@ def _generate_hf(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats):
 
 
 class _FastDecoder:
-    """Static KV cache, fused weights and step state for one (model, batch size); graphs per
-    (attended length, sampling mode). Everything a graph reads or writes lives here, updated in place."""
+    """Static KV cache, decode-dtype weights and step state for one (model, batch size, dtype); graphs
+    per (attended length, sampling mode). Everything a graph reads or writes lives here, updated in place."""
 
-    def __init__(self, model, batch, max_len):
+    def __init__(self, model, batch, max_len, dtype=None):
         c, m = model.config, model.model
         self.H, self.Hkv, self.hid = c.num_attention_heads, c.num_key_value_heads, c.hidden_size
         self.D = getattr(c, "head_dim", None) or self.hid // self.H
-        self.eps, self.max_len = c.rms_norm_eps, max_len
-        self.signature = _signature(model)
-        self.embed, self.norm = m.embed_tokens.weight, m.norm.weight
-        self.head, self.head_b = model.lm_head.weight, model.lm_head.bias
-        self.fused, self.layers = [], []
+        self.eps, self.max_len, self.batch = c.rms_norm_eps, max_len, batch
+        self.dtype = dtype or m.embed_tokens.weight.dtype  # None: the weights' dtype
+        self.signature = _signature(model, self.dtype)
+        self.copies, self.layers = [], []
+        self.embed, self.norm = self._w(m.embed_tokens.weight), self._w(m.norm.weight)
+        tied = model.lm_head.weight is m.embed_tokens.weight
+        self.head, self.head_b = self.embed if tied else self._w(model.lm_head.weight), self._w(model.lm_head.bias)
         for layer in m.layers:
             a, f = layer.self_attn, layer.mlp
             qk_norm = [a.q_norm.weight.expand(self.H, -1), a.k_norm.weight.expand(self.Hkv, -1)] \
                 if hasattr(a, "q_norm") else None
             self.layers.append(SimpleNamespace(
-                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                qkv=self._fuse([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                qkv_b=self._fuse([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
-                qk_norm=self._fuse(qk_norm),  # (H + Hkv, D): one multiply scales q and k heads
-                o=a.o_proj.weight, o_b=a.o_proj.bias, down=f.down_proj.weight, down_b=f.down_proj.bias,
-                gu=self._fuse([f.gate_proj.weight, f.up_proj.weight]),
-                gu_b=self._fuse([f.gate_proj.bias, f.up_proj.bias])))
-        dev, dtype = self.embed.device, self.embed.dtype
+                ln1=self._w(layer.input_layernorm.weight), ln2=self._w(layer.post_attention_layernorm.weight),
+                qkv=self._w([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                qkv_b=self._w([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                qk_norm=self._w(qk_norm),  # (H + Hkv, D): one multiply scales q and k heads
+                o=self._w(a.o_proj.weight), o_b=self._w(a.o_proj.bias),
+                down=self._w(f.down_proj.weight), down_b=self._w(f.down_proj.bias),
+                gu=self._w([f.gate_proj.weight, f.up_proj.weight]),
+                gu_b=self._w([f.gate_proj.bias, f.up_proj.bias])))
+        dev, dtype = self.embed.device, self.dtype
         rot = getattr(m, "rotary_emb", None)
         if rot is not None and hasattr(rot, "inv_freq"):  # the model's own buffer: exactly what HF uses
             inv_freq, scale = rot.inv_freq.float(), float(getattr(rot, "attention_scaling", 1.0))
@@ -190,17 +200,22 @@ class _FastDecoder:
         self.graphs = {}
         self.pool = torch.cuda.graph_pool_handle() if self.embed.is_cuda else None  # shared by all graphs
 
-    def _fuse(self, srcs):
+    def _w(self, srcs):
+        """One weight (a tensor) or several concatenated (a list) in the decode dtype: the tensor itself
+        if it already has that dtype, else a copy that reset() refreshes. None if any is None."""
+        srcs = srcs if isinstance(srcs, list) or srcs is None else [srcs]
         if srcs is None or any(s is None for s in srcs):
             return None
-        dst = torch.cat(srcs)
-        self.fused.append((dst, srcs))
+        if len(srcs) == 1 and srcs[0].dtype == self.dtype:
+            return srcs[0]
+        dst = torch.cat(srcs).to(self.dtype)
+        self.copies.append((dst, srcs))
         return dst
 
     def reset(self, input_ids, attention_mask, eos_ids, pad_id):
-        """Load a new batch; re-copy the fused weights (the optimizer updates the originals in place)."""
-        for dst, srcs in self.fused:
-            torch.cat(srcs, out=dst)
+        """Load a new batch; refresh the weight copies (the optimizer updates the originals in place)."""
+        for dst, srcs in self.copies:
+            torch.cat(srcs, out=dst)  # casts to dst's dtype
         self.start.copy_((attention_mask == 0).sum(1))
         self.col.fill_(input_ids.shape[1])
         self.step.zero_()
@@ -313,12 +328,14 @@ def _residual_linear(h, x, w, b):
     return out if b is None else out + b
 
 
-def _signature(model):
-    """Identity of the parameter storage a decoder (and its graphs) points into."""
-    return tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
+def _signature(model, dtype):
+    """Identity of the parameter storage a decoder (and its graphs) points into, and its compute dtype."""
+    return dtype, tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
 
 
-_DECODERS = weakref.WeakKeyDictionary()  # model -> {batch size: _FastDecoder}
+KEEP_DECODERS = 2  # per model; each holds a KV cache (GBs at rollout sizes) and its CUDA graphs
+_DECODERS = weakref.WeakKeyDictionary()  # model -> [_FastDecoder], least recently used first
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def clear_fast_cache(model=None):
@@ -338,33 +355,46 @@ def _generate_fast(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats
                          f"{cfg.sync_every} and prefill_rows={cfg.prefill_rows} >= 1; fix the DecodeConfig")
     if len(eos_ids) > 8:
         raise ValueError(f"at most 8 EOS ids are supported, got {len(eos_ids)}; pass the ones the model emits")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown decode dtype {cfg.dtype!r}; use one of {DTYPES}")
+    weights = model.model.embed_tokens.weight
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else \
+        torch.bfloat16 if weights.is_cuda else weights.dtype
     B, P = input_ids.shape
     align = cfg.kv_bucket  # multiples of 8 keep the attention mask aligned for fused kernels
     need = -(-(P + cfg.max_new_tokens - 1) // align) * align
-    decoders = _DECODERS.setdefault(model, {})
-    dec = decoders.get(B)
-    if dec is None or dec.max_len < need or dec.signature != _signature(model):
-        decoders.pop(B, None)
-        dec = decoders[B] = _FastDecoder(model, B, need)
+    decoders, sig = _DECODERS.setdefault(model, []), _signature(model, dtype)
+    dec = min((d for d in decoders if d.batch >= B and d.max_len >= need and d.signature == sig),
+              key=lambda d: d.batch, default=None)  # the smallest that fits
+    if dec is None:
+        del decoders[:max(0, len(decoders) + 1 - KEEP_DECODERS)]  # evict LRU before allocating
+        dec = _FastDecoder(model, -(-B // 8) * 8, need, dtype)
+    else:
+        decoders.remove(dec)
+    decoders.append(dec)
+    if dec.batch > B:  # pad with copies of row 0; real rows never see them (attention is per row)
+        input_ids = torch.cat([input_ids, input_ids[:1].expand(dec.batch - B, -1)])
+        attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(dec.batch - B, -1)])
     use_graph = input_ids.is_cuda and cfg.cuda_graph
     dec.reset(input_ids, attention_mask, eos_ids, pad_id)
-    if not cfg.greedy:
-        dec.noise.exponential_(generator=generator)
+    dec.done[B:] = True  # padding rows emit pad_id and never hold up the early stop
+    if not cfg.greedy:  # real rows only: a seed gives the same samples whatever decoder is reused
+        dec.noise[:B].exponential_(generator=generator)
     dec.emit(dec.prefill(input_ids, attention_mask, cfg.prefill_rows), cfg, stats)
     for t in range(1, cfg.max_new_tokens):
         if t % cfg.sync_every == 0 and bool(dec.done.all()):
             break
         if not cfg.greedy:
-            dec.noise.exponential_(generator=generator)
+            dec.noise[:B].exponential_(generator=generator)
         dec.run_step(min(dec.max_len, -(-(P + t) // align) * align), cfg, stats, use_graph)
     steps = int(dec.step)
-    mask = dec.out_mask[:, :steps]
+    mask = dec.out_mask[:B, :steps]
     T = int(mask.sum(1).max())  # rows finished between two checks only add all-pad columns
     mask = mask[:, :T].clone()
     if not stats:
-        return Rollout(dec.out_tok[:, :T].clone(), mask, None, None)
-    return Rollout(dec.out_tok[:, :T].clone(), mask, dec.out_logp[:, :T].masked_fill(~mask, 0.0),
-                   dec.out_ent[:, :T].masked_fill(~mask, 0.0))
+        return Rollout(dec.out_tok[:B, :T].clone(), mask, None, None)
+    return Rollout(dec.out_tok[:B, :T].clone(), mask, dec.out_logp[:B, :T].masked_fill(~mask, 0.0),
+                   dec.out_ent[:B, :T].masked_fill(~mask, 0.0))
 
 
 @torch.no_grad()

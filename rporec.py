@@ -43,6 +43,8 @@ class RunConfig:
     resume: bool = False      # continue Stage II from <out>/ckpt
     ablate: str = ""          # "" | cot | I | II (paper Fig. 2); reward terms: --rewards.drop
     thinking: bool = True     # Qwen3 chat template thinking mode
+    prompt_suffix: str = ""   # appended to the paper's prompt, e.g. a <think>/<answer> format hint for
+                              # backbones without a thinking mode (SmolLM2); "" = the paper's prompt
     gen_batch: int = 64       # prompts per generation batch (Stage I reasoning, evaluation)
     limit: int = 0            # >0: only the first `limit` samples of each split (quick slices)
     seed: int = 0             # seeds python, numpy and torch
@@ -91,7 +93,11 @@ def parse_config(argv):
         text = args.pop(0)
         if isinstance(like, bool) and text.lower() not in ("true", "false", "1", "0"):
             raise SystemExit(f"error: --{key} takes true/false, got {text!r}")
-        flags[f"{sec}.{name}"] = text.lower() in ("true", "1") if isinstance(like, bool) else type(like)(text)
+        try:
+            flags[f"{sec}.{name}"] = (text.lower() in ("true", "1") if isinstance(like, bool)
+                                      else text if like is None else type(like)(text))
+        except ValueError:
+            raise SystemExit(f"error: --{key} takes a {type(like).__name__}, got {text!r}") from None
     dataset = flags.get("run.dataset", cfg.run.dataset)
     if dataset not in PRESETS:
         raise SystemExit(f"error: unknown dataset {dataset!r}; choose one of {sorted(PRESETS)}")
@@ -242,6 +248,14 @@ def encode_prompts(tok, messages, thinking):
     return enc.input_ids.to(DEVICE), enc.attention_mask.to(DEVICE)
 
 
+def user_messages(cfg, ds, sample):
+    """The paper's prompt for one sample (data.build_messages) plus --prompt_suffix."""
+    msgs = D.build_messages(ds, sample, cfg.data)
+    if cfg.run.prompt_suffix:
+        msgs[-1] = {**msgs[-1], "content": f"{msgs[-1]['content']}\n{cfg.run.prompt_suffix}"}
+    return msgs
+
+
 def complete(model, tok, messages, dcfg, thinking):
     """Completion texts and the Rollout for a batch of chat messages, with the one shared decoder."""
     ids, mask = encode_prompts(tok, messages, thinking)
@@ -257,7 +271,7 @@ def split_reasoning(text):
 
 
 def cache_path(cfg, split):
-    key = json.dumps([cfg.run.model, cfg.run.thinking, D.PROMPT_VERSION, dataclasses.asdict(cfg.decode),
+    key = json.dumps([cfg.run.model, cfg.run.thinking, cfg.run.prompt_suffix, D.PROMPT_VERSION, dataclasses.asdict(cfg.decode),
                       cfg.data.max_history_chars, D.cache_key(cfg.data)], sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cfg.data.data_dir, "reasoning", f"{cfg.data.dataset}-{digest}", f"{split}.jsonl")
@@ -300,7 +314,7 @@ def generate_reasoning(cfg, ds, model, tok, split, samples, path=None):
     t0, n_tok = time.time(), 0
     for b in range(0, len(todo), cfg.run.gen_batch):
         idx = todo[b:b + cfg.run.gen_batch]
-        texts, out = complete(model, tok, [D.build_messages(ds, samples[i], cfg.data) for i in idx],
+        texts, out = complete(model, tok, [user_messages(cfg, ds, samples[i]) for i in idx],
                               cfg.decode, cfg.run.thinking)
         with open(mine, "a") as f:
             f.write("".join(json.dumps({"i": i, "text": t}) + "\n" for i, t in zip(idx, texts)))
@@ -489,7 +503,7 @@ def load_checkpoint(out, model, opt):
     st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     if st["world"] != WORLD:
         raise SystemExit(f"error: the checkpoint was written by {st['world']} processes; resume with as many")
-    model.load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).state_dict())
+    model.load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
     opt.load_state_dict(st["optimizer"])
     rng = torch.load(os.path.join(path, f"rng{RANK}.pt"), weights_only=False)
     random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
@@ -506,6 +520,7 @@ def stage2(cfg, ds, head, model, tok, train, log, out):
         raise SystemExit(f"error: --grpo.prompts_per_step {g.prompts_per_step} does not divide by {WORLD} processes")
     head.eval().requires_grad_(False)
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref (KL) and the summarizer of r_sim, r_comp
+    model.float()  # fp32 master weights: a bf16 weight would round every lr=1e-6 update away; autocast computes in bf16
     if g.grad_checkpointing:
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
@@ -517,7 +532,7 @@ def stage2(cfg, ds, head, model, tok, train, log, out):
     for step in tqdm(range(start, g.steps), desc="grpo", initial=start, total=g.steps, disable=not MAIN):
         t0 = time.time()
         samples = [dict(train[i], i=i) for i in shard(step_batch(step, len(train), g.prompts_per_step, cfg.run.seed))]
-        p_ids, p_mask = encode_prompts(tok, [D.build_messages(ds, s, cfg.data) for s in samples], cfg.run.thinking)
+        p_ids, p_mask = encode_prompts(tok, [user_messages(cfg, ds, s) for s in samples], cfg.run.thinking)
         model.eval()
         ro = G.rollout(model, p_ids, p_mask, g.group_size, roll, eos_ids(model, tok), tok.pad_token_id)
         texts = tok.batch_decode(ro.tokens.masked_fill(~ro.mask, tok.pad_token_id), skip_special_tokens=True)

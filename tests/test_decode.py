@@ -1,5 +1,6 @@
 """decode.py: the fast backend reproduces HF generate token for token (greedy), both backends record
 logp/entropy equal to a naive recompute, sampling semantics (top-k, top-p, frequencies), early stop."""
+import copy
 import sys
 from pathlib import Path
 
@@ -196,6 +197,91 @@ def test_fast_sees_in_place_weight_updates(qwen3):
     assert torch.equal(run(model, "fast", [], greedy=True).tokens, run(model, "hf", [], greedy=True).tokens)
 
 
+def bf16_copy(model):
+    """The model cast to bf16, except the RoPE inv_freq buffer (.to() rounds it too; the decoder reads it)."""
+    ref = copy.deepcopy(model).to(torch.bfloat16)
+    ref.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()
+    return ref
+
+
+def test_fast_bf16_decode_of_fp32_weights_equals_bf16_model():
+    model = tiny("qwen3")  # fp32 masters
+    a = run(model, "fast", [], stats=True, greedy=True, dtype="bfloat16")
+    b = run(bf16_copy(model), "fast", [], stats=True, greedy=True)  # "auto" on CPU: the weights' bf16
+    for field in ("tokens", "mask", "logp", "entropy"):  # same bf16 weights, same computation
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    (bf16,) = decode._DECODERS[model]
+    assert bf16.cache.dtype == bf16.cos.dtype == bf16.embed.dtype == bf16.layers[0].o.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # the masters are not touched
+    run(model, "fast", [], greedy=True, dtype="float32")  # another dtype: another decoder, no weight copies
+    f32 = decode._DECODERS[model][-1]
+    assert f32 is not bf16 and f32.signature != bf16.signature
+    assert f32.layers[0].o is model.model.layers[0].self_attn.o_proj.weight
+    assert f32.embed is model.model.embed_tokens.weight
+    assert f32.layers[0].ln1 is model.model.layers[0].input_layernorm.weight
+
+
+def test_bf16_decode_sees_in_place_master_updates():
+    model = tiny("qwen3")
+    before = run(model, "fast", [], greedy=True, dtype="bfloat16").tokens  # builds the bf16 copies
+    with torch.no_grad():  # an optimizer step on the fp32 masters, in place: fused and plain weights
+        model.model.embed_tokens.weight.add_(0.02)
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(-1.5)
+            layer.self_attn.o_proj.weight.mul_(1.3)
+            layer.mlp.up_proj.weight.add_(0.05)
+    after = run(model, "fast", [], greedy=True, dtype="bfloat16").tokens
+    assert not torch.equal(before, after)
+    assert torch.equal(after, run(bf16_copy(model), "fast", [], greedy=True).tokens)
+
+
+def prompt_batch(n):
+    """n left-padded prompts of P columns, 0 to P - 2 pads each; seeded by n."""
+    g = torch.Generator().manual_seed(n)
+    ids, pads = torch.randint(1, V, (n, P), generator=g), torch.randint(0, P - 1, (n, 1), generator=g)
+    mask = (torch.arange(P) >= pads).long()
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def test_decoder_cache_reuses_pads_and_evicts():
+    model = tiny("qwen3")
+
+    def gen(n, greedy=True):
+        cfg = decode.DecodeConfig(max_new_tokens=NEW, backend="fast", greedy=greedy)
+        out = decode.generate(model, *prompt_batch(n), cfg, eos_ids=[7, 21, 40], pad_id=PAD, stats=True,
+                              generator=torch.Generator().manual_seed(0))
+        T = out.tokens.shape[1]
+        assert all(getattr(out, f).shape == (n, T) for f in ("tokens", "mask", "logp", "entropy"))
+        return out
+
+    rows = lambda: [d.batch for d in decode._DECODERS[model]]  # noqa: E731, least recently used first
+    gen(5)
+    (d8,) = decode._DECODERS[model]
+    reused = {3: gen(3)}  # the 8-row decoder, 5 padding rows
+    assert decode._DECODERS[model] == [d8]
+    reused[11] = gen(11)
+    assert rows() == [8, 16]
+    gen(20)  # a third decoder evicts the least recently used (8 rows)
+    assert rows() == [16, 24]
+    sampled = gen(2, greedy=False)  # the smallest that fits: 16 rows, 14 padding rows
+    assert rows() == [24, 16]
+    gen(30)
+    assert rows() == [16, 32]
+    assert not all(out.mask.all() for out in reused.values())  # EOS ends some rows early
+    for n, out in reused.items():
+        decode.clear_fast_cache(model)
+        fresh = gen(n)
+        assert rows() == [-(-n // 8) * 8]
+        for f in ("tokens", "mask", "logp", "entropy"):
+            assert torch.equal(getattr(out, f), getattr(fresh, f)), (n, f)
+        hf_cfg = decode.DecodeConfig(max_new_tokens=NEW, backend="hf", greedy=True)
+        hf = decode.generate(model, *prompt_batch(n), hf_cfg, eos_ids=[7, 21, 40], pad_id=PAD)
+        assert torch.equal(hf.tokens, out.tokens) and torch.equal(hf.mask, out.mask)
+    decode.clear_fast_cache(model)
+    fresh = gen(2, greedy=False)  # 8-row decoder: a seed gives the same samples whatever decoder is used
+    assert rows() == [8] and torch.equal(sampled.tokens, fresh.tokens) and torch.equal(sampled.logp, fresh.logp)
+
+
 @torch.no_grad()
 def test_graph_step_needs_no_host_sync():
     """The CUDA-graph body (decode_step, sampling and bookkeeping included) runs on the meta device,
@@ -216,6 +302,8 @@ def test_bad_inputs_raise_clear_errors(qwen3):
         decode.generate(qwen3, ids, mask, decode.DecodeConfig(top_p=1.5), eos_ids=[], pad_id=PAD)
     with pytest.raises(ValueError, match="kv_bucket"):
         decode.generate(qwen3, ids, mask, decode.DecodeConfig(backend="fast", kv_bucket=12), [], PAD)
+    with pytest.raises(ValueError, match="dtype"):
+        decode.generate(qwen3, ids, mask, decode.DecodeConfig(backend="fast", dtype="fp8"), [], PAD)
     with pytest.raises(ValueError, match="backend"):
         decode.generate(qwen3, ids, mask, decode.DecodeConfig(backend="vllm"), eos_ids=[], pad_id=PAD)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V))

@@ -20,10 +20,13 @@ def test_parse_config_presets_and_flags():
     cfg = rporec.parse_config(["--grpo.beta", "0", "--rechead.trainable", "false", "--resume"])
     assert cfg.grpo.beta == 0.0 and cfg.rechead.trainable is False and cfg.run.resume is True
     assert cfg.run.model == "toy" and cfg.rechead.encoder == "toy"  # the toy preset applied
+    cfg = rporec.parse_config(["--dataset", "custom", "--data.interactions", "a.tsv", "--grpo.steps", "3"])
+    assert cfg.data.interactions == "a.tsv" and cfg.grpo.steps == 3
     cfg = rporec.parse_config(["--dataset=cds", "--ablate", "cot"])
     assert cfg.run.model == "Qwen/Qwen3-0.6B" and cfg.data.dataset == "cds" and cfg.rechead.use_cot is False
     for bad, msg in ((["--dataset", "nope"], "unknown dataset"), (["--grpo.nope", "1"], "unknown flag"),
-                     (["--stage", "3"], "--stage"), (["--rechead.trainable", "maybe"], "true/false")):
+                     (["--stage", "3"], "--stage"), (["--rechead.trainable", "maybe"], "true/false"),
+                     (["--grpo.steps", "many"], "takes a int")):
         with pytest.raises(SystemExit, match=msg):
             rporec.parse_config(bad)
 
