@@ -526,6 +526,11 @@ def stage2(cfg, ds, head, model, tok, train, log, out):
     opt = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     torch.manual_seed(cfg.run.seed + 1 + RANK)  # ranks sample different completions
     start = load_checkpoint(out, model, opt) if cfg.run.resume else 0
+    if MAIN and os.path.exists(log.path):  # steps logged after the checkpoint will run again: drop them
+        recs = [r for r in map(json.loads, open(log.path)) if r["stage"] != 2 or r["step"] <= start]
+        with open(f"{log.path}.tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        os.replace(f"{log.path}.tmp", log.path)
     roll = dataclasses.replace(cfg.decode, greedy=False, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
                                top_p=1.0, top_k=0)  # pi_old must be the distribution that sampled
     amp = DTYPE if DEVICE.type == "cuda" else None

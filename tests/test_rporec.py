@@ -85,6 +85,8 @@ def test_resume_repeats_and_loses_no_step(tmp_path):
     rporec.main(small(straight, "--grpo.steps", "4", "--grpo.save_every", "2", "--grpo.beta", "0.01"))
     cut = tmp_path / "b"
     rporec.main(small(cut, "--grpo.steps", "2", "--grpo.save_every", "2", "--grpo.beta", "0.01"))
+    with open(cut / "run" / "log.jsonl", "a") as f:  # a step logged after the last checkpoint, then killed
+        f.write(json.dumps({"stage": 2, "step": 3}) + "\n")
     rporec.main(small(cut, "--grpo.steps", "4", "--grpo.save_every", "2", "--grpo.beta", "0.01",
                       "--stage", "2", "--init", str(cut / "run"), "--resume"))
     a, b = weights(straight / "run"), weights(cut / "run")
