@@ -63,8 +63,10 @@ class Config:
 
 QWEN = {"run.model": "Qwen/Qwen3-0.6B"}
 PRESETS = {
-    # tiny random backbone and encoder built in code: every code path in minutes on a CPU
-    "toy": {"run.model": "toy", "rechead.encoder": "toy", "decode.greedy": False, "rechead.layers": 1,
+    # tiny random backbone and encoder built in code: every code path in minutes on a CPU. A random
+    # model never writes the <think>/<answer> tags, so the toy drops eq. 7's r_fmt gate (the -fmt
+    # ablation): the other rewards then vary and GRPO has something to learn from
+    "toy": {"rewards.drop": "fmt", "run.model": "toy", "rechead.encoder": "toy", "decode.greedy": False, "rechead.layers": 1,
             "rechead.heads": 2, "rechead.batch_size": 64, "rechead.epochs": 40, "rechead.patience": 4,
             "decode.max_new_tokens": 24, "grpo.max_new_tokens": 24, "grpo.steps": 6, "grpo.prompts_per_step": 4,
             "grpo.lr": 1e-4, "grpo.save_every": 3, "grpo.sample_every": 2, "rewards.summary_max_new_tokens": 12},
@@ -184,6 +186,13 @@ def barrier():
         dist.barrier()
 
 
+def main_first(fn, *args):
+    """fn(*args) on rank 0, then on the other ranks: rank 0 builds a cache, the others read it."""
+    out = fn(*args) if MAIN else None
+    barrier()
+    return out if MAIN else fn(*args)
+
+
 # ----------------------------------------------------------------------------- data and backbone
 TOY_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]
 TOY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -224,7 +233,7 @@ def load_backbone(cfg, ds):
     if name == "none":
         return None, None
     if name == "toy":
-        name = build_toy_backbone(ds.texts[1:], os.path.join(cfg.data.data_dir, "toy", "backbone"))
+        name = main_first(build_toy_backbone, ds.texts[1:], os.path.join(cfg.data.data_dir, "toy", "backbone"))
     try:
         tok = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPE).to(DEVICE).eval()
@@ -289,7 +298,9 @@ def read_cache(path):
 
 
 def fold_shards(path):
-    """Rank 0 appends the per-rank shard files of a distributed run to the one cache."""
+    """Rank 0 appends the per-rank shard files of a distributed run to the one cache, once every
+    rank has finished writing."""
+    barrier()
     if MAIN:
         for part in sorted(glob.glob(f"{path}.rank*")):
             lines = "".join(f"{json.dumps(rec)}\n" for rec in read_cache(part).values())
@@ -337,7 +348,8 @@ def rechead_inputs(cfg, ds, samples, reasoning):
 
 def make_head(cfg, ds):
     if cfg.rechead.encoder == "toy":
-        cfg.rechead.encoder = R.build_toy_encoder(ds.texts[1:], os.path.join(cfg.data.data_dir, "toy", "encoder"))
+        cfg.rechead.encoder = main_first(R.build_toy_encoder, ds.texts[1:],
+                                         os.path.join(cfg.data.data_dir, "toy", "encoder"))
     return R.Rechead(cfg.rechead, ds.texts, DEVICE)
 
 
@@ -579,7 +591,7 @@ def plot_stage2(out):
 
 
 def main(argv):
-    cfg = parse_config(argv)
+    t_start, cfg = time.time(), parse_config(argv)
     init_distributed(cfg.run.dist_backend)
     random.seed(cfg.run.seed), np.random.seed(cfg.run.seed), torch.manual_seed(cfg.run.seed)
     out, log = cfg.run.out, Logger(cfg.run.out)
@@ -587,9 +599,7 @@ def main(argv):
         os.makedirs(out, exist_ok=True)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
-    ds = D.load_dataset(cfg.data) if MAIN else None  # rank 0 builds the cache, then the others read it
-    barrier()
-    ds = ds or D.load_dataset(cfg.data)
+    ds = main_first(D.load_dataset, cfg.data)
     splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
     model, tok = load_backbone(cfg, ds)
     if MAIN and cfg.run.model == "toy":
@@ -611,6 +621,8 @@ def main(argv):
             head = train_rechead(cfg, ds, head, inputs, splits, log, out)
         metrics["stage1"] = {k: evaluate_split(head, inputs[k], splits[k], cfg.run.ablate == "I") for k in ("valid", "test")}
         metrics["popularity"] = {"test": E.popularity_metrics(splits["train"], splits["test"], ds.n_items, E.EvalConfig())}
+        if MAIN:
+            print(f"stage 1 done after {time.time() - t_start:.0f} s")
     else:
         head.load_state_dict(saved["state"])
     if MAIN:
@@ -621,10 +633,11 @@ def main(argv):
         model = stage2(cfg, ds, head, model, tok, splits["train"], log, out)
         metrics["stage2"] = {}
         for k in ("valid", "test"):  # the tuned backbone reasons again; the frozen Rechead ranks
-            rs = generate_reasoning(cfg, ds, model, tok, k, splits[k], os.path.join(out, "reasoning", f"{k}.jsonl"))
+            rs = generate_reasoning(cfg, ds, model, tok, k, splits[k], os.path.join(out, "reasoning", f"{k}-step{cfg.grpo.steps}.jsonl"))
             metrics["stage2"][k] = evaluate_split(head, rechead_inputs(cfg, ds, splits[k], rs), splits[k])
         if MAIN:
             save_json(mpath, metrics), plot_stage2(out)
+            print(f"stage 2 done after {time.time() - t_start:.0f} s")
     if MAIN:
         for name, m in metrics.items():
             for split, v in m.items():

@@ -53,7 +53,13 @@ batch = G.make_batch(p_ids[mine], p_mask[mine], ro(tokens[rows], mask[rows], old
 gcfg = G.GRPOConfig(group_size=Gs, micro_batch=3, beta=0.01, rho=0.5)
 G.update(model, ref, torch.optim.SGD(model.parameters(), lr=0.1), batch, gcfg)
 
+# --- sharded, cached reasoning generation (greedy, so 1 and 2 processes must agree token for token)
+cfg.decode.greedy, cfg.decode.max_new_tokens = True, 6
+llm, tok = rporec.load_backbone(cfg, ds)
+texts = rporec.generate_reasoning(cfg, ds, llm, tok, "valid", ds.splits["valid"][:9])
+
 if rporec.MAIN:
-    torch.save({"rechead": head.state_dict(), "grpo": model.state_dict(), "eval": metrics}, out_file)
+    torch.save({"rechead": head.state_dict(), "grpo": model.state_dict(), "eval": metrics, "reasoning": texts},
+               out_file)
 if rporec.WORLD > 1:
     torch.distributed.destroy_process_group()

@@ -12,7 +12,7 @@ def run(n, tmp_path):
     out = tmp_path / f"world{n}.pt"
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           os.path.join(HERE, "dist_worker.py"), str(out), str(tmp_path / "data")]
+           os.path.join(HERE, "dist_worker.py"), str(out), str(tmp_path / f"data{n}")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(out, weights_only=False)
@@ -26,6 +26,7 @@ def test_two_processes_match_one(tmp_path):
             torch.testing.assert_close(one[part][k], two[part][k], rtol=1e-5, atol=1e-6, msg=f"{part}: {k}")
     assert one["eval"] == two["eval"]  # the uneven 7-sample split: gathered exactly, nothing twice
     assert one["eval"]["n"] == 7
+    assert one["reasoning"] == two["reasoning"] and len(one["reasoning"]) == 9  # shards merged, none lost
 
 
 def test_nccl_without_gpus_is_a_clear_error(tmp_path):

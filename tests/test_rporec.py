@@ -74,6 +74,7 @@ def test_toy_both_stages_two_steps(tmp_path):
         assert key in steps[0], key
     assert json.load(open(run / "config.json"))["grpo"]["steps"] == 2
     assert os.path.exists(run / "ckpt" / "trainer_state.pt") and os.path.exists(run / "rechead.pt")
+    assert (run / "stage2.png").stat().st_size > 0
 
 
 def test_resume_repeats_and_loses_no_step(tmp_path):
