@@ -97,7 +97,7 @@ def test_resume_repeats_and_loses_no_step(tmp_path):
 
 
 def test_reward_parts_on_formatted_completions(tmp_path):
-    cfg = rporec.parse_config(small(tmp_path, "--rewards.summary_max_new_tokens", "4"))
+    cfg = rporec.parse_config(small(tmp_path, "--rewards.summary_max_new_tokens", "4", "--rewards.drop", ""))
     ds = rporec.D.load_dataset(cfg.data)
     model, tok = rporec.load_backbone(cfg, ds)
     head = rporec.make_head(cfg, ds)
@@ -115,6 +115,9 @@ def test_reward_parts_on_formatted_completions(tmp_path):
     assert (r[[1, 3]] == 0).all() and (r[[0, 2]] > 0).all()  # eq. 7: nothing without the format
     assert (parts["comp"][[0, 2]] > 0).all() and cot_len[0] == 3  # the summary ran for formatted ones
     assert torch.all((parts["ndcg"] > 0) & (parts["ndcg"] <= 1))
+    cfg.rewards.drop = "fmt"  # the -fmt ablation (and the toy preset): no gate, summaries for every CoT
+    r, parts, _, _ = rporec.reward_parts(cfg, ds, head, model, tok, samples, texts, ro)
+    assert (r[[1, 3]] > 0).all() and parts["comp"][1] > 0
 
 
 def test_history_only_frozen_run_reuses_disk_embeddings(tmp_path):
