@@ -49,6 +49,7 @@ class RunConfig:
     limit: int = 0            # >0: only the first `limit` samples of each split (quick slices)
     seed: int = 0             # seeds python, numpy and torch
     dist_backend: str = "auto"  # torchrun: auto (nccl on GPUs, else gloo) | nccl | gloo
+    official_eval: bool = False  # also the official protocol: valid only, 4 sampled CoTs, metrics averaged
 
 
 @dataclass
@@ -590,6 +591,18 @@ def plot_stage2(out):
     fig.tight_layout(), fig.savefig(os.path.join(out, "stage2.png"), dpi=80)
 
 
+def official_valid(cfg, ds, head, model, tok, valid, n=4):
+    """The official code's protocol (SPEC §4): valid metrics averaged over n sampled CoTs per sample."""
+    sampled = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, greedy=False))
+    runs = []
+    for j in range(n):
+        torch.manual_seed(cfg.run.seed + 1000 + j)
+        path = cache_path(sampled, "valid").replace(".jsonl", f"-sample{j}.jsonl")
+        rs = generate_reasoning(sampled, ds, model, tok, "valid", valid, path)
+        runs.append(evaluate_split(head, rechead_inputs(cfg, ds, valid, rs), valid))
+    return E.average_metrics(runs)
+
+
 def main(argv):
     t_start, cfg = time.time(), parse_config(argv)
     init_distributed(cfg.run.dist_backend)
@@ -621,6 +634,8 @@ def main(argv):
             head = train_rechead(cfg, ds, head, inputs, splits, log, out)
         metrics["stage1"] = {k: evaluate_split(head, inputs[k], splits[k], cfg.run.ablate == "I") for k in ("valid", "test")}
         metrics["popularity"] = {"test": E.popularity_metrics(splits["train"], splits["test"], ds.n_items, E.EvalConfig())}
+        if cfg.run.official_eval and model is not None:
+            metrics["stage1"]["valid_official"] = official_valid(cfg, ds, head, model, tok, splits["valid"])
         if MAIN:
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
     else:

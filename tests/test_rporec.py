@@ -129,3 +129,11 @@ def test_history_only_frozen_run_reuses_disk_embeddings(tmp_path):
     second = rporec.main(flags)
     assert emb.stat().st_mtime_ns == stamp  # nothing new to embed, nothing rewritten
     assert first["stage1"] == second["stage1"] and "stage2" not in second
+
+
+def test_official_eval_averages_four_sampled_cots(tmp_path):
+    m = rporec.main(small(tmp_path, "--stage", "1", "--official_eval"))
+    off = m["stage1"]["valid_official"]
+    assert set(off) == set(m["stage1"]["valid"]) and off["n"] == 48
+    caches = list((tmp_path / "data" / "reasoning").glob("*/valid-sample*.jsonl"))
+    assert len(caches) == 4 and all(len(rporec.read_cache(str(c))) == 48 for c in caches)
