@@ -130,7 +130,7 @@ def grpo_step_timing(model, bc, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     ids, mask = prompts(bc.grpo_prompts, bc.prompt_len, model.config.vocab_size, device, seed=bc.seed + 2)
     times = {}
-    for phase in ("warm-up", "timed"):  # the warm-up run allocates, captures graphs, builds AdamW state
+    for _ in ("warm-up", "timed"):  # the warm-up run allocates, captures graphs, builds AdamW state
         sync(device)
         if device.type != "cpu":
             torch.cuda.reset_peak_memory_stats(device)

@@ -105,6 +105,10 @@ class Rechead(nn.Module):
             self._cache.update(zip(chunk, encode(self.item_encoder, chunk, self.device)))
         return torch.stack([self._cache[t] for t in texts])
 
+    def forget(self):
+        """Empty the frozen-embedding cache (Stage II sees new CoTs every step; keep memory bounded)."""
+        self._cache.clear()
+
     def knows(self, text: str) -> bool:
         return text in self._cache
 

@@ -9,7 +9,7 @@ Top to bottom: config, data and backbone, cached reasoning (Alg. 1 line 1), Stag
 eq. 1-6), Stage II (GRPO with Rechead rewards, eq. 7-11), evaluation. Each run folder holds
 config.json, log.jsonl, rechead.pt, ckpt/ and metrics.json.
 """
-import copy, dataclasses, functools, glob, hashlib, json, math, os, random, shutil, sys, time
+import copy, dataclasses, functools, glob, hashlib, json, os, random, shutil, sys, time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -555,6 +555,7 @@ def stage2(cfg, ds, head, model, tok, train, log, out):
         ro = G.rollout(model, p_ids, p_mask, g.group_size, roll, eos_ids(model, tok), tok.pad_token_id)
         texts = tok.batch_decode(ro.tokens.masked_fill(~ro.mask, tok.pad_token_id), skip_special_tokens=True)
         r, parts, cot_len, summaries = reward_parts(cfg, ds, head, ref, tok, samples, texts, ro)
+        head.forget()  # every step brings new CoTs: keep the frozen-embedding cache bounded
         adv = G.group_advantages(r, g.group_size, g.adv_eps)
         model.train()
         st = G.update(model, ref, opt, G.make_batch(p_ids, p_mask, ro, adv.to(DEVICE), g.group_size), g, amp)
