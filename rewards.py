@@ -200,15 +200,20 @@ def cot_token_mask(token_ids: torch.Tensor, mask: torch.Tensor, tokenizer) -> to
     Approximation: per-token decoding can differ from decoding the whole sequence in whitespace
     and in multi-byte characters split across tokens; the tags are ASCII, so their positions, and
     hence which tokens lie between them, are unaffected. A token that straddles a tag and CoT text
-    counts as CoT. No complete think block -> all False.
+    counts as CoT. Without a complete think block the CoT is the text before <answer> (all of it
+    when there is no answer), as in rporec.split_reasoning.
     """
     ids = token_ids[mask.bool()].tolist()
     pieces = tokenizer.batch_decode([[t] for t in ids])
     ends = torch.tensor([len(p) for p in pieces]).cumsum(0)  # (n,) end offset of each token
     out = torch.zeros(token_ids.shape[0], dtype=torch.bool)
-    think, _ = _blocks("".join(pieces))
-    if think is None or not ids:
+    if not ids:
         return out
+    text = "".join(pieces)
+    think, _ = _blocks(text)
+    if think is None:  # no think block: y is the text before <answer> (rporec.split_reasoning)
+        cut = text.find(ANSWER_OPEN)
+        think = (0, 0, 0, len(text) if cut < 0 else cut)
     starts = ends - torch.tensor([len(p) for p in pieces])
     inside = (ends > think[2]) & (starts < think[3]) & (ends > starts)  # (n,) overlaps the CoT
     out[mask.bool().nonzero().squeeze(1)] = inside

@@ -182,9 +182,11 @@ def test_cot_token_mask():
     ids = torch.tensor([0, 1, 5, 10, 11, 3, 9, 4])
     mask = torch.tensor([False] + [True] * 7)
     assert W.cot_token_mask(ids, mask, tok).tolist() == [False, False, True] + [False] * 5
-    # no complete think block: nothing is CoT
+    # no complete think block: the CoT is everything before <answer>, as rporec.split_reasoning reads y
     ids = torch.tensor([1, 5, 6, 7])
-    assert not W.cot_token_mask(ids, torch.ones(4, dtype=torch.bool), tok).any()
+    assert W.cot_token_mask(ids, torch.ones(4, dtype=torch.bool), tok).all()
+    ids = torch.tensor([5, 6, 3, 9, 4, 0])
+    assert W.cot_token_mask(ids, ids != 0, tok).tolist() == [True, True, False, False, False, False]
 
 
 def test_cot_token_mask_with_byte_level_bpe():
