@@ -295,7 +295,11 @@ def read_cache(path):
         raw = f.read()
         if raw and not raw.endswith(b"\n"):
             f.truncate(raw.rfind(b"\n") + 1)
-    return {r["i"]: r for r in map(json.loads, raw[:raw.rfind(b"\n") + 1].decode().splitlines())}
+    try:
+        return {r["i"]: r for r in map(json.loads, raw[:raw.rfind(b"\n") + 1].decode().splitlines())}
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: the reasoning cache {path} is corrupt ({e}); delete it and rerun to "
+                         "regenerate it") from None
 
 
 def fold_shards(path):

@@ -57,6 +57,10 @@ def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
     assert sum(calls) == 24 and len(out) == 40  # only the 24 missing samples were generated
     calls.clear()
     assert rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples) == out and not calls
+    with open(path, "a") as f:
+        f.write("not json\n")
+    with pytest.raises(SystemExit, match="corrupt.*delete it"):
+        rporec.read_cache(path)
 
 
 def test_toy_both_stages_two_steps(tmp_path):
