@@ -1,4 +1,4 @@
-"""RPORec data: any source -> one item table + time-split next-item samples (SPEC §1, Appendix C.1).
+"""RPORec data: any source -> one item table + time-split next-item samples (paper Appendix C.1, official preprocess_2023_cds.py).
 
 Sources: the embedded `toy` bookstore (default, offline, generated in code), Amazon Reviews 2023
 (`cds`, `instruments`, `games`; the official preprocess_2023_cds.py: item filter, text cleaning,

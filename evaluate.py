@@ -1,4 +1,4 @@
-"""Full-ranking evaluation (SPEC section 4) and the popularity baseline.
+"""Full-ranking evaluation (paper §3.1) and the popularity baseline.
 
 Every real item (ids 1..N) is a candidate; column 0 of a score matrix is the pad item and never counts.
 rank = 1 + number of real items scoring strictly higher than the target, so ties favour the target.

@@ -1,4 +1,4 @@
-"""GRPO with an entropy token mask for RPORec Stage II (paper Appendix A.1, eq. 8-11; SPEC §3).
+"""GRPO with an entropy token mask for RPORec Stage II (paper Appendix A.1, eq. 8-11).
 
 Pure tensor functions (advantages, KL, entropy mask, loss, chunked log-probs) plus `rollout`
 (G completions per prompt through decode.generate) and `update` (one micro-batched step).

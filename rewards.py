@@ -1,4 +1,4 @@
-"""Stage II rewards of RPORec (paper §2.2, eq. 7; SPEC §3).
+"""Stage II rewards of RPORec (paper §2.2, eq. 7).
 
 Every completion gets six scores, combined by eq. 7:
     r = r_fmt * (a0 r_fmt + a1 r_clean + a2 r_ndcg + a3 r_sim + a4 r_comp + a5 r_ent)

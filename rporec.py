@@ -392,7 +392,7 @@ def rechead_step(net, head, opt, inputs, targets, idx, neg):
 
 
 def evaluate_split(head, inputs, samples, ground=False):
-    """Full ranking (SPEC §4), sharded over ranks and gathered back exactly. ground=True is the -I
+    """Full ranking over all items, sharded over ranks and gathered back exactly. ground=True is the -I
     ablation: no Rechead; the answer (else the history) goes to the nearest items by encoder cosine."""
     x, y, z = inputs
     head.eval()
@@ -597,7 +597,7 @@ def plot_stage2(out):
 
 
 def official_valid(cfg, ds, head, model, tok, valid, n=4):
-    """The official code's protocol (SPEC §4): valid metrics averaged over n sampled CoTs per sample."""
+    """The official code's protocol: valid metrics averaged over n sampled CoTs per sample."""
     sampled = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, greedy=False))
     runs = []
     for j in range(n):
