@@ -54,7 +54,6 @@ class GRPOConfig:
     grad_checkpointing: bool = False  # decoder activation checkpointing (rporec.py enables it)
     adv_eps: float = 1e-4      # added to the group std in eq. 8
     save_every: int = 50       # checkpoint every this many steps (0 = only at the end)
-    log_every: int = 1         # log stats every this many steps
     sample_every: int = 10     # print one sampled completion every this many steps
 
 
@@ -254,15 +253,3 @@ def update(model, ref_model, optimizer, batch: dict, cfg: GRPOConfig, autocast_d
     optimizer.zero_grad(set_to_none=True)
     kept = ent_mask.sum().item() / n_tok
     return {**totals, "grad_norm": float(grad_norm), "kept": kept}
-
-
-def rollout_stats(ro, rewards: torch.Tensor, group_size: int) -> dict:
-    """Logging: completion lengths, mean token entropy, reward spread and zero-spread groups."""
-    lengths = ro.mask.sum(1).float()  # (B,)
-    n_groups = rewards.numel() // group_size
-    zero = zero_spread_groups(rewards, group_size)
-    ent = ro.entropy[ro.mask.bool()].float() if ro.entropy is not None else torch.zeros(0)
-    return {"len_mean": float(lengths.mean()), "len_max": float(lengths.max()),
-            "entropy_mean": float(ent.mean()) if ent.numel() else 0.0,
-            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "zero_spread": zero, "zero_spread_frac": zero / max(1, n_groups)}

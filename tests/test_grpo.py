@@ -270,18 +270,6 @@ def test_rollout_repeats_prompts_in_contiguous_groups(monkeypatch):
         G.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=True), [2], 0)
 
 
-def test_rollout_stats():
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]).bool()
-    ro = types.SimpleNamespace(mask=mask,
-                               entropy=torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 5.0],
-                                                     [6.0, 99.0, 99.0], [7.0, 8.0, 99.0]]))
-    rs = G.rollout_stats(ro, torch.tensor([1.0, 1.0, 0.0, 0.5]), 2)
-    assert rs["zero_spread"] == 1 and rs["zero_spread_frac"] == 0.5
-    assert rs["len_mean"] == 2.0 and rs["len_max"] == 3.0
-    assert rs["entropy_mean"] == pytest.approx(36 / 8)  # padding entropies excluded
-    assert rs["reward_mean"] == pytest.approx(0.625)
-
-
 def test_rollout_with_real_decoder_feeds_update():
     decode = pytest.importorskip("decode")
     model = tiny_model()
