@@ -450,7 +450,8 @@ def reward_parts(cfg, ds, head, ref, tok, samples, texts, ro):
              "clean": torch.tensor([W.clean_reward(t, rw.kappa) for t in texts]),
              "ndcg": torch.zeros(B), "sim": torch.zeros(B), "comp": torch.zeros(B), "ent": torch.zeros(B)}
     with torch.no_grad():  # r_ndcg: the target among k fixed negatives, scored by the frozen Rechead
-        cand = torch.stack([W.candidates(s["i"], s["target"], ds.n_items, rw.negatives, rw.seed) for s in owner])
+        cand = torch.stack([W.candidates(s["i"], s["target"], ds.n_items, rw.negatives, rw.seed)
+                            for s in samples]).repeat_interleave(cfg.grpo.group_size, 0)  # (B, k+1), one set per group
         h = head.user_vecs(x, y, z)                                                   # (B, d)
         s = (h[:, None] * head.item_vecs[cand.to(DEVICE)]).sum(-1)                    # (B, k+1)
     cot = torch.stack([W.cot_token_mask(ro.tokens[b], ro.mask[b], tok) for b in range(B)])  # (B, T)
