@@ -1,17 +1,29 @@
-"""Decode benchmark for issue #6: decode.py's fast backend (static KV cache, one CUDA graph per step)
-against HF `generate`, on Qwen3-0.6B's architecture with random bf16 weights (no download) on CUDA,
-or a tiny fp32 Qwen3 on CPU (< 1 minute). Measures decode ms/step at several batch sizes (EOS
-disabled, per-step time = (t(N new tokens) - t(1 new token)) / (N - 1), fastest of 3, prefill excluded),
-greedy-token agreement at batch 8 with mixed prompt lengths, and peak GPU memory.
+"""Benchmark for issue #6: decode.py's fast backend (static KV cache, one CUDA graph per step) against
+HF `generate`, and a full GRPO step against TRL's GRPOTrainer, on Qwen3-0.6B's architecture with
+random bf16 weights on CUDA (no download), or a tiny fp32 Qwen3 on CPU (< 1 minute).
 
-  python bench.py [--out bench.json] [--batches 1 64 128] [--prompt-len 256] [--new-tokens 128]
+Sections (--sections, all by default; each writes its result to --out as soon as it ends, and a
+failing section is recorded and the others still run):
+- decode: ms per decode step at each batch size, sampling, EOS off; per-step = (t(N new tokens) -
+  t(1 new token)) / (N - 1), fastest of `repeats`, prefill excluded; peak GPU memory.
+- equiv: greedy tokens of fast vs HF at batch 8 with mixed prompt lengths, without EOS and with an
+  EOS id that row 0 emits mid-way; fp32 (exact) and, on CUDA, bf16 (kernels may flip near-ties).
+- grpo: one step as rporec.stage2 runs it (fp32 master policy, bf16 reference, bf16 autocast):
+  rollout, rewards (the reference's greedy summary of every completion, as r_sim/r_comp need, plus
+  r_ent; the Rechead and MiniLM scoring are left out), update. s/step, completions/s, peak memory.
+- trl: TRL's GRPOTrainer on the same model, prompts, G, prompts/step, completion length, beta,
+  top-20% entropy mask and micro-batch, no vLLM, gradient checkpointing off as ours (needs `trl`).
+
+  python bench.py [--out bench.json] [--model auto|tiny|0.6b] [--sections decode equiv grpo trl]
 """
 import argparse
 import copy
 import json
 import os
 import platform
+import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,11 +31,17 @@ import torch
 import transformers
 
 import decode
+import grpo
+import rewards
+
+SECTIONS = ("decode", "equiv", "grpo", "trl")
 
 
 @dataclass
 class BenchConfig:
-    out: str = "bench.json"  # results JSON, written atomically
+    out: str = "bench.json"  # results JSON, rewritten atomically after every section
+    model: str = "auto"  # "0.6b" (Qwen3-0.6B config) | "tiny" | "auto" = 0.6b on CUDA, tiny on CPU
+    sections: list = field(default_factory=lambda: list(SECTIONS))  # which parts to run
     batches: list = field(default_factory=lambda: [1, 64, 128])  # decode batch sizes to time
     prompt_len: int = 256  # prompt tokens per row (no padding) for the timing runs
     new_tokens: int = 128  # decode steps per timing run
@@ -32,190 +50,295 @@ class BenchConfig:
     grpo_prompts: int = 8  # GRPO step: prompts per rollout batch
     grpo_group: int = 8  # GRPO step: completions per prompt (G)
     grpo_new_tokens: int = 512  # GRPO step: completion length (EOS off, so every row runs to it)
-    repeats: int = 3  # timing runs per point; the fastest counts (shared machines are noisy)
+    summary_new_tokens: int = 128  # GRPO step: greedy summary length (rewards.summary_max_new_tokens)
+    repeats: int = 3  # timing runs per decode point; the fastest counts (shared machines are noisy)
     seed: int = 0  # weights, prompts and sampling
 
 
 # CPU sizes, so the whole run takes < 1 minute on 2 cores
-CPU_SCALE = dict(prompt_len=32, new_tokens=24, equiv_tokens=32, grpo_prompts=2, grpo_new_tokens=16)
-
-
-GPU = torch.cuda.is_available()  # the 0.6B model in bf16 on the GPU, else the tiny one in fp32 on CPU
+CPU_SCALE = dict(prompt_len=32, new_tokens=24, equiv_tokens=32, grpo_prompts=2, grpo_new_tokens=16,
+                 summary_new_tokens=8)
+GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
+DTYPE = torch.bfloat16 if GPU else torch.float32  # the bench model's weights; the GRPO policy is fp32
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
                  rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960)  # Qwen3-0.6B config.json
+# CPU stand-in with the same structure. Its larger init keeps greedy output varied (at 0.02 a tiny random
+# model repeats one token), so that the equivalence check means something.
 TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
-            max_position_embeddings=4096)  # CPU stand-in with the same structure
+            max_position_embeddings=4096, initializer_range=0.1)
 
 
-def build_model(device, dtype, seed):
-    """Random-weight Qwen3: the 0.6B config on CUDA, the tiny one on CPU."""
+def build_model(name, seed):
+    """Random-weight Qwen3 in DTYPE on DEVICE."""
     torch.manual_seed(seed)
-    config = transformers.Qwen3Config(**(QWEN3_06B if device.type != "cpu" else TINY))
-    with device:
+    config = transformers.Qwen3Config(**(QWEN3_06B if name == "0.6b" else TINY))
+    with DEVICE:
         model = transformers.Qwen3ForCausalLM(config)
-    return model.to(dtype).eval()
+    return model.to(DTYPE).eval()
 
 
-def sync(device):
-    if device.type != "cpu":
-        torch.cuda.synchronize(device)
+def sync():
+    if GPU:
+        torch.cuda.synchronize(DEVICE)
 
 
-def prompts(batch, length, vocab, device, pads=(), seed=0):
-    """Random prompt ids (batch, length); row i left-padded with pads[i] pad tokens (id 0)."""
+def reset_peak():
+    if GPU:
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated(DEVICE) / 2**30 if GPU else None
+
+
+def prompts(batch, length, vocab, pads=(), seed=0):
+    """Random prompt ids (batch, length) from 1..vocab-1; row i left-padded with pads[i] pad tokens (id 0)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (batch, length), generator=g)
     mask = torch.ones_like(ids)
     for row, n in enumerate(pads):
         ids[row, :n], mask[row, :n] = 0, 0
-    return ids.to(device), mask.to(device)
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
-def run(model, ids, mask, backend, new_tokens, stats, greedy=False):
+def run(model, ids, mask, backend, new_tokens, stats=False, greedy=False, eos_ids=()):
     cfg = decode.DecodeConfig(max_new_tokens=new_tokens, backend=backend, greedy=greedy)
-    return decode.generate(model, ids, mask, cfg, eos_ids=[], pad_id=0, stats=stats,
+    return decode.generate(model, ids, mask, cfg, eos_ids=list(eos_ids), pad_id=0, stats=stats,
                            generator=torch.Generator(ids.device).manual_seed(0))
 
 
-def decode_ms_per_step(model, ids, mask, backend, bc, device):
-    """Per-step decode time (prefill excluded) and peak memory for one backend at one batch size.
-    Ours runs as in GRPO rollouts (sampling, stats=True); HF as plain sampling `generate`."""
+# ----------------------------------------------------------------------------- decode speed and equivalence
+def decode_ms_per_step(model, ids, mask, backend, bc):
+    """(ms per decode step, peak GiB) for one backend at one batch size. Ours runs as in GRPO rollouts
+    (sampling, logp/entropy recorded), HF as plain sampling `generate`."""
     stats = backend == "fast"
     run(model, ids, mask, backend, 8, stats)  # warm-up: allocations, cuBLAS, graph capture
-    if device.type != "cpu":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak()
     times = {1: float("inf"), bc.new_tokens: float("inf")}
     for _ in range(bc.repeats):
         for n in times:
-            sync(device)
+            sync()
             start = time.perf_counter()
             out = run(model, ids, mask, backend, n, stats)
-            sync(device)
+            sync()
             times[n] = min(times[n], time.perf_counter() - start)
             if out.tokens.shape[1] != n:
                 raise RuntimeError(f"{backend} produced {out.tokens.shape[1]} tokens, expected {n}")
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type != "cpu" else None
-    return 1e3 * (times[bc.new_tokens] - times[1]) / (bc.new_tokens - 1), peak
+    return 1e3 * (times[bc.new_tokens] - times[1]) / (bc.new_tokens - 1), peak_gib()
 
 
-def greedy_agreement(model, bc, device):
-    """Greedy tokens of fast vs HF at batch 8 with mixed prompt lengths: identical rows and mean
-    common prefix. fp32 on CPU should be identical; bf16 kernels may flip near-tied argmaxes."""
+def decode_speed(model, bc):
+    rows = []
+    for batch in bc.batches:
+        ids, mask = prompts(batch, bc.prompt_len, model.config.vocab_size, seed=bc.seed)
+        ours, ours_mem = decode_ms_per_step(model, ids, mask, "fast", bc)
+        decode.clear_fast_cache(model)  # so HF's peak does not include our KV cache
+        hf, hf_mem = decode_ms_per_step(model, ids, mask, "hf", bc)
+        rows.append({"batch": batch, "fast_ms_per_step": ours, "hf_ms_per_step": hf, "speedup": hf / ours,
+                     "fast_peak_gib": ours_mem, "hf_peak_gib": hf_mem})
+    return rows
+
+
+def agreement(a, b):
+    """Rows where two greedy Rollouts hold the same completion (tokens up to and including EOS)."""
+    T = max(a.tokens.shape[1], b.tokens.shape[1])
+    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (B, T)
+    ta, tb, ma, mb = pad(a.tokens * a.mask), pad(b.tokens * b.mask), pad(a.mask.long()), pad(b.mask.long())
+    prefix = ((ta == tb) & (ma == mb)).long().cumprod(1).sum(1)  # (B,) agreed prefix length
+    return {"rows_identical": int((prefix == T).sum()), "rows": len(prefix),
+            "mean_common_prefix": float(prefix.float().mean()), "hf_lengths": a.mask.sum(1).tolist()}
+
+
+def mid_batch_eos(tokens):
+    """A token that some row first emits in the second half of a no-EOS greedy run and some other row
+    never emits: as EOS, it ends that row mid-way while others run on."""
+    n = tokens.shape[1]
+    for pos in range(n // 2, n - 1):
+        for row in range(tokens.shape[0]):
+            tok = int(tokens[row, pos])
+            if tok not in tokens[row, :pos] and not (tokens == tok).any(1).all():
+                return tok
+    raise RuntimeError("no token qualifies as a mid-batch EOS; change --seed")
+
+
+def greedy_equivalence(model, bc):
     pads = [(row * bc.prompt_len) // (2 * bc.equiv_batch) for row in range(bc.equiv_batch)]
-    ids, mask = prompts(bc.equiv_batch, bc.prompt_len, model.config.vocab_size, device, pads, bc.seed + 1)
-    hf = run(model, ids, mask, "hf", bc.equiv_tokens, False, greedy=True).tokens
-    fast = run(model, ids, mask, "fast", bc.equiv_tokens, False, greedy=True).tokens
-    same = (hf == fast).long().cumprod(1).sum(1)  # (B,) agreed prefix length
-    return {"rows_identical": int((same == bc.equiv_tokens).sum()), "rows": bc.equiv_batch,
-            "mean_common_prefix": float(same.float().mean()), "tokens_per_row": bc.equiv_tokens}
+    ids, mask = prompts(bc.equiv_batch, bc.prompt_len, model.config.vocab_size, pads, bc.seed + 1)
+    result = {}
+    for dtype in ([torch.float32, torch.bfloat16] if GPU else [torch.float32]):
+        m = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)
+        hf = run(m, ids, mask, "hf", bc.equiv_tokens, greedy=True)
+        eos = mid_batch_eos(hf.tokens)
+        for name, eos_ids in (("no_eos", []), ("eos_mid_batch", [eos])):
+            a = run(m, ids, mask, "hf", bc.equiv_tokens, greedy=True, eos_ids=eos_ids)
+            b = run(m, ids, mask, "fast", bc.equiv_tokens, greedy=True, eos_ids=eos_ids)
+            result[f"{str(dtype)[6:]}_{name}"] = {**agreement(a, b), "eos_ids": eos_ids}
+        decode.clear_fast_cache(m)
+        del m
+    return {**result, "tokens_per_row": bc.equiv_tokens}
 
 
-def grpo_step_timing(model, bc, device):
-    """Seconds for one GRPO step through grpo.py: rollout (fast backend, stats) and update
-    (policy + reference forward/backward, AdamW). The reward is rewards.entropy_reward, a real
-    term of eq. 7 that needs no tokenizer; its cost is negligible next to the two timed parts."""
-    here = Path(__file__).resolve().parent
-    if not all((here / f).exists() for f in ("grpo.py", "rewards.py")):
-        return "skipped: grpo.py / rewards.py not present"
-    import grpo
-    import rewards
-    if not all(hasattr(grpo, f) for f in ("rollout", "update", "make_batch", "group_advantages")):
-        return "skipped: grpo.py does not expose rollout/update/make_batch/group_advantages"
-    G, ref = bc.grpo_group, copy.deepcopy(model)
-    cfg = grpo.GRPOConfig(group_size=G, prompts_per_step=bc.grpo_prompts, max_new_tokens=bc.grpo_new_tokens)
-    dcfg = decode.DecodeConfig(max_new_tokens=bc.grpo_new_tokens, backend="fast")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    ids, mask = prompts(bc.grpo_prompts, bc.prompt_len, model.config.vocab_size, device, seed=bc.seed + 2)
-    times = {}
-    for _ in ("warm-up", "timed"):  # the warm-up run allocates, captures graphs, builds AdamW state
-        sync(device)
-        if device.type != "cpu":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        ro = grpo.rollout(model, ids, mask, G, dcfg, [], 0)
-        sync(device)
-        mid = time.perf_counter()
+# ----------------------------------------------------------------------------- GRPO step: ours and TRL's
+def left_align(tokens, mask):
+    """Right-padded completions (B, T) as left-padded prompts: each row rolled right by its padding."""
+    n = mask.sum(1).tolist()
+    T = tokens.shape[1]
+    return (torch.stack([r.roll(T - k) for r, k in zip(tokens, n)]),
+            torch.stack([r.roll(T - k) for r, k in zip(mask.long(), n)]))
+
+
+def grpo_step(model, bc):
+    G, N = bc.grpo_group, bc.grpo_prompts
+    ref = model  # frozen, in DTYPE: pi_ref for the KL and the summarizer, as in rporec.stage2
+    policy = copy.deepcopy(model).float()  # fp32 master weights; the fast backend decodes them in bf16 on CUDA
+    cfg = grpo.GRPOConfig(group_size=G, prompts_per_step=N, max_new_tokens=bc.grpo_new_tokens)
+    roll = decode.DecodeConfig(max_new_tokens=bc.grpo_new_tokens, backend="fast")
+    summ = decode.DecodeConfig(max_new_tokens=bc.summary_new_tokens, backend="fast", greedy=True)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    ids, mask = prompts(N, bc.prompt_len, model.config.vocab_size, seed=bc.seed + 2)
+    for _ in ("warm-up", "timed"):  # the warm-up allocates, captures graphs and builds AdamW state
+        sync(), reset_peak()
+        t0 = time.perf_counter()
+        ro = grpo.rollout(policy.eval(), ids, mask, G, roll, [], 0)
+        sync()
+        t1 = time.perf_counter()
+        decode.generate(ref, *left_align(ro.tokens, ro.mask), summ, [], 0)
         ent, done = ro.entropy.float().cpu(), ro.mask.cpu()
         reward = torch.tensor([rewards.entropy_reward(e[m]) for e, m in zip(ent, done)])  # (N*G,)
+        sync()
+        t2 = time.perf_counter()
         batch = grpo.make_batch(ids, mask, ro, grpo.group_advantages(reward, G), G)
-        grpo.update(model, ref, optimizer, batch, cfg)
-        sync(device)
-        times = {"rollout_s": mid - start, "update_s": time.perf_counter() - mid,
-                 "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type != "cpu" else None}
-    del ref, optimizer
-    decode.clear_fast_cache(model)
-    return {**times, "sequences": bc.grpo_prompts * G, "completion_tokens": bc.grpo_new_tokens}
+        grpo.update(policy.train(), ref, opt, batch, cfg, torch.bfloat16 if GPU else None)
+        sync()
+        t3 = time.perf_counter()
+    decode.clear_fast_cache(policy)
+    decode.clear_fast_cache(ref)
+    return {"rollout_s": t1 - t0, "rewards_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0,
+            "completions_per_s": N * G / (t3 - t0), "peak_gib": peak_gib(), "completions": N * G,
+            "completion_tokens": bc.grpo_new_tokens}
 
 
+def trl_step(model, bc):
+    try:
+        import datasets
+        import trl
+    except ImportError:
+        return {"skipped": "trl is not installed (optional: pip install trl)"}
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+    G, N, V = bc.grpo_group, bc.grpo_prompts, model.config.vocab_size
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "w5 w17 ..." -> [5, 17, ...]: our prompts exactly
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="w0", eos_token="w0")  # random weights ~never emit it
+    ids, _ = prompts(N, bc.prompt_len, V, seed=bc.seed + 2)
+    texts = [" ".join(f"w{i}" for i in row) for row in ids.tolist()]
+
+    class Clock(TrainerCallback):  # step end times and the second step's peak memory
+        ends, peak = [], None
+
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            Clock.ends.append(time.perf_counter())
+            Clock.peak = peak_gib()
+            reset_peak()
+
+    model.to("cpu")  # TRL loads its own policy and reference; the bench copy would only inflate its peak
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp), tok.save_pretrained(tmp)
+        args = trl.GRPOConfig(
+            output_dir=tmp, num_generations=G, per_device_train_batch_size=G, gradient_accumulation_steps=N,
+            max_completion_length=bc.grpo_new_tokens, beta=1e-3, top_entropy_quantile=0.2, use_vllm=False,
+            learning_rate=1e-6, bf16=GPU, use_cpu=not GPU, gradient_checkpointing=False, max_steps=2,
+            logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=bc.seed)
+        trainer = trl.GRPOTrainer(model=tmp, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                                  args=args, train_dataset=datasets.Dataset.from_dict({"prompt": texts * 2}),
+                                  processing_class=tok, callbacks=[Clock()])
+        sync(), reset_peak()
+        trainer.train()
+        del trainer
+    model.to(DEVICE)
+    step = Clock.ends[1] - Clock.ends[0]  # the second step: the first one warms up
+    return {"trl": trl.__version__, "step_s": step, "completions_per_s": N * G / step, "peak_gib": Clock.peak,
+            "generation_batch": args.generation_batch_size, "micro_batch": G, "gradient_checkpointing": False}
+
+
+# ----------------------------------------------------------------------------- main
 def write_json(path, obj):
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
 
-def main(bc):
-    device, dtype = DEVICE, torch.bfloat16 if GPU else torch.float32
-    model = build_model(device, dtype, bc.seed)
-    env = {"device": torch.cuda.get_device_name(device) if GPU else platform.processor() or "cpu",
-           "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
-           "model": "Qwen3-0.6B config, random weights" if GPU else "tiny Qwen3, random weights"}
-    rows = []
-    for batch in bc.batches:
-        ids, mask = prompts(batch, bc.prompt_len, model.config.vocab_size, device, seed=bc.seed)
-        ours, ours_mem = decode_ms_per_step(model, ids, mask, "fast", bc, device)
-        decode.clear_fast_cache(model)  # so HF's peak does not include our KV cache
-        hf, hf_mem = decode_ms_per_step(model, ids, mask, "hf", bc, device)
-        rows.append({"batch": batch, "fast_ms_per_step": ours, "hf_ms_per_step": hf, "speedup": hf / ours,
-                     "fast_peak_gib": ours_mem, "hf_peak_gib": hf_mem})
-    agree = greedy_agreement(model, bc, device)
-    decode.clear_fast_cache(model)
-    try:
-        import trl
-        trl_note = f"trl {trl.__version__}: its non-vLLM GRPO generation is model.generate, i.e. the hf column"
-    except ImportError:
-        trl_note = "skipped: trl not installed"
-    grpo_step = grpo_step_timing(model, bc, device)  # last: its optimizer step changes the weights
-    result = {"env": env, "bench": asdict(bc), "decode": rows, "greedy_agreement": agree,
-              "grpo_step": grpo_step, "trl": trl_note}
+def report(res):
     gib = lambda x: "n/a" if x is None else f"{x:.2f}"
-    print(f"{env['device']} | torch {env['torch']} | transformers {env['transformers']} | {env['model']}, {dtype}")
-    print(f"prompt {bc.prompt_len} tokens, {bc.new_tokens} new, EOS off; fast = sampling + logp/entropy, "
-          "hf = plain sampling generate\n")
-    print("| batch | fast ms/step | hf ms/step | speedup | fast peak GiB | hf peak GiB |")  # peaks include weights
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['fast_ms_per_step']:.2f} | {r['hf_ms_per_step']:.2f} | {r['speedup']:.1f}x "
-              f"| {gib(r['fast_peak_gib'])} | {gib(r['hf_peak_gib'])} |")
-    print(f"\ngreedy agreement (batch {agree['rows']}, mixed prompt lengths): {agree['rows_identical']}/"
-          f"{agree['rows']} rows identical over {agree['tokens_per_row']} tokens, mean common prefix "
-          f"{agree['mean_common_prefix']:.1f}")
-    if isinstance(grpo_step, dict):
-        grpo_step = (f"rollout {grpo_step['rollout_s']:.2f} s + update {grpo_step['update_s']:.2f} s "
-                     f"({grpo_step['sequences']} sequences x {grpo_step['completion_tokens']} tokens)")
-    print(f"GRPO step: {grpo_step}\nTRL: {trl_note}")
-    write_json(bc.out, result)
+    env, bc = res["env"], res["bench"]
+    print(f"\n{env['device']} | torch {env['torch']} | transformers {env['transformers']} | {env['model']}")
+    if isinstance(res.get("decode"), list):
+        print(f"decode: prompt {bc['prompt_len']} tokens, {bc['new_tokens']} new, EOS off; fast = sampling + "
+              "logp/entropy, hf = plain sampling generate; peaks include the weights")
+        print("| batch | fast ms/step | hf ms/step | speedup | fast peak GiB | hf peak GiB |\n|---:|---:|---:|---:|---:|---:|")
+        for r in res["decode"]:
+            print(f"| {r['batch']} | {r['fast_ms_per_step']:.2f} | {r['hf_ms_per_step']:.2f} | {r['speedup']:.1f}x "
+                  f"| {gib(r['fast_peak_gib'])} | {gib(r['hf_peak_gib'])} |")
+    for k, v in res.get("equiv", {}).items():
+        if isinstance(v, dict) and "rows" in v:
+            print(f"greedy {k}: {v['rows_identical']}/{v['rows']} rows identical over {res['equiv']['tokens_per_row']} "
+                  f"tokens (mean common prefix {v['mean_common_prefix']:.1f}, hf lengths {v['hf_lengths']})")
+    for name in ("grpo", "trl"):
+        r = res.get(name)
+        if isinstance(r, dict) and "step_s" in r:
+            parts = (f" = rollout {r['rollout_s']:.2f} + rewards {r['rewards_s']:.2f} + update {r['update_s']:.2f}"
+                     if name == "grpo" else f" ({r['trl']})")
+            print(f"GRPO step, {name}: {r['step_s']:.2f} s{parts}, {r['completions_per_s']:.1f} completions/s, "
+                  f"peak {gib(r['peak_gib'])} GiB")
+    for name in res["bench"]["sections"]:
+        if isinstance(res.get(name), dict) and ({"error", "skipped"} & set(res[name])):
+            print(f"{name}: {res[name].get('error') or res[name].get('skipped')}")
 
 
-def parse_args():
+def main(bc):
+    name = bc.model if bc.model != "auto" else "0.6b" if GPU else "tiny"
+    model = build_model(name, bc.seed)
+    res = {"env": {"device": torch.cuda.get_device_name(DEVICE) if GPU else platform.processor() or "cpu",
+                   "torch": torch.__version__, "transformers": transformers.__version__,
+                   "model": f"Qwen3 {name} config, random {str(DTYPE)[6:]} weights"}, "bench": asdict(bc)}
+    work = {"decode": decode_speed, "equiv": greedy_equivalence, "grpo": grpo_step, "trl": trl_step}
+    for section in bc.sections:  # grpo leaves the bench model as it was: it trains a copy
+        print(f"--- {section}", flush=True)
+        try:
+            res[section] = work[section](model, bc)
+        except Exception as e:  # keep the other sections' results; the traceback says what broke
+            traceback.print_exc()
+            res[section] = {"error": f"{type(e).__name__}: {e}"}
+            decode.clear_fast_cache()
+            model.to(DEVICE)
+        write_json(bc.out, res)
+    report(res)
+    return res
+
+
+def parse_args(argv=None):
     """Flags override BenchConfig; on CPU, unset sizes shrink to CPU_SCALE."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=BenchConfig.out)
+    parser.add_argument("--model", choices=("auto", "tiny", "0.6b"), default="auto")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--batches", type=int, nargs="+")
-    parser.add_argument("--prompt-len", type=int)
-    parser.add_argument("--new-tokens", type=int)
-    parser.add_argument("--grpo-new-tokens", type=int)
-    parser.add_argument("--seed", type=int, default=BenchConfig.seed)
-    a = vars(parser.parse_args())
-    given = {k: v for k, v in a.items() if v is not None}
+    for flag in ("prompt-len", "new-tokens", "equiv-tokens", "grpo-prompts", "grpo-group", "grpo-new-tokens",
+                 "summary-new-tokens", "repeats", "seed"):
+        parser.add_argument(f"--{flag}", type=int)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     scale = {} if GPU else {k: v for k, v in CPU_SCALE.items() if k not in given}
     bc = BenchConfig(**{**scale, **given})
-    if bc.new_tokens < 2:
-        parser.error(f"--new-tokens must be >= 2 to time decode steps, got {bc.new_tokens}")
+    if bc.new_tokens < 2 or bc.equiv_tokens < 2:
+        parser.error(f"--new-tokens and --equiv-tokens must be >= 2, got {bc.new_tokens} and {bc.equiv_tokens}")
     return bc
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    result = main(parse_args())
+    raise SystemExit(1 if any("error" in v for v in result.values() if isinstance(v, dict)) else 0)

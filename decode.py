@@ -317,8 +317,12 @@ class _FastDecoder:
             self.decode_step(kv_len, cfg, stats)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.decode_step(kv_len, cfg, stats)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self.decode_step(kv_len, cfg, stats)
+        except RuntimeError as e:  # e.g. an op this torch build cannot capture
+            raise RuntimeError(f"CUDA graph capture of the decode step failed: {e}\nThe step itself ran; rerun "
+                               "with --decode.cuda_graph false (eager fast backend) or --decode.backend hf") from e
         self.graphs[key] = graph
 
 

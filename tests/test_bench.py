@@ -1,0 +1,48 @@
+"""bench.py runs end to end on a tiny config: every section writes its numbers, greedy equivalence holds
+in fp32 with and without a mid-batch EOS, and a failing section is recorded while the others still run."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench  # noqa: E402
+
+SMALL = dict(batches=[1, 8], prompt_len=8, new_tokens=4, equiv_tokens=16, grpo_prompts=2, grpo_group=2,
+             grpo_new_tokens=4, summary_new_tokens=3, repeats=1, model="tiny")
+
+
+def test_bench_sections_write_results(tmp_path):
+    out = tmp_path / "bench.json"
+    res = bench.main(bench.BenchConfig(out=str(out), sections=["decode", "equiv", "grpo"], **SMALL))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert [r["batch"] for r in res["decode"]] == [1, 8]
+    assert all(r["fast_ms_per_step"] > 0 and r["hf_ms_per_step"] > 0 for r in res["decode"])
+    for name in ("float32_no_eos", "float32_eos_mid_batch"):
+        eq = res["equiv"][name]
+        assert eq["rows_identical"] == eq["rows"] == 8, eq
+    lengths = res["equiv"]["float32_eos_mid_batch"]["hf_lengths"]
+    assert 8 < min(lengths) < 16 == max(lengths)  # one row really stopped mid-way, others ran on
+    g = res["grpo"]
+    assert g["completions"] == 4 and g["step_s"] == pytest.approx(g["rollout_s"] + g["rewards_s"] + g["update_s"])
+    assert g["completions_per_s"] == pytest.approx(4 / g["step_s"])
+
+
+def test_failing_section_is_recorded_and_others_run(tmp_path, monkeypatch):
+    def broken(model, bc):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(bench, "decode_speed", broken)
+    out = tmp_path / "b.json"
+    res = bench.main(bench.BenchConfig(out=str(out), sections=["decode", "equiv"], **SMALL))
+    assert res["decode"] == {"error": "RuntimeError: boom"}
+    assert res["equiv"]["float32_no_eos"]["rows_identical"] == 8
+    assert json.loads(out.read_text())["decode"]["error"] == "RuntimeError: boom"
+
+
+def test_left_align_rolls_padding_to_the_front():
+    import torch
+    tokens = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 1]])
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    ids, am = bench.left_align(tokens, mask)
+    assert ids.tolist() == [[0, 0, 5, 6], [7, 8, 9, 1]] and am.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
