@@ -342,6 +342,11 @@ _DECODERS = weakref.WeakKeyDictionary()  # model -> [_FastDecoder], least recent
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def graphs_available(device):
+    """CUDA graphs exist on CUDA only (tests/test_graph_replay.py emulates them on CPU)."""
+    return device.type == "cuda"
+
+
 def clear_fast_cache(model=None):
     """Free the fast backend's KV caches and CUDA graphs (for `model`, or all)."""
     if model is None:
@@ -379,7 +384,7 @@ def _generate_fast(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats
     if dec.batch > B:  # pad with copies of row 0; real rows never see them (attention is per row)
         input_ids = torch.cat([input_ids, input_ids[:1].expand(dec.batch - B, -1)])
         attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(dec.batch - B, -1)])
-    use_graph = input_ids.is_cuda and cfg.cuda_graph
+    use_graph = cfg.cuda_graph and graphs_available(input_ids.device)
     dec.reset(input_ids, attention_mask, eos_ids, pad_id)
     dec.done[B:] = True  # padding rows emit pad_id and never hold up the early stop
     if not cfg.greedy:  # real rows only: a seed gives the same samples whatever decoder is reused
