@@ -56,8 +56,8 @@ class BenchConfig:
 
 
 # CPU sizes, so the whole run takes < 1 minute on 2 cores
-CPU_SCALE = dict(prompt_len=32, new_tokens=24, equiv_tokens=32, grpo_prompts=2, grpo_new_tokens=16,
-                 summary_new_tokens=8)
+CPU_SCALE = dict(prompt_len=32, new_tokens=24, equiv_tokens=32, grpo_new_tokens=32,
+                 summary_new_tokens=16)
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPE = torch.bfloat16 if GPU else torch.float32  # the bench model's weights; the GRPO policy is fp32
