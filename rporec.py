@@ -60,6 +60,7 @@ class Config:
     decode: dec.DecodeConfig = field(default_factory=lambda: dec.DecodeConfig(greedy=True))  # Alg. 1 l. 1, eval
     grpo: G.GRPOConfig = field(default_factory=G.GRPOConfig)
     rewards: W.RewardConfig = field(default_factory=W.RewardConfig)
+    eval: E.EvalConfig = field(default_factory=E.EvalConfig)  # full ranking: cut-offs, chunk, history masking
 
 
 QWEN = {"run.model": "Qwen/Qwen3-0.6B"}
@@ -98,6 +99,7 @@ def parse_config(argv):
             raise SystemExit(f"error: --{key} takes true/false, got {text!r}")
         try:
             flags[f"{sec}.{name}"] = (text.lower() in ("true", "1") if isinstance(like, bool)
+                                      else tuple(int(v) for v in text.split(",")) if isinstance(like, tuple)
                                       else text if like is None else type(like)(text))
         except ValueError:
             raise SystemExit(f"error: --{key} takes a {type(like).__name__}, got {text!r}") from None
@@ -112,6 +114,8 @@ def parse_config(argv):
                                  ("ablate", cfg.run.ablate, ("", "cot", "I", "II"))):
         if value not in choices:
             raise SystemExit(f"error: --{name} must be one of {choices}, got {value!r}")
+    if 10 not in cfg.eval.ks:
+        raise SystemExit(f"error: --eval.ks {cfg.eval.ks} must include 10: Stage I keeps the best valid NDCG@10")
     cfg.run.out = cfg.run.out or f"runs/{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg
 
@@ -391,7 +395,7 @@ def rechead_step(net, head, opt, inputs, targets, idx, neg):
     return loss.item()
 
 
-def evaluate_split(head, inputs, samples, ground=False):
+def evaluate_split(cfg, head, inputs, samples, ground=False):
     """Full ranking over all items, sharded over ranks and gathered back exactly. ground=True is the -I
     ablation: no Rechead; the answer (else the history) goes to the nearest items by encoder cosine."""
     x, y, z = inputs
@@ -403,8 +407,9 @@ def evaluate_split(head, inputs, samples, ground=False):
             return R.ground_scores(head.encode_frozen([z[i] or x[i] for i in idx]), head.item_vecs)
         return head.scores(head.user_vecs([x[i] for i in idx], [y[i] for i in idx], [z[i] for i in idx]))
 
-    ranks = E.full_ranking(scores, shard([dict(s, i=i) for i, s in enumerate(samples)]))
-    return E.metrics(unshard(ranks, len(samples)))
+    ranks = E.full_ranking(scores, shard([dict(s, i=i) for i, s in enumerate(samples)]), cfg.eval.chunk,
+                           cfg.eval.mask_history)
+    return E.metrics(unshard(ranks, len(samples)), cfg.eval.ks)
 
 
 def train_rechead(cfg, ds, head, inputs, splits, log, out):
@@ -424,7 +429,7 @@ def train_rechead(cfg, ds, head, inputs, splits, log, out):
             idx = perm[b:b + rc.batch_size]
             neg = R.sample_negatives(targets[idx], ds.n_items, rc.negatives, gen)  # (B, k)
             losses.append(rechead_step(net, head, opt, inputs["train"], targets, idx, neg))
-        m = evaluate_split(head, inputs["valid"], splits["valid"])
+        m = evaluate_split(cfg, head, inputs["valid"], splits["valid"])
         log({"stage": 1, "epoch": epoch, "loss": float(np.mean(losses)), "valid_hr@10": m["hr@10"],
              "valid_ndcg@10": m["ndcg@10"], "epoch_s": round(time.time() - t0, 2)})
         if m["ndcg@10"] > best:
@@ -605,7 +610,7 @@ def official_valid(cfg, ds, head, model, tok, valid, n=4):
         torch.manual_seed(cfg.run.seed + 1000 + j)
         path = cache_path(sampled, "valid").replace(".jsonl", f"-sample{j}.jsonl")
         rs = generate_reasoning(sampled, ds, model, tok, "valid", valid, path)
-        runs.append(evaluate_split(head, rechead_inputs(cfg, ds, valid, rs), valid))
+        runs.append(evaluate_split(cfg, head, rechead_inputs(cfg, ds, valid, rs), valid))
     return E.average_metrics(runs)
 
 
@@ -638,8 +643,8 @@ def main(argv):
         embed_frozen(cfg, head, inputs.values())
         if cfg.run.ablate != "I":
             head = train_rechead(cfg, ds, head, inputs, splits, log, out)
-        metrics["stage1"] = {k: evaluate_split(head, inputs[k], splits[k], cfg.run.ablate == "I") for k in ("valid", "test")}
-        metrics["popularity"] = {"test": E.popularity_metrics(splits["train"], splits["test"], ds.n_items, E.EvalConfig())}
+        metrics["stage1"] = {k: evaluate_split(cfg, head, inputs[k], splits[k], cfg.run.ablate == "I") for k in ("valid", "test")}
+        metrics["popularity"] = {"test": E.popularity_metrics(splits["train"], splits["test"], ds.n_items, cfg.eval)}
         if cfg.run.official_eval and model is not None:
             metrics["stage1"]["valid_official"] = official_valid(cfg, ds, head, model, tok, splits["valid"])
         if MAIN:
@@ -655,7 +660,7 @@ def main(argv):
         metrics["stage2"] = {}
         for k in ("valid", "test"):  # the tuned backbone reasons again; the frozen Rechead ranks
             rs = generate_reasoning(cfg, ds, model, tok, k, splits[k], os.path.join(out, "reasoning", f"{k}-step{cfg.grpo.steps}.jsonl"))
-            metrics["stage2"][k] = evaluate_split(head, rechead_inputs(cfg, ds, splits[k], rs), splits[k])
+            metrics["stage2"][k] = evaluate_split(cfg, head, rechead_inputs(cfg, ds, splits[k], rs), splits[k])
         if MAIN:
             save_json(mpath, metrics), plot_stage2(out)
             print(f"stage 2 done after {time.time() - t_start:.0f} s")

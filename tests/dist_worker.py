@@ -27,7 +27,7 @@ targets = torch.tensor([s["target"] for s in train])
 idx = torch.arange(32)
 neg = R.sample_negatives(targets[idx], ds.n_items, 9, torch.Generator().manual_seed(1))
 rporec.rechead_step(net, head, opt, inputs, targets, idx, neg)
-metrics = rporec.evaluate_split(head, rporec.rechead_inputs(cfg, ds, valid, reasoning[:7]), valid)
+metrics = rporec.evaluate_split(cfg, head, rporec.rechead_inputs(cfg, ds, valid, reasoning[:7]), valid)
 
 # --- one GRPO step on a fixed global rollout batch: 4 prompts x G=2, different lengths
 torch.manual_seed(0)

@@ -24,11 +24,41 @@ def test_parse_config_presets_and_flags():
     assert cfg.data.interactions == "a.tsv" and cfg.grpo.steps == 3
     cfg = rporec.parse_config(["--dataset=cds", "--ablate", "cot"])
     assert cfg.run.model == "Qwen/Qwen3-0.6B" and cfg.data.dataset == "cds" and cfg.rechead.use_cot is False
+    cfg = rporec.parse_config(["--eval.ks", "5,10", "--eval.mask_history"])
+    assert cfg.eval.ks == (5, 10) and cfg.eval.mask_history is True
     for bad, msg in ((["--dataset", "nope"], "unknown dataset"), (["--grpo.nope", "1"], "unknown flag"),
                      (["--stage", "3"], "--stage"), (["--rechead.trainable", "maybe"], "true/false"),
-                     (["--grpo.steps", "many"], "takes a int")):
+                     (["--grpo.steps", "many"], "takes a int"), (["--eval.ks", "5,20"], "must include 10"),
+                     (["--eval.ks", "ten"], "takes a tuple")):
         with pytest.raises(SystemExit, match=msg):
             rporec.parse_config(bad)
+
+
+def test_evaluate_split_follows_eval_config():
+    """--eval.mask_history and --eval.ks reach the Stage I/II evaluation: a head that scores history
+    items above the target ranks it behind them unless they are masked."""
+    class Head:
+        def eval(self):
+            return self
+
+        def user_vecs(self, x, y, z):
+            return x  # the history ids themselves
+
+        def scores(self, histories):
+            s = torch.zeros(len(histories), 11)  # (b, N+1), 10 items
+            for row, h in enumerate(histories):
+                s[row, h] = 2.0
+                s[row, 10] = 1.0  # the target
+            return s
+
+    samples = [{"history": [1, 2, 3], "target": 10}, {"history": [4], "target": 10}]
+    inputs = ([s["history"] for s in samples], [None] * 2, [None] * 2)
+    cfg = rporec.parse_config(["--eval.ks", "1,10"])
+    plain = rporec.evaluate_split(cfg, Head(), inputs, samples)
+    cfg.eval.mask_history = True
+    masked = rporec.evaluate_split(cfg, Head(), inputs, samples)
+    assert set(plain) == {"hr@1", "ndcg@1", "hr@10", "ndcg@10", "n"}
+    assert plain["hr@1"] == 0.0 and masked["hr@1"] == 1.0 and masked["ndcg@10"] == 1.0
 
 
 def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
