@@ -1,4 +1,6 @@
-"""torchrun with 2 gloo processes on the CPU gives what 1 process gives on the same global batch."""
+"""torchrun with 2 gloo processes on the CPU gives what 1 process gives on the same global batch, and a
+2-process Stage II resumed from its checkpoint equals the run that was never stopped."""
+import json
 import os
 import subprocess
 import sys
@@ -36,3 +38,32 @@ def test_nccl_without_gpus_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "rporec.py"), "--dist_backend", "nccl",
                           "--out", str(tmp_path / "r")], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "nccl needs CUDA GPUs" in res.stderr
+
+
+def torchrun(n, flags):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           os.path.join(os.path.dirname(HERE), "rporec.py"), "--dist_backend", "gloo", *flags]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_process_resume_equals_straight_run(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from test_rporec import small
+    steps = lambda n: ["--grpo.steps", str(n), "--grpo.save_every", "2", "--grpo.beta", "0.01"]
+    res = torchrun(2, small(tmp_path / "a", *steps(4)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    cut = tmp_path / "b"
+    res = torchrun(2, small(cut, *steps(2)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(f.name for f in (cut / "run" / "ckpt").glob("rng*.pt")) == ["rng0.pt", "rng1.pt"]
+    resume = small(cut, *steps(4), "--stage", "2", "--init", str(cut / "run"), "--resume")
+    res = torchrun(1, resume)  # a checkpoint of 2 processes cannot continue in 1
+    assert res.returncode != 0 and "written by 2 processes" in res.stderr
+    res = torchrun(2, resume)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (AutoModelForCausalLM.from_pretrained(p / "run" / "ckpt").state_dict() for p in (tmp_path / "a", cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps_logged = [json.loads(line)["step"] for line in open(cut / "run" / "log.jsonl") if '"stage": 2' in line]
+    assert steps_logged == [1, 2, 3, 4]
