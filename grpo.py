@@ -6,9 +6,14 @@ Pure tensor functions (advantages, KL, entropy mask, loss, chunked log-probs) pl
 Choices the paper leaves open, made here:
 - The ratio w = pi_theta / pi_old uses the policy that sampled (eq. 9 writes pi_ref, a typo:
   every GRPO implementation uses pi_old there and pi_ref only in the KL).
-- pi_old log-probs and the entropies of eq. 11 come from the rollout's own forward pass
-  (decode.generate(stats=True)), not a second forward; with one optimisation step per rollout
-  batch, w differs from 1 only by the numerics of the two passes.
+- Every rollout batch gets one optimisation step, so pi_old is the policy being optimised and
+  w = exp(logp - logp.detach()) = 1 in value (as TRL does with num_iterations=1); the clip is then
+  inactive and the gradient is A * grad logp. old_logp="rollout" takes pi_old from the decoder's
+  own log-probs instead, which lets decode-vs-train numerics into w: on SmolLM2-135M, bf16
+  decoding against a bf16-autocast training forward gave mean |dlogp| 0.037, |w - 1| > 0.05 on
+  29% of the tokens (tests/real_model_check.py; README, Choices).
+- The entropies of eq. 11 (m_t and r_ent) come from the rollout's own decoding pass
+  (decode.generate(stats=True)), not a second forward.
 - Logits are divided by the sampling temperature everywhere (rollout, policy, reference), so
   pi_old is the distribution that sampled; rollouts should use top_p = 1, top_k = 0.
 - A_i = (r_i - mean_G) / (std_G + adv_eps) with torch's default (unbiased) std; a group whose
@@ -43,6 +48,7 @@ class GRPOConfig:
     temperature: float = 1.0   # sampling temperature; logits are divided by it in the loss too
     max_new_tokens: int = 768  # completion length cap (paper 768, official 1024)
     eps: float = 0.2           # PPO clip range of eq. 10
+    old_logp: str = "policy"   # pi_old in w: "policy" = logp.detach() (one step per batch) | "rollout" = decoder's
     beta: float = 1e-3         # KL weight of eq. 10 (official); 0 skips the reference forward
     rho: float = 0.2           # entropy mask keeps the top-rho tokens of the batch (eq. 11, [31])
     lr: float = 1e-6           # AdamW learning rate
@@ -219,6 +225,8 @@ def update(model, ref_model, optimizer, batch: dict, cfg: GRPOConfig, autocast_d
     """One GRPO optimisation step on a rollout batch (make_batch): entropy mask over the whole
     batch, micro-batches of cfg.micro_batch sequences whose losses are scaled so their sum is the
     full-batch mean, grad-norm clip, optimizer step. autocast_dtype: e.g. torch.bfloat16 on GPU."""
+    if cfg.old_logp not in ("policy", "rollout"):
+        raise ValueError(f"old_logp={cfg.old_logp!r}; use 'policy' (pi_old = the policy being updated) or 'rollout'")
     mask = batch["mask"]
     B = mask.shape[0]
     ent_mask = entropy_mask(batch["entropy"], mask, cfg.rho)  # (B, T)
@@ -236,7 +244,8 @@ def update(model, ref_model, optimizer, batch: dict, cfg: GRPOConfig, autocast_d
             if cfg.beta > 0:
                 with torch.no_grad():
                     ref = sequence_logprobs(ref_model, ids, am, t, cfg.temperature, cfg.logit_chunk)
-        loss, st = grpo_loss(logp, batch["old_logp"][s:e, :t], ref, batch["advantages"][s:e],
+        old = logp.detach() if cfg.old_logp == "policy" else batch["old_logp"][s:e, :t]
+        loss, st = grpo_loss(logp, old, ref, batch["advantages"][s:e],
                              mask[s:e, :t], ent_mask[s:e, :t], cfg.eps, cfg.beta)
         (loss * (e - s) / B).backward()
         totals["loss"] += loss.item() * (e - s) / B

@@ -50,7 +50,7 @@ adv = torch.randn(N * Gs, generator=g)
 mine = [p for p in range(N) if p % rporec.WORLD == rporec.RANK]  # the same prompt split as rporec.shard
 rows = [p * Gs + j for p in mine for j in range(Gs)]
 batch = G.make_batch(p_ids[mine], p_mask[mine], ro(tokens[rows], mask[rows], old[rows] + 0.05, ent[rows]), adv[rows], Gs)
-gcfg = G.GRPOConfig(group_size=Gs, micro_batch=3, beta=0.01, rho=0.5)
+gcfg = G.GRPOConfig(group_size=Gs, micro_batch=3, beta=0.01, rho=0.5, old_logp="rollout")  # w != 1: the ratio counts
 G.update(model, ref, torch.optim.SGD(model.parameters(), lr=0.1), batch, gcfg)
 
 # --- sharded, cached reasoning generation (greedy, so 1 and 2 processes must agree token for token)

@@ -229,7 +229,7 @@ def test_update_is_micro_batch_invariant_and_uses_reference():
     params = []
     for mb in (1, 2):
         model = copy.deepcopy(base)
-        cfg = G.GRPOConfig(beta=0.1, rho=0.5, micro_batch=mb, max_grad_norm=1e9)
+        cfg = G.GRPOConfig(beta=0.1, rho=0.5, micro_batch=mb, max_grad_norm=1e9, old_logp="rollout")
         stats = G.update(model, ref, torch.optim.SGD(model.parameters(), lr=1e-1), batch, cfg)
         assert stats["kl"] > 0 and 0 < stats["kept"] < 1
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -239,6 +239,29 @@ def test_update_is_micro_batch_invariant_and_uses_reference():
     assert torch.allclose(params[0], params[1], atol=1e-6)
     assert set(stats_by_mb) >= {"loss", "kl", "clip_low", "clip_high", "clip_frac", "grad_norm",
                                 "kept"}
+
+
+def test_old_logp_policy_ignores_the_rollout_logprobs():
+    """Default: pi_old = logp.detach() (w = 1), so the decoder's log-probs cannot enter the step;
+    with old_logp="rollout" they do."""
+    base = tiny_model()
+    batch = toy_batch(base)
+    noisy = dict(batch, old_logp=batch["old_logp"] + 0.3 * torch.randn(2, 6, generator=torch.Generator().manual_seed(4)))
+    ref = tiny_model(seed=1)
+
+    def step(b, old_logp):
+        model = copy.deepcopy(base)
+        cfg = G.GRPOConfig(beta=0.1, rho=0.5, micro_batch=1, max_grad_norm=1e9, old_logp=old_logp)
+        stats = G.update(model, ref, torch.optim.SGD(model.parameters(), lr=1e-1), b, cfg)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), stats
+
+    (a, sa), (b, _) = step(batch, "policy"), step(noisy, "policy")
+    assert torch.equal(a, b) and sa["clip_frac"] == 0.0
+    (c, _), (d, sd) = step(batch, "rollout"), step(noisy, "rollout")
+    assert torch.allclose(a, c, atol=1e-6)  # toy_batch's old_logp is the model's own: the same step
+    assert not torch.allclose(c, d, atol=1e-4) and sd["clip_frac"] > 0
+    with pytest.raises(ValueError, match="old_logp"):
+        step(batch, "sampler")
 
 
 def test_update_under_bf16_autocast_runs():
