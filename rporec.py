@@ -362,6 +362,9 @@ def make_head(cfg, ds):
     return R.Rechead(cfg.rechead, ds.texts, DEVICE)
 
 
+EMBED_SAVE_S = 300  # embed_frozen writes its progress to disk at least this often (seconds)
+
+
 def embed_frozen(cfg, head, inputs):
     """Frozen encoders: embed every distinct text once, up front, and keep the embeddings on disk
     (<data_dir>/embeddings/) so that a rerun with the same encoder skips the work."""
@@ -372,14 +375,21 @@ def embed_frozen(cfg, head, inputs):
     known = torch.load(path, weights_only=False) if os.path.exists(path) else {"texts": [], "vecs": None}
     head.remember(known["texts"], known["vecs"])
     texts = [t for t in dict.fromkeys(t or "" for x, y, z in inputs for t in (*x, *y, *z)) if not head.knows(t)]
-    step = 16 * head.cfg.encode_batch
+
+    def save(done):  # atomically, everything embedded so far
+        if done and MAIN:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save({"texts": known["texts"] + done, "vecs": head.encode_frozen(known["texts"] + done).cpu()},
+                       f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
+
+    step, saved = 16 * head.cfg.encode_batch, time.time()
     for i in tqdm(range(0, len(texts), step), desc="embedding texts (frozen encoder)", disable=not MAIN):
         head.encode_frozen(texts[i:i + step])
-    if texts and MAIN:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"texts": known["texts"] + texts, "vecs": head.encode_frozen(known["texts"] + texts).cpu()},
-                   f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
+        if time.time() - saved > EMBED_SAVE_S and i + step < len(texts):  # a kill loses minutes, not the lot
+            save(texts[:i + step])
+            saved = time.time()
+    save(texts)
 
 
 def rechead_step(net, head, opt, inputs, targets, idx, neg):

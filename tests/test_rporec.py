@@ -8,6 +8,8 @@ import torch
 import decode as dec
 import rporec
 
+real_encode = rporec.R.encode
+
 
 def small(tmp_path, *extra):
     """Flags for a seconds-long toy run in tmp_path."""
@@ -171,3 +173,39 @@ def test_official_eval_averages_four_sampled_cots(tmp_path):
     assert set(off) == set(m["stage1"]["valid"]) and off["n"] == 48
     caches = list((tmp_path / "data" / "reasoning").glob("*/valid-sample*.jsonl"))
     assert len(caches) == 4 and all(len(rporec.read_cache(str(c))) == 48 for c in caches)
+
+
+def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
+    """embed_frozen saves what it has as it goes: a run killed mid-way leaves a whole file with the
+    finished chunks, and the rerun embeds only the rest."""
+    cfg = rporec.parse_config(small(tmp_path, "--model", "none", "--rechead.trainable", "false",
+                                    "--rechead.encode_batch", "1"))  # chunks of 16 texts
+    ds = rporec.D.load_dataset(cfg.data)
+    samples = ds.splits["train"][:48]
+    inputs = rporec.rechead_inputs(cfg, ds, samples, [("", None)] * len(samples))
+    n_texts = len({t or "" for part in inputs for t in part})
+    assert n_texts > 2 * 16
+    monkeypatch.setattr(rporec, "EMBED_SAVE_S", 0)  # save after every chunk
+    encoded = []
+
+    def encode(enc, texts, device, die_at=None):
+        if len(encoded) + len(texts) == die_at:
+            raise KeyboardInterrupt
+        encoded.extend(texts)
+        return real_encode(enc, texts, device)
+    head = rporec.make_head(cfg, ds)  # embeds the items: before the counting starts
+    monkeypatch.setattr(rporec.R, "encode", lambda *a: encode(*a, die_at=33))  # in the third chunk
+    with pytest.raises(KeyboardInterrupt):
+        rporec.embed_frozen(cfg, head, [inputs])
+    (emb,) = (tmp_path / "data" / "embeddings").glob("*.pt")
+    assert len(torch.load(emb, weights_only=False)["texts"]) == 32  # the two whole chunks
+    monkeypatch.setattr(rporec.R, "encode", real_encode)
+    head = rporec.make_head(cfg, ds)
+    encoded.clear()
+    monkeypatch.setattr(rporec.R, "encode", encode)
+    rporec.embed_frozen(cfg, head, [inputs])
+    assert len(encoded) == n_texts - 32
+    saved = torch.load(emb, weights_only=False)
+    assert len(saved["texts"]) == n_texts
+    assert torch.allclose(saved["vecs"], torch.stack([real_encode(head.item_encoder, [t], "cpu")[0] for t in saved["texts"]]),
+                          atol=1e-5)
