@@ -1,6 +1,7 @@
 """Batched autoregressive decoding for every generation in RPORec: Stage I CoT generation, Stage II
-GRPO rollouts (the G samples per prompt behind eq. 8-11, with the per-token log-probs and entropies
-the entropy reward and the loss read), reference summaries (y_hat) and evaluation.
+GRPO rollouts (the G samples per prompt behind eq. 8-11, with the per-token entropies that r_ent and
+the entropy mask read, and the log-probs that --grpo.old_logp rollout uses), reference summaries
+(y_hat) and evaluation.
 
 Two backends behind one `generate`:
 - "hf": plain `model.generate`; per-token stats are recorded by a LogitsProcessor.
