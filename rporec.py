@@ -677,7 +677,7 @@ def main(argv):
     if MAIN:
         for name, m in metrics.items():
             for split, v in m.items():
-                print(f"{name:>10} {split:>5}  " + "  ".join(f"{k}={v[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20")))
+                print(f"{name:>10} {split:>5}  " + "  ".join(f"{k}={v[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20") if k in v))
         print(f"run folder: {out}")
     if WORLD > 1:
         dist.destroy_process_group()

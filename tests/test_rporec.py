@@ -63,6 +63,11 @@ def test_evaluate_split_follows_eval_config():
     assert plain["hr@1"] == 0.0 and masked["hr@1"] == 1.0 and masked["ndcg@10"] == 1.0
 
 
+def test_run_with_other_cutoffs(tmp_path):
+    m = rporec.main(small(tmp_path, "--model", "none", "--ablate", "cot", "--stage", "1", "--eval.ks", "1,10"))
+    assert set(m["stage1"]["test"]) == set(m["popularity"]["test"]) == {"hr@1", "ndcg@1", "hr@10", "ndcg@10", "n"}
+
+
 def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
     cfg = rporec.parse_config(small(tmp_path, "--gen_batch", "8"))
     ds = rporec.D.load_dataset(cfg.data)
