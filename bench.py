@@ -173,7 +173,7 @@ def greedy_equivalence(model, bc):
         hf = run(m, ids, mask, "hf", bc.equiv_tokens, greedy=True)
         eos = mid_batch_eos(hf.tokens)
         for name, eos_ids in (("no_eos", []), ("eos_mid_batch", [eos])):
-            a = run(m, ids, mask, "hf", bc.equiv_tokens, greedy=True, eos_ids=eos_ids)
+            a = run(m, ids, mask, "hf", bc.equiv_tokens, greedy=True, eos_ids=eos_ids) if eos_ids else hf
             b = run(m, ids, mask, "fast", bc.equiv_tokens, greedy=True, eos_ids=eos_ids)
             result[f"{str(dtype)[6:]}_{name}"] = {**agreement(a, b), "eos_ids": eos_ids}
         decode.clear_fast_cache(m)

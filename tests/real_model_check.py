@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decode  # noqa: E402
 import grpo  # noqa: E402
+import rporec  # noqa: E402
 
 QUESTIONS = ["Recommend one movie for someone who liked Toy Story and Babe. Explain why.",
              "Name a film.",
@@ -40,8 +41,7 @@ def main():
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
              for q in QUESTIONS]
     enc = tok(texts, return_tensors="pt", padding=True)
-    eos = sorted({tok.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
-        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])})
+    eos = rporec.eos_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     print(f"{a.model}: prompt lengths {enc.attention_mask.sum(1).tolist()}, eos {eos}")
 
