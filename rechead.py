@@ -8,6 +8,13 @@ h_u = gamma_0 * r_rea + r_sel                                        eq. 4
 s(u, v) = h_u . h_v, h_v = f_item(text_v) precomputed into H_V       eq. 5
 L_rec = cross-entropy over the positive and k sampled negatives      eq. 6
 
+The FFN is n blocks of [LayerNorm, Linear] with LeakyReLU between blocks and none after the last, so r_x, r_y
+can be negative (an FFN ending in an activation makes them almost non-negative, which handicaps eq. 5).
+f_gate is the official MLP Linear(2d, d), LeakyReLU, Linear(d, d), LeakyReLU, Linear(d, 1) in both modes;
+official=True drops the "- 0.5" and the FFN on the answer. The `-cot` ablation (use_cot=False, paper 3.3:
+"removes CoT inputs and reasoning-augmented modeling") has no f_cot, eq. 3 or gate: h_u = r_sel, which is
+r_x when no answer parsed (the history-only Rechead). Encoders compute in fp32 whatever dtype they were saved in.
+
 Also: `build_toy_encoder` (a tiny offline StaticEmbedding model for the `toy` preset and the tests) and
 `ground_scores` (the `-I` ablation: answer -> items by cosine of the pre-trained encoder, no Rechead).
 The train script owns the training loop; this module gives it the model, the sampler and the loss.
@@ -31,13 +38,13 @@ class RecheadConfig:
     encoder: str = "sentence-transformers/static-retrieval-mrl-en-v1"  # hub id or local folder, all four f_*
     trainable: bool = True  # fine-tune the three encoder copies (official); False = one frozen encoder, cached
     official: bool = False  # official-code variant: FFN on history and CoT only, no "-0.5" in the gate
-    use_cot: bool = True  # False = `-cot` ablation: no CoT input, eq. 3 runs over [r_x; r_sel]
+    use_cot: bool = True  # False = `-cot` ablation: no CoT input, no eq. 3 or gate; h_u = r_sel
     gamma: float = 0.1  # eq. 4 scale of the reasoning branch, in (0, 1)
     gate_shift: float = 0.5  # the "- 0.5" inside eq. 4's sigmoid (forced to 0 when official=True)
     layers: int = 4  # eq. 3 TransformerEncoder layers
     heads: int = 8  # eq. 3 attention heads (must divide the encoder dimension d)
     dropout: float = 0.1  # eq. 3 TransformerEncoder dropout (torch default)
-    ffn_layers: int = 3  # [LayerNorm, Linear(d, d), LeakyReLU] blocks after f_his, f_cot, f_ans encoders
+    ffn_layers: int = 3  # [LayerNorm, Linear(d, d)] blocks after the encoders, LeakyReLU between, none at the end
     max_seq_length: int = 0  # tokens kept per text; 0 = the encoder's own limit (none for StaticEmbedding)
     history_chars: int = 0  # character budget of x (newest items kept); 0 = data.max_history_chars
     lr: float = 1e-3  # Adam learning rate (official)
@@ -49,8 +56,9 @@ class RecheadConfig:
 
 
 def load_encoder(name: str, max_seq_length: int, device) -> SentenceTransformer:
-    """A sentence-transformer from a hub id or local folder, with truncation set."""
-    st = SentenceTransformer(name, device=str(device))
+    """A sentence-transformer from a hub id or local folder, with truncation set, in fp32: model2vec and
+    potion static models ship fp16 weights, which would not mix with the fp32 FFN and eq. 3-4."""
+    st = SentenceTransformer(name, device=str(device)).float()
     if max_seq_length > 0:
         if isinstance(st[0], StaticEmbedding):  # its max_seq_length is a read-only inf; truncate in the tokenizer
             st[0].tokenizer.enable_truncation(max_seq_length)
@@ -67,7 +75,18 @@ def encode(st: SentenceTransformer, texts: list[str], device) -> torch.Tensor:
 
 
 def ffn(d: int, n: int) -> nn.Sequential:
-    return nn.Sequential(*[m for _ in range(n) for m in (nn.LayerNorm(d), nn.Linear(d, d), nn.LeakyReLU())])
+    """Eq. 1's FFN as the official code has it: [LN, Linear, LeakyReLU, ..., LN, Linear], ending in Linear."""
+    layers = []
+    for i in range(n):
+        if i:
+            layers.append(nn.LeakyReLU())
+        layers += [nn.LayerNorm(d), nn.Linear(d, d)]
+    return nn.Sequential(*layers)
+
+
+def gate_mlp(d: int) -> nn.Sequential:
+    """Eq. 4's f_gate, the official `final_gate`: [r_sel || r_rea] (2d) -> one logit."""
+    return nn.Sequential(nn.Linear(2 * d, d), nn.LeakyReLU(), nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, 1))
 
 
 class Rechead(nn.Module):
@@ -87,9 +106,10 @@ class Rechead(nn.Module):
             self.encoders = nn.ModuleDict({k: copy.deepcopy(self.item_encoder).requires_grad_(True) for k in kinds})
         with_ffn = [k for k in kinds if k != "ans" or not cfg.official]  # official code: no FFN on the answer
         self.ffn = nn.ModuleDict({k: ffn(d, cfg.ffn_layers) for k in with_ffn})
-        layer = nn.TransformerEncoderLayer(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
-        self.reasoner = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
-        self.f_gate = nn.Linear(2 * d, 1)
+        if cfg.use_cot:  # the -cot ablation has no reasoning branch at all, so no parameters for it
+            layer = nn.TransformerEncoderLayer(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
+            self.reasoner = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+            self.f_gate = gate_mlp(d)
         h_v = self.encode_frozen(item_texts[1:])  # (N, d), f_item = pre-trained encoder alone
         # Not persistent: recomputed from item_texts at construction, keeps checkpoints small.
         self.register_buffer("item_vecs", torch.cat([torch.zeros(1, d, device=self.device), h_v]), persistent=False)
@@ -113,8 +133,8 @@ class Rechead(nn.Module):
         return text in self._cache
 
     def remember(self, texts: list[str], vecs: torch.Tensor | None):
-        """Seed the frozen-embedding cache, e.g. from disk: texts[i] -> vecs[i] (d,)."""
-        self._cache.update(zip(texts, [] if vecs is None else vecs.to(self.device)))
+        """Seed the frozen-embedding cache, e.g. from disk: texts[i] -> vecs[i] (d,), kept in fp32."""
+        self._cache.update(zip(texts, [] if vecs is None else vecs.to(self.device, torch.float32)))
 
     def f(self, kind: str, texts: list[str]) -> torch.Tensor:
         """Eq. 1: encoder (fine-tuned copy, or frozen + cached) followed by the FFN where there is one."""
@@ -132,19 +152,29 @@ class Rechead(nn.Module):
         parsed = torch.tensor([t is not None for t in z], device=self.device)[:, None]  # (B, 1)
         return r_x, r_y, torch.where(parsed, r_z, r_x)
 
+    def _need_reasoning(self, what: str):
+        if not self.cfg.use_cot:
+            raise ValueError(f"{what} is the reasoning branch, which the -cot ablation (use_cot=False) removes; "
+                             "call user_vecs, which returns h_u = r_sel there")
+
     def reason(self, r_x, r_y, r_sel) -> torch.Tensor:
-        """Eq. 3: transformer over [r_x; r_y; r_sel] ([r_x; r_sel] for -cot), output at r_sel (last) position."""
-        seq = torch.stack([r_x, r_sel] if r_y is None else [r_x, r_y, r_sel], dim=1)  # (B, 2 or 3, d)
+        """Eq. 3: transformer over [r_x; r_y; r_sel], output at the r_sel (last) position, (B, d)."""
+        self._need_reasoning("eq. 3")
+        seq = torch.stack([r_x, r_y, r_sel], dim=1)  # (B, 3, d)
         return self.reasoner(seq)[:, -1]  # (B, d)
 
     def gate(self, r_sel, r_rea) -> torch.Tensor:
-        """Eq. 4 gate: gamma_0 = gamma * sigmoid(f_gate([r_sel || r_rea]) - shift), (B, 1)."""
+        """Eq. 4 gate: gamma_0 = gamma * sigmoid(f_gate([r_sel || r_rea]) - shift), (B, 1); shift 0 if official."""
+        self._need_reasoning("the eq. 4 gate")
         shift = 0.0 if self.cfg.official else self.cfg.gate_shift
         return self.cfg.gamma * torch.sigmoid(self.f_gate(torch.cat([r_sel, r_rea], dim=-1)) - shift)
 
     def user_vecs(self, x: list[str], y: list[str] | None, z: list[str | None]) -> torch.Tensor:
-        """Eq. 1-4: h_u (B, d). z[i] None = the answer did not parse (eq. 2 fallback to history)."""
+        """Eq. 1-4: h_u (B, d). z[i] None = the answer did not parse (eq. 2 fallback to history).
+        The -cot ablation (use_cot=False) ignores y and has no reasoning branch: h_u = r_sel."""
         r_x, r_y, r_sel = self.represent(x, y, z)
+        if not self.cfg.use_cot:
+            return r_sel
         r_rea = self.reason(r_x, r_y, r_sel)
         return self.gate(r_sel, r_rea) * r_rea + r_sel
 

@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sentence_transformers import SentenceTransformer  # noqa: E402
+from torch import nn  # noqa: E402
 
 from rechead import (Rechead, RecheadConfig, build_toy_encoder, ground_scores, rec_loss,  # noqa: E402
                      sample_negatives)
@@ -29,7 +30,7 @@ def enc(tmp_path_factory):
 
 def make(enc, **kw):
     torch.manual_seed(0)
-    cfg = RecheadConfig(encoder=enc, layers=1, heads=2, ffn_layers=2, dropout=0.0, **kw)
+    cfg = RecheadConfig(**{"encoder": enc, "layers": 1, "heads": 2, "ffn_layers": 2, "dropout": 0.0, **kw})
     return Rechead(cfg, ITEMS, "cpu").eval()
 
 
@@ -70,17 +71,50 @@ def test_eq2_fallback(enc):
         assert not torch.allclose(r_sel[0], r_x[0])
 
 
+def test_ffn_ends_in_linear_and_goes_negative(enc):
+    rh = make(enc, ffn_layers=3)
+    kinds = [type(m) for m in rh.ffn["his"]]
+    assert kinds == [nn.LayerNorm, nn.Linear, nn.LeakyReLU] * 2 + [nn.LayerNorm, nn.Linear]  # official prompt_fn
+    assert [type(m) for m in make(enc).ffn["cot"]] == [nn.LayerNorm, nn.Linear, nn.LeakyReLU, nn.LayerNorm, nn.Linear]
+    with torch.no_grad():
+        out = rh.ffn["his"](torch.randn(256, 16, generator=torch.Generator().manual_seed(0)))
+        r_x = rh.f("his", X)
+    # an FFN ending in LeakyReLU also has negative entries, but tiny ones (slope 0.01): measure the mass
+    assert out[out < 0].abs().sum() > 0.2 * out.abs().sum()
+    assert (out < 0).float().mean() > 0.2
+    assert r_x[r_x < 0].abs().sum() > 0.2 * r_x.abs().sum()
+
+
+def test_f_gate_is_the_official_mlp(enc):
+    for official in (False, True):
+        g = make(enc, official=official).f_gate
+        assert [type(m) for m in g] == [nn.Linear, nn.LeakyReLU, nn.Linear, nn.LeakyReLU, nn.Linear]
+        assert [(m.in_features, m.out_features) for m in g if isinstance(m, nn.Linear)] == [(32, 16), (16, 16), (16, 1)]
+
+
 @pytest.mark.parametrize("official", [False, True])
 def test_eq4_gate_known_inputs(enc, official):
     rh = make(enc, official=official, gamma=0.3)
+    shift = 0.0 if official else 0.5
     b = 0.7
-    with torch.no_grad():
-        rh.f_gate.weight.zero_()
-        rh.f_gate.bias.fill_(b)
+    with torch.no_grad():  # final layer constant: gamma_0 = gamma * sigmoid(b - shift) whatever the input
+        rh.f_gate[-1].weight.zero_()
+        rh.f_gate[-1].bias.fill_(b)
         g = rh.gate(torch.randn(4, 16), torch.randn(4, 16))
-    expect = 0.3 / (1 + math.exp(-(b - (0.0 if official else 0.5))))
     assert g.shape == (4, 1)
-    torch.testing.assert_close(g, torch.full((4, 1), expect))
+    torch.testing.assert_close(g, torch.full((4, 1), 0.3 / (1 + math.exp(-(b - shift)))))
+    with torch.no_grad():  # f_gate = mean(leaky(leaky(r_sel + r_rea))): the input now matters
+        first, middle, last = rh.f_gate[0], rh.f_gate[2], rh.f_gate[4]
+        first.weight.copy_(torch.cat([torch.eye(16), torch.eye(16)], dim=1))
+        middle.weight.copy_(torch.eye(16))
+        last.weight.fill_(1 / 16)
+        for m in (first, middle, last):
+            m.bias.zero_()
+        r_sel = torch.tensor([[1.0], [-1.0]]).expand(2, 16)
+        r_rea = torch.tensor([[2.0], [-3.0]]).expand(2, 16)
+        g = rh.gate(r_sel, r_rea)
+    logits = [3.0, -4.0 * 0.01 * 0.01]  # LeakyReLU's negative slope 0.01, applied twice
+    torch.testing.assert_close(g, torch.tensor([[0.3 / (1 + math.exp(-(v - shift)))] for v in logits]))
 
 
 def test_user_vecs_compose_eq3_eq4_and_scores(enc):
@@ -114,6 +148,52 @@ def test_ffn_count_official_and_cot_ablation(enc):
     torch.testing.assert_close(h1, h2)  # the CoT is ignored
     with pytest.raises(ValueError):
         make(enc).user_vecs(X, None, Z)
+
+
+def test_cot_ablation_is_h_u_equals_r_sel(enc):
+    rh = make(enc, use_cot=False)
+    full = make(enc)
+    assert not hasattr(rh, "reasoner") and not hasattr(rh, "f_gate")
+    assert not any(n.startswith(("reasoner", "f_gate")) for n, _ in rh.named_parameters())
+    assert any(n.startswith("reasoner") for n, _ in full.named_parameters())
+    assert sum(p.numel() for p in rh.parameters()) < sum(p.numel() for p in full.parameters())
+    for trainable in (True, False):
+        rh = make(enc, use_cot=False, trainable=trainable)
+        with torch.no_grad():
+            h = rh.user_vecs(X, None, Z)
+            _, _, r_sel = rh.represent(X, None, Z)
+            h_none = rh.user_vecs(X, None, [None] * 3)  # no answer parsed, e.g. --model none
+            r_x = rh.f("his", X)
+            raw = rh.encode_frozen(X)
+        assert torch.equal(h, r_sel)
+        assert torch.equal(h_none, r_x)
+        assert not torch.allclose(h_none, raw)  # r_x went through the history FFN
+        with pytest.raises(ValueError, match="-cot"):
+            rh.reason(r_x, None, r_sel)
+        with pytest.raises(ValueError, match="-cot"):
+            rh.gate(r_sel, r_sel)
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_fp16_encoder_trains_in_fp32(enc, tmp_path, trainable):
+    half = str(tmp_path / "half")
+    SentenceTransformer(enc, device="cpu").half().save(half)
+    assert next(SentenceTransformer(half, device="cpu").parameters()).dtype == torch.float16  # fp16 on disk
+    rh = make(half, trainable=trainable).train()
+    assert rh.item_vecs.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in rh.parameters())
+    opt = torch.optim.Adam([p for p in rh.parameters() if p.requires_grad], lr=1e-2)
+    pos = torch.tensor([1, 9, 26])
+    neg = sample_negatives(pos, len(ITEMS) - 1, 8, torch.Generator().manual_seed(0))
+    before = rh.ffn["his"][1].weight.clone()
+    loss = rec_loss(rh.user_vecs(X, Y, Z), pos, neg, rh.item_vecs)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, rh.ffn["his"][1].weight)
+    # an embedding cache written from an fp16 encoder is read back in fp32
+    rh.remember(["cached text"], torch.ones(1, 16, dtype=torch.float16))
+    assert rh.encode_frozen(["cached text"]).dtype == torch.float32
 
 
 def test_frozen_mode_caches(enc):
