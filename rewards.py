@@ -2,16 +2,17 @@
 
 Every completion gets six scores, combined by eq. 7:
     r = r_fmt * (a0 r_fmt + a1 r_clean + a2 r_ndcg + a3 r_sim + a4 r_comp + a5 r_ent)
-- r_fmt   (§2.2.1) the four tags <think>, </think>, <answer>, </answer> each exactly once, in that
-          order, with non-empty content. It checks tags only: text before, between or after the
-          blocks is r_clean's business. (Were r_fmt to reject outside text, the r_fmt gate of eq. 7
-          would leave r_clean constant at 1 whenever it counts.)
-- r_clean (§2.2.1) max(0, 1 - L_out / kappa), L_out = non-whitespace characters outside the two
-          blocks (whitespace, such as the newline a chat model puts between blocks, is layout,
-          not extraneous content).
-- r_ndcg  (§2.2.2) 1 / log2(rank + 1) of the target among itself and k negatives fixed per sample.
+- r_fmt   (§2.2.1) <think>, </think>, <answer>, </answer> in this order, with a non-empty CoT y (first
+          <think> to the first </think> after it) and a non-empty answer z (the last <answer>...</answer>
+          after the think block), as the official regex (.*)<think>(.*)</think>(.*)<answer>(.*)</answer>(.*)
+          accepts. Tag words inside the think block are allowed (Qwen3 restates "inside <answer> and
+          </answer>" while thinking); text outside the blocks is r_clean's business.
+- r_clean (§2.2.1) max(0, 1 - L_out / kappa), L_out = characters before <think> plus characters after
+          </answer> (official pre_len + after_len: plain counts, whitespace included).
+- r_ndcg  (§2.2.2) 1 / log2(rank + 1) of the target among itself and k negatives fixed per sample;
+          NaN when a score is not finite, so the caller's non-finite check skips the step.
 - r_sim, r_comp (§2.2.3) from the frozen reference model's summary y_hat of the CoT y.
-- r_ent   (§2.2.3, eq. 11) E_top20% - E_mean over the CoT tokens' policy entropies.
+- r_ent   (§2.2.3, eq. 11) E_top20% - E_mean over the CoT tokens' policy entropies (NaN in, NaN out).
 The functions are pure; rporec.py runs the models (Rechead, summarizer, encoder) and feeds them.
 """
 import math
@@ -67,15 +68,21 @@ class RewardConfig:
 
 def _blocks(text: str):
     """Character spans (start of open tag, end of close tag, inner start, inner end) of the think
-    block and the answer block as parse_completion defines them; None when a block is missing."""
+    block and the answer block as parse_completion defines them; None when a block is missing.
+
+    The answer block is the last <answer> ... </answer> pair after the think block: the last
+    </answer> and the last <answer> before it, which is the pair the official regex's greedy groups
+    pick. Tags inside the think block are part of y and never start or end the answer.
+    """
     think = answer = None
     i = text.find(THINK_OPEN)
     j = text.find(THINK_CLOSE, i + len(THINK_OPEN)) if i >= 0 else -1
     if j >= 0:
         think = (i, j + len(THINK_CLOSE), i + len(THINK_OPEN), j)
-    a = text.find(ANSWER_OPEN, think[1] if think else 0)
-    b = text.find(ANSWER_CLOSE, a + len(ANSWER_OPEN)) if a >= 0 else -1
-    if b >= 0:
+    lo = think[1] if think else 0
+    b = text.rfind(ANSWER_CLOSE, lo)
+    a = text.rfind(ANSWER_OPEN, lo, b) if b >= 0 else -1
+    if a >= 0:
         answer = (a, b + len(ANSWER_CLOSE), a + len(ANSWER_OPEN), b)
     return think, answer
 
@@ -83,9 +90,11 @@ def _blocks(text: str):
 def parse_completion(text: str) -> tuple[str | None, str | None]:
     """Split a completion into (think, answer), each stripped, None when missing.
 
-    think = text between the first <think> and the first </think> after it (None if either is
-    missing, e.g. a CoT cut off by the length limit). answer = text between the first <answer>
-    after the think block (anywhere when there is no think block) and the next </answer>.
+    think = y, the text between the first <think> and the first </think> after it (None if either
+    is missing, e.g. a CoT cut off by the length limit); tag words inside it stay part of y.
+    answer = z, the text of the last <answer> ... </answer> pair after the think block (anywhere
+    when there is no think block), so a restated or drafted answer before the final one is skipped
+    and format_reward, clean_reward and parse_completion see the same blocks.
     An empty tag pair gives "" (not None); format_reward rejects it, and callers that need a
     usable answer should test truthiness. A CoT with no answer gives (think, None).
     """
@@ -95,40 +104,58 @@ def parse_completion(text: str) -> tuple[str | None, str | None]:
 
 
 def format_reward(text: str) -> float:
-    """r_fmt (§2.2.1): 1.0 iff <think>, </think>, <answer>, </answer> each occur exactly once, in
-    this order (so no nesting), and both contents are non-empty after strip. Text outside the
-    blocks is allowed here and penalised by clean_reward."""
-    tags = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-    if any(text.count(t) != 1 for t in tags):
-        return 0.0
-    pos = [text.find(t) for t in tags]
-    if pos != sorted(pos):
-        return 0.0
+    """r_fmt (§2.2.1): 1.0 iff <think>, </think>, <answer>, </answer> occur in this order with a
+    non-empty (after strip) y and z as parse_completion reads them: y from the first <think> to the
+    first </think> after it, z the last answer pair after that. Tags inside y, repeated answer
+    pairs and text between or around the blocks are allowed (the official regex accepts them);
+    the outside text is penalised by clean_reward."""
     think, answer = parse_completion(text)
     return float(bool(think) and bool(answer))
 
 
 def clean_reward(text: str, kappa: float = 100.0) -> float:
-    """r_clean (§2.2.1) = max(0, 1 - L_out / kappa). L_out counts the non-whitespace characters
-    outside the think and answer blocks (tags included in the blocks); stray or repeated tags
-    count as outside text. With no blocks at all, every non-whitespace character counts."""
+    """r_clean (§2.2.1) = max(0, 1 - L_out / kappa), L_out = the characters before the think block's
+    <think> plus those after the answer block's </answer> (official pre_len + after_len: plain
+    character counts, whitespace included; text between the blocks does not count).
+    With a block missing, L_out counts everything outside the block that is there: before <answer>
+    when the think block is missing, after </think> when the answer block is missing, and every
+    character when there is neither. Only the -fmt ablation sees these cases, since eq. 7's r_fmt
+    gate zeroes them otherwise."""
     if kappa <= 0:
         raise ValueError(f"kappa must be > 0, got {kappa}; pass a positive scale such as 100")
-    inside = sorted(s[:2] for s in _blocks(text) if s is not None)
-    outside, last = [], 0
-    for start, end in inside:
-        outside.append(text[last:start])
-        last = end
-    outside.append(text[last:])
-    l_out = sum(not c.isspace() for c in "".join(outside))
+    spans = [s for s in _blocks(text) if s is not None]
+    l_out = spans[0][0] + len(text) - spans[-1][1] if spans else len(text)
     return max(0.0, 1.0 - l_out / kappa)
 
 
-def ndcg_reward(rank: int) -> float:
-    """r_ndcg (§2.2.2) = 1 / log2(rank + 1), rank 1-based within the candidate set."""
+def ndcg_reward(rank: float) -> float:
+    """r_ndcg (§2.2.2) = 1 / log2(rank + 1), rank 1-based within the candidate set; a NaN rank
+    (candidate_rank of non-finite scores) gives NaN."""
+    if math.isnan(rank):
+        return math.nan
     if rank < 1:
         raise ValueError(f"rank must be >= 1 (1-based), got {rank}; use candidate_rank()")
     return 1.0 / math.log2(rank + 1)
+
+
+def _target_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """(B,) float 1-based rank of column 0 (the target) in each row of scores (B, k+1): 1 + number
+    of candidates scoring strictly higher, NaN for a row with any non-finite score (NaN compares
+    False, so the target would otherwise rank first)."""
+    if scores.dim() != 2 or scores.shape[1] < 1:
+        raise ValueError(f"scores must be (B, k+1) with the target in column 0, got shape "
+                         f"{tuple(scores.shape)}; stack one candidate row per completion")
+    higher = (scores[:, 1:] > scores[:, :1]).sum(1)  # (B,)
+    rank = 1.0 + higher.float()  # (B,)
+    return rank.masked_fill(~torch.isfinite(scores).all(1), math.nan)
+
+
+def ndcg_rewards(scores: torch.Tensor) -> torch.Tensor:
+    """r_ndcg (§2.2.2) for a batch: scores (B, k+1), the target in column 0 -> (B,) float32
+    1 / log2(rank + 1), rank = 1 + number of candidates scoring strictly higher (ties count in the
+    target's favour). A row with any non-finite score gets NaN instead of a reward, so the
+    caller's non-finite check skips the step."""
+    return 1.0 / torch.log2(_target_ranks(scores) + 1.0)  # (B,)
 
 
 def candidates(index: int, target: int, n_items: int, k: int, seed: int) -> torch.Tensor:
@@ -147,9 +174,14 @@ def candidates(index: int, target: int, n_items: int, k: int, seed: int) -> torc
     return torch.cat([torch.tensor([target]), neg])
 
 
-def candidate_rank(scores: torch.Tensor) -> int:
-    """1-based rank of column 0 (the target): 1 + number of candidates scoring strictly higher."""
-    return 1 + int((scores[1:] > scores[0]).sum())
+def candidate_rank(scores: torch.Tensor) -> int | float:
+    """1-based rank of column 0 (the target) of scores (k+1,): 1 + number of candidates scoring
+    strictly higher; math.nan when any score is not finite (ndcg_reward passes it on)."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be one candidate row (k+1,), got shape {tuple(scores.shape)}; "
+                         "use ndcg_rewards for a batch")
+    rank = float(_target_ranks(scores[None])[0])
+    return rank if math.isnan(rank) else int(rank)
 
 
 def similarity_reward(cos: float, delta: float = 0.5) -> float:
@@ -166,18 +198,23 @@ def compression_reward(summary_len: int, cot_len: int) -> float:
 
 def entropy_reward(entropies: torch.Tensor, rho: float = 0.2) -> float:
     """r_ent (§2.2.3, eq. 11) = mean of the ceil(rho * n) largest CoT token entropies minus the
-    mean of all n; 0 for an empty CoT."""
+    mean of all n; 0 for an empty CoT, NaN when any entropy is not finite (the caller's non-finite
+    check then skips the step instead of training on a reward that hides broken logits)."""
     n = entropies.numel()
     if n == 0:
         return 0.0
-    k = max(1, math.ceil(round(rho * n, 6)))  # round: 0.2 * 15 must give 3, not 4
     e = entropies.detach().float().flatten()
+    if not bool(torch.isfinite(e).all()):
+        return math.nan
+    k = max(1, math.ceil(round(rho * n, 6)))  # round: 0.2 * 15 must give 3, not 4
     return float(e.topk(k).values.mean() - e.mean())
 
 
 def total_reward(parts: dict, weights: dict, gate: bool = True) -> float:
     """Eq. 7: r = r_fmt * sum_k a_k r_k over fmt, clean, ndcg, sim, comp, ent. gate=False (the
-    -fmt ablation, RewardConfig.gate) drops the leading r_fmt factor."""
+    -fmt ablation, RewardConfig.gate) drops the leading r_fmt factor. A NaN term (r_ndcg of
+    non-finite Rechead scores, r_ent of non-finite entropies) gives a NaN total even under r_fmt = 0
+    or a zero weight (0 * NaN = NaN), so broken scores always reach the caller's non-finite check."""
     missing = [k for k in TERMS if k not in parts or k not in weights]
     if missing:
         raise ValueError(f"reward terms {missing} missing from parts or weights; "

@@ -1,4 +1,6 @@
 import math
+import random
+import re
 
 import pytest
 import torch
@@ -6,6 +8,10 @@ import torch
 import rewards as W
 
 GOOD = "<think>I like jazz.</think><answer>'title': Kind of Blue</answer>"
+# Qwen3 restates the format instruction while thinking, tag words included
+QWEN = ("<think>\nThe user wants one item, inside <answer> and </answer>. They like jazz.\n</think>\n\n"
+        "<answer>'title': Kind of Blue</answer>")
+OFFICIAL = re.compile(r"([\s\S]*)<think>([\s\S]*)</think>([\s\S]*)<answer>([\s\S]*)</answer>([\s\S]*)", re.DOTALL)
 
 
 @pytest.mark.parametrize("text,think,answer", [
@@ -17,9 +23,15 @@ GOOD = "<think>I like jazz.</think><answer>'title': Kind of Blue</answer>"
     ("<answer>z</answer>", None, "z"),                                   # no think block
     ("<think></think><answer></answer>", "", ""),                        # empty pairs -> ""
     ("<think>y <answer>inner</answer></think><answer>z</answer>", "y <answer>inner</answer>", "z"),
-    ("<think>a</think><think>b</think><answer>c</answer><answer>d</answer>", "a", "c"),
+    ("<think>a</think><think>b</think><answer>c</answer><answer>d</answer>", "a", "d"),  # last answer
     ("pre <think>y</think> mid <answer>z</answer> post", "y", "z"),
     ("no tags at all", None, None),
+    (QWEN, "The user wants one item, inside <answer> and </answer>. They like jazz.", "'title': Kind of Blue"),
+    ("<think>y</think> I reply inside <answer> and </answer>: <answer>z</answer>", "y", "z"),  # restated after
+    ("<think>x</think><answer>a</answer><answer>unclosed", "x", "a"),    # last complete pair
+    ("<think>y</think><answer>a<answer>b</answer>", "y", "b"),            # last <answer> before </answer>
+    ("<answer>a</answer><answer>b</answer>", None, "b"),                 # no think block: last anywhere
+    ("<answer>z</answer><think>y</think>", "y", None),                   # an answer must follow the CoT
 ])
 def test_parse_completion(text, think, answer):
     assert W.parse_completion(text) == (think, answer)
@@ -32,10 +44,12 @@ def test_parse_completion(text, think, answer):
     ("<think>y</think>", 0.0),                                   # missing answer
     ("<answer>z</answer>", 0.0),                                 # missing think
     ("<think>y</think><answer>z", 0.0),                          # missing </answer>
-    ("<think>y<answer>z</answer></think>", 0.0),                 # answer nested in think
-    ("<think>y</think><answer>z <think>w</think></answer>", 0.0),  # repeated think, nested
-    ("<think>y</think><answer>z</answer><answer>z</answer>", 0.0),  # repeated answer
-    ("<think>a</think><think>b</think><answer>z</answer>", 0.0),    # repeated think
+    ("<think>y<answer>z</answer></think>", 0.0),                 # answer nested in think, none after
+    ("<think>y</think><answer>z <think>w</think></answer>", 1.0),  # tags inside z: official regex accepts
+    ("<think>y</think><answer>z</answer><answer>z</answer>", 1.0),  # repeated answer: the last is z
+    ("<think>a</think><think>b</think><answer>z</answer>", 1.0),    # repeated think: y = "a"
+    ("<think>y</think><answer>z</answer><answer> </answer>", 0.0),  # the last answer pair is empty
+    (QWEN, 1.0),                                                 # tag words inside the think block
     ("<answer>z</answer><think>y</think>", 0.0),                 # wrong order
     ("</think>y<think><answer>z</answer>", 0.0),                 # swapped think tags
     ("<think> </think><answer>z</answer>", 0.0),                 # empty think
@@ -48,19 +62,51 @@ def test_format_reward(text, expected):
 
 def test_clean_reward_known_l_out():
     assert W.clean_reward(GOOD) == 1.0
-    assert W.clean_reward("\n<think>y</think>\n\n<answer>z</answer>\n  ") == 1.0  # whitespace only
-    assert W.clean_reward("Sure! <think>y</think><answer>z</answer>") == pytest.approx(0.95)  # 5
-    assert W.clean_reward("<think>y</think>ab c<answer>z</answer>") == pytest.approx(0.97)
+    assert W.clean_reward(QWEN) == 1.0  # Qwen3 layout: the newlines lie inside or between the blocks
+    # pre " \t" (2) + after " \n\n" (3): whitespace counts, as in the official pre_len + after_len
+    assert W.clean_reward(" \t<think>y</think><answer>z</answer> \n\n") == pytest.approx(0.95)
+    assert W.clean_reward("\n<think>y</think>\n\n<answer>z</answer>\n  ") == pytest.approx(0.96)  # 1 + 3
+    assert W.clean_reward("Sure! <think>y</think><answer>z</answer>") == pytest.approx(0.94)  # 6
+    assert W.clean_reward("<think>y</think>ab c<answer>z</answer>") == 1.0  # between the blocks: free
     assert W.clean_reward("<think>y</think><answer>z</answer>" + "x" * 40) == pytest.approx(0.6)
     assert W.clean_reward("<think>y</think><answer>z</answer>" + "x" * 250) == 0.0  # clipped at 0
-    assert W.clean_reward("abc def", kappa=10) == pytest.approx(0.4)  # no tags: all 6 count
-    # a second answer block lies outside the blocks: 18 characters of "<answer>c</answer>"
-    text = "<think>a</think><answer>b</answer><answer>c</answer>"
-    assert W.clean_reward(text) == pytest.approx(1 - 18 / 100)
-    # unclosed think: no think block, so the whole "<think>yy" counts
-    assert W.clean_reward("<think>yy <answer>z</answer>") == pytest.approx(1 - 9 / 100)
+    assert W.clean_reward("abc def", kappa=10) == pytest.approx(0.3)  # no tags: all 7 count
+    # the last answer pair is the answer block, so nothing lies after it
+    assert W.clean_reward("<think>a</think><answer>b</answer><answer>c</answer>") == 1.0
+    # an unclosed answer after the last pair: "\n<answer>c" (10) counts
+    assert W.clean_reward("<think>a</think><answer>b</answer>\n<answer>c") == pytest.approx(0.9)
+    # unclosed think: no think block, so "<think>yy " (10) before <answer> counts
+    assert W.clean_reward("<think>yy <answer>z</answer>") == pytest.approx(0.9)
+    # no answer block: "pre" (3) plus " tail" (5) after </think>
+    assert W.clean_reward("pre<think>y</think> tail") == pytest.approx(0.92)
+    # an answer before the CoT is not the answer block: the 18 characters before <think> count
+    assert W.clean_reward("<answer>z</answer><think>y</think>") == pytest.approx(0.82)
     with pytest.raises(ValueError, match="kappa"):
         W.clean_reward(GOOD, kappa=0)
+
+
+def test_blocks_agree_with_the_official_regex():
+    """On random tag soup, a (think, answer) pair exists iff the official regex matches, z is its
+    group 4 and the text after </answer> its group 5; with one <think> the text before it is group 1.
+    (With several <think>s the regex's greedy group 1 runs to the last usable one; the SPEC's y
+    starts at the first, so L_out does too.)"""
+    rng = random.Random(0)
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", "a", " ", "\n"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        m = OFFICIAL.search(text)
+        think, answer = W._blocks(text)
+        assert (m is not None) == (think is not None and answer is not None), text
+        if m is None:
+            continue
+        assert W.parse_completion(text)[1] == m.group(4).strip(), text
+        assert len(text) - answer[1] == len(m.group(5)), text
+        if text.count("<think>") == 1:
+            assert think[0] == len(m.group(1)), text
+            l_out = len(m.group(1)) + len(m.group(5))
+            assert W.clean_reward(text, kappa=1000) == pytest.approx(1 - l_out / 1000), text
+        y, z = W.parse_completion(text)
+        assert W.format_reward(text) == float(bool(y) and bool(z)), text
 
 
 def test_ndcg_reward():
@@ -97,6 +143,47 @@ def test_candidates_deterministic_distinct_and_valid():
 def test_candidate_rank_ties_count_in_favour():
     assert W.candidate_rank(torch.tensor([0.5, 0.1, 0.2])) == 1
     assert W.candidate_rank(torch.tensor([0.5, 0.9, 0.5, 0.7])) == 3  # tie is not "higher"
+    with pytest.raises(ValueError, match="ndcg_rewards"):
+        W.candidate_rank(torch.zeros(2, 3))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_ndcg_rewards_batched():
+    scores = torch.tensor([[0.5, 0.1, 0.2, 0.3],    # target first -> rank 1
+                           [0.5, 0.9, 0.5, 0.7],    # two strictly higher, a tie -> rank 3
+                           [-1.0, 0.0, 1.0, 2.0],   # last -> rank 4
+                           [0.2, 0.2, 0.2, 0.2]])   # all tied -> rank 1
+    got = W.ndcg_rewards(scores)
+    assert got.shape == (4,) and got.dtype == torch.float32
+    expected = [1.0, 1 / math.log2(4), 1 / math.log2(5), 1.0]
+    assert got.tolist() == pytest.approx(expected)
+    # the single-row functions agree with the batched one
+    assert [W.ndcg_reward(W.candidate_rank(row)) for row in scores] == pytest.approx(expected)
+    # against a plain loop on random scores, bf16 included (ties are frequent there)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        s = torch.randn(16, 50, generator=g).to(dtype)  # (16, 50)
+        loop = [1 / math.log2(2 + sum(float(v) > float(r[0]) for v in r[1:])) for r in s]
+        assert W.ndcg_rewards(s).tolist() == pytest.approx(loop, abs=1e-6)
+    with pytest.raises(ValueError, match="k\\+1"):
+        W.ndcg_rewards(torch.zeros(5))
+
+
+def test_ndcg_rewards_non_finite_rows_give_nan():
+    """NaN compares False, so a NaN target used to rank 1st and collect r_ndcg = 1 (issue 11)."""
+    scores = torch.tensor([[NAN, 0.1, 0.2],    # NaN target
+                           [0.5, NAN, 0.2],    # NaN negative
+                           [INF, 0.1, 0.2],    # infinite target
+                           [0.5, 0.1, -INF],   # infinite negative
+                           [0.5, 0.9, 0.1]])   # finite row stays a reward
+    got = W.ndcg_rewards(scores)
+    assert torch.isnan(got[:4]).all()
+    assert float(got[4]) == pytest.approx(1 / math.log2(3))
+    assert math.isnan(W.candidate_rank(scores[0]))
+    assert math.isnan(W.ndcg_reward(W.candidate_rank(scores[0])))
+    assert math.isnan(W.ndcg_reward(W.candidate_rank(scores[1])))
 
 
 def test_similarity_reward_is_strict():
@@ -125,6 +212,14 @@ def test_entropy_reward_matches_direct_computation():
     assert W.entropy_reward(e11) == pytest.approx((10 + 9 + 8) / 3 - 5.0)
 
 
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_entropy_reward_non_finite_gives_nan(bad):
+    e = torch.arange(15.0)
+    e[3] = bad
+    assert math.isnan(W.entropy_reward(e))
+    assert math.isnan(W.entropy_reward(torch.tensor([bad])))
+
+
 def test_total_reward_eq7_and_gate():
     parts = {"fmt": 1.0, "clean": 0.5, "ndcg": 0.4, "sim": 1.0, "comp": 0.3, "ent": 0.2}
     w = W.RewardConfig().weights()
@@ -134,6 +229,10 @@ def test_total_reward_eq7_and_gate():
     assert W.total_reward({**parts, "fmt": 0.0}, w, gate=False) == pytest.approx(expected - 0.1)
     with pytest.raises(ValueError, match="missing"):
         W.total_reward({"fmt": 1.0}, w)
+    # a NaN term reaches the caller's non-finite check even through a zero gate or weight
+    assert math.isnan(W.total_reward({**parts, "ndcg": NAN}, w))
+    assert math.isnan(W.total_reward({**parts, "fmt": 0.0, "ndcg": NAN}, w))
+    assert math.isnan(W.total_reward({**parts, "ent": NAN}, {**w, "ent": 0.0}))
 
 
 def test_reward_config_weights_and_drop():
