@@ -1,4 +1,5 @@
-"""RPORec data: any source -> one item table + time-split next-item samples (paper Appendix C.1, official preprocess_2023_cds.py).
+"""RPORec data: any source -> one item table + time-split next-item samples (paper Appendix C.1, official
+preprocess_2023_cds.py).
 
 Sources: the embedded `toy` bookstore (default, offline, generated in code), Amazon Reviews 2023
 (`cds`, `instruments`, `games`; the official preprocess_2023_cds.py: item filter, text cleaning,
@@ -21,10 +22,15 @@ AMAZON = {"cds": ("CDs_and_Vinyl", "CD or vinyl"), "instruments": ("Musical_Inst
           "games": ("Video_Games", "video game")}  # name -> (McAuley Lab category, prompt wording)
 AMAZON_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
 ML_URL = "https://files.grouplens.org/datasets/movielens/{}.zip"
+ML_MD5 = {"ml-100k": "0e33842e24a9c977be4e0107933c0723",  # GroupLens publishes <name>.zip.md5 next to each zip;
+          "ml-1m": "c4d9eecfca2ab87c1945afe126590906"}  # a truncated or altered download must not become a dataset
+DOWNLOAD_TIMEOUT = 60  # seconds one connect or one read may stall: without a limit a dead server hangs the run
 ML100K_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
                  "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()  # u.genre
 DATASETS = ("toy", *AMAZON, "ml-100k", "ml-1m", "custom")
 MS_CUTOFF = 1e11  # timestamps above this are milliseconds (1e11 seconds is the year 5138)
+TS_MAX = MS_CUTOFF * 1000  # larger stamps (the year 5138 in ms) are no date: dataset_stats could not print them
+TABLES = (".tsv", ".csv", ".jsonl")  # bring-your-own table formats, each optionally .gz
 PROMPT_VERSION = 1  # bump when PROMPT changes: rporec.py keys its reasoning cache on it
 PROMPT = ("Analyze briefly and finally recommend next {c} item I might purchase. You should try to keep all "
           "your thoughts and responses as concise as possible and recommend next {c} I might purchase inside "
@@ -104,60 +110,120 @@ def _clean(text):
     return re.sub(r" +", " ", re.sub(r"[^\x00-\x7F]|[\n\t\r]", " ", text)).strip()
 
 
-def _ts(value, src):
+def _ts(value, src, line):
+    """Unix seconds or milliseconds as an int; line is where value stands in src (for the error)."""
+    fix = "give Unix seconds or milliseconds since 1970"
     try:
-        return int(float(value))
+        t = float(value) if not isinstance(value, bool) else None  # JSON true would pass as 1.0
     except (TypeError, ValueError):
-        raise ValueError(f"{src}: timestamp {value!r} is not a number; give Unix seconds or milliseconds") from None
+        t = None
+    if t is None:
+        raise ValueError(f"{src}, line {line}: timestamp {value!r} is not a number; {fix}")
+    if not 0 <= t < TS_MAX:  # nan fails every comparison
+        raise ValueError(f"{src}, line {line}: timestamp {value!r} is out of range; {fix} (0 <= t < {TS_MAX:.0e})")
+    return int(t)
+
+
+def _table_ext(path):
+    """.tsv/.csv/.jsonl of a table path (a .gz suffix is looked through), or None for other formats."""
+    ext = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
+    return ext if ext in TABLES else None
+
+
+def _jsonl_rows(f, path, required):
+    """(line, dict) per non-blank line of a .jsonl file."""
+    for line, text in enumerate(f, 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {line} is not valid JSON ({e}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {line} is a JSON {type(row).__name__} ({text.strip()[:40]}), not an "
+                             f"object; each line must be one object with the keys {', '.join(required)}")
+        if missing := [c for c in required if c not in row]:
+            raise ValueError(f"{path} lacks column(s) {', '.join(missing)} on line {line} (that line has "
+                             f"{', '.join(row) or 'no keys'}); every line needs {', '.join(required)}")
+        yield line, row
+
+
+def _csv_rows(f, path, required, delimiter):
+    """(line, dict) per data row of a .tsv/.csv file with a header; a row of another width is an error."""
+    reader = csv.DictReader(f, delimiter=delimiter)
+    if reader.fieldnames and (missing := [c for c in required if c not in reader.fieldnames]):
+        raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (its header has "
+                         f"{', '.join(reader.fieldnames)}); the file needs {', '.join(required)}")
+    for row in reader:
+        if None in row or None in row.values():  # DictReader: extra fields under None, missing ones are None
+            width = sum(row[c] is not None for c in reader.fieldnames) + len(row.get(None, ()))
+            sep = "tab" if delimiter == "\t" else "comma"
+            raise ValueError(f"{path}: line {reader.line_num} has {width} fields but the header has "
+                             f"{len(reader.fieldnames)}; give every row one value per column (an empty value "
+                             f"still needs its {sep}; quote a value that contains a {sep})")
+        yield reader.line_num, row
 
 
 def _rows(path, required):
-    """Dict rows of a .tsv/.csv (with header) or .jsonl file, gzipped or not; checks required columns."""
-    ext = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
-    if ext not in (".tsv", ".csv", ".jsonl"):
-        raise ValueError(f"{path}: unknown table format {ext!r}; use .tsv, .csv or .jsonl (optionally .gz)")
+    """(line, dict row) of a .tsv/.csv (with header) or .jsonl file, gzipped or not; checks required columns.
+    utf-8-sig: a byte-order mark (Excel's UTF-8 export) is dropped instead of hiding in the first column name."""
+    if not (ext := _table_ext(path)):
+        raise ValueError(f"{path}: unknown table format; use {', '.join(TABLES)} (optionally .gz)")
     n = 0
     try:
-        with (gzip.open if path.endswith(".gz") else open)(_need(path), "rt", encoding="utf-8", newline="") as f:
-            rows = (json.loads(line) for line in f if line.strip()) if ext == ".jsonl" else \
-                csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+        with (gzip.open if path.endswith(".gz") else open)(_need(path), "rt", encoding="utf-8-sig", newline="") as f:
+            rows = _jsonl_rows(f, path, required) if ext == ".jsonl" else \
+                _csv_rows(f, path, required, "\t" if ext == ".tsv" else ",")
             for n, row in enumerate(tqdm(rows, desc=os.path.basename(path), unit=" rows", leave=False,
-                                          disable=not path.endswith(".gz")), 1):  # bars for the big raw files
-                if missing := [c for c in required if c not in row]:
-                    raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (row {n} has "
-                                     f"{', '.join(row) or 'none'}); the file needs {', '.join(required)}")
+                                         disable=not path.endswith(".gz")), 1):  # bars for the big raw files
                 yield row
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{path} is a corrupt gzip file ({e}); delete it and rerun to re-download it") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: row {n + 1} is not valid JSON ({e}); fix or remove that line") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
     if n == 0:
         raise ValueError(f"{path} is empty (no data rows); fill it or point to the right file")
 
 
-def _download(url, path):
-    """Fetch url to path via <path>.part (renamed only when complete); an existing file is reused."""
+def _download(url, path, md5=None):
+    """Fetch url to path via <path>.part (renamed only when complete and, given md5, matching); an existing file
+    is reused. Any failure removes the .part file."""
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    part = path + ".part"
+    part, digest = path + ".part", hashlib.md5(usedforsecurity=False)
     try:
-        with urllib.request.urlopen(url) as r, open(part, "wb") as f:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(part, "wb") as f:
             size = int(r.headers.get("Content-Length") or 0)
             with tqdm(total=size or None, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 while chunk := r.read(1 << 20):
+                    digest.update(chunk)
                     bar.update(f.write(chunk))
         if size and os.path.getsize(part) != size:
             raise OSError(f"got {os.path.getsize(part)} of {size} bytes")
+        if md5 and digest.hexdigest() != md5:
+            raise ValueError(f"{path}: the download from {url} has md5 {digest.hexdigest()}, not the published "
+                             f"{md5}, so it was deleted; rerun to fetch it again, or put a verified copy at {path}")
         os.replace(part, path)
     except (OSError, HTTPException) as e:
-        if os.path.exists(part):
-            os.remove(part)
         raise OSError(f"could not download {url} ({e}); check the network, or put the file at {path} "
                       "(or in --raw-dir) yourself") from None
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
     return path
+
+
+def _item_table(rows, src):
+    """{item id: (title, text)} in table order from (line, id, (title, text)); a repeated id is an error, as
+    which of its rows is meant cannot be known."""
+    items, lines = {}, {}
+    for line, key, item in rows:
+        if key in lines:
+            raise ValueError(f"{src}: item id {key!r} is on line {lines[key]} and again on line {line}; keep one "
+                             "row per item")
+        lines[key], items[key] = line, item
+    return items
 
 
 def _item_text(title, rating, number, desc):
@@ -177,7 +243,7 @@ def _amazon(cfg):
     meta = _download(f"{AMAZON_URL}raw/meta_categories/meta_{cat}.jsonl.gz", os.path.join(raw, f"meta_{cat}.jsonl.gz"))
     rev = _download(f"{AMAZON_URL}benchmark/5core/rating_only/{cat}.csv.gz", os.path.join(raw, f"{cat}.csv.gz"))
     items = {}
-    for m in _rows(meta, ("parent_asin",)):
+    for _, m in _rows(meta, ("parent_asin",)):  # a repeated asin: the last row wins (official dict)
         title, desc = str(m.get("title") or ""), m.get("description") or []
         if not title or "<span id" in title or len(title.split(" ")) > cfg.max_title_words:
             continue
@@ -190,8 +256,8 @@ def _amazon(cfg):
         title = _clean(title)
         text = _item_text(title, m.get("average_rating", ""), m.get("rating_number", ""), desc)
         items[m["parent_asin"]] = (title, text)
-    reviews = [(r["user_id"], r["parent_asin"], _ts(r["timestamp"], rev))
-               for r in _rows(rev, ("user_id", "parent_asin", "timestamp")) if r["parent_asin"] in items]
+    reviews = [(r["user_id"], r["parent_asin"], _ts(r["timestamp"], rev, line))
+               for line, r in _rows(rev, ("user_id", "parent_asin", "timestamp")) if r["parent_asin"] in items]
     if not reviews:
         raise ValueError(f"{rev} has no review of an item kept from {meta}; check that both files are {cat}")
     first_year = datetime.fromtimestamp(min(r[2] for r in reviews) / 1000, timezone.utc).year
@@ -205,40 +271,54 @@ def _amazon(cfg):
         start = start.replace(year=y, month=m + 1, day=min(start.day, calendar.monthrange(y, m + 1)[1]))
 
 
+def _ml_lines(text, sep, width, where, src):
+    """(line, fields) per non-blank line of a MovieLens file; a line of another width means a damaged file."""
+    out = []
+    for line, row in enumerate(text.splitlines(), 1):
+        if row.strip():
+            if len(fields := row.split(sep)) != width:
+                raise ValueError(f"{where}, line {line} has {len(fields)} {sep!r}-separated fields, not {width} "
+                                 f"({row[:60]!r}); the file is damaged: delete {src} and rerun to re-download it")
+            out.append((line, fields))
+    if not out:
+        raise ValueError(f"{where} is empty; delete {src} and rerun to re-download it")
+    return out
+
+
 def _movielens(cfg):
     """GroupLens zip (or its extracted folder) in raw_dir; item text = title, year, genres."""
     name, raw = cfg.dataset, cfg.raw_dir or os.path.join(cfg.data_dir, "raw")
     folder, src = os.path.join(raw, name), os.path.join(raw, f"{name}.zip")
-    members, seps = (("u.data", "u.item"), ("\t", "|")) if name == "ml-100k" else \
-        (("ratings.dat", "movies.dat"), ("::", "::"))
+    members, seps, widths = (("u.data", "u.item"), ("\t", "|"), (4, 5 + len(ML100K_GENRES))) \
+        if name == "ml-100k" else (("ratings.dat", "movies.dat"), ("::", "::"), (4, 3))
     try:
         if os.path.isdir(folder):
             src, texts = folder, [Path(_need(os.path.join(folder, m))).read_text("latin-1") for m in members]
+            where = [os.path.join(folder, m) for m in members]
         else:
-            with zipfile.ZipFile(_download(ML_URL.format(name), src)) as z:
+            with zipfile.ZipFile(_download(ML_URL.format(name), src, ML_MD5.get(name))) as z:
                 texts = [z.read(f"{name}/{m}").decode("latin-1") for m in members]
+            where = [f"{src} ({name}/{m})" for m in members]
     except (zipfile.BadZipFile, KeyError) as e:
         raise ValueError(f"{src} is corrupt or incomplete ({e}); delete it and rerun to re-download it") from None
-    ratings, movies = ([line.split(sep) for line in t.splitlines() if line.strip()] for t, sep in zip(texts, seps))
-    if not (ratings and movies):
-        raise ValueError(f"{src}: {members[0 if not ratings else 1]} is empty; delete it and rerun to re-download it")
-    inter = [(u, i, _ts(t, src)) for u, i, _, t in ratings]
+    ratings, movies = (_ml_lines(*a, src) for a in zip(texts, seps, widths, where))
+    inter = [(u, i, _ts(t, where[0], line)) for line, (u, i, _, t) in ratings]
     if name == "ml-100k":
-        movies = [(r[0], r[1], " ".join(g for g, on in zip(ML100K_GENRES, r[5:]) if on == "1")) for r in movies]
+        movies = [(line, r[0], r[1], " ".join(g for g, on in zip(ML100K_GENRES, r[5:]) if on == "1"))
+                  for line, r in movies]
     else:
-        movies = [(r[0], r[1], r[2].replace("|", " ")) for r in movies]
+        movies = [(line, r[0], r[1], r[2].replace("|", " ")) for line, r in movies]
     year = re.compile(r"\s*\((\d{4})\)\s*$")
-    items = {i: _table_item({"title": year.sub("", t), "year": (m := year.search(t)) and m.group(1), "genres": g})
-             for i, t, g in movies}
+    items = _item_table(((line, i, _table_item({"title": year.sub("", t), "year": (m := year.search(t)) and m.group(1),
+                                                "genres": g})) for line, i, t, g in movies), where[1])
     return "movie", items, inter, src
 
 
 def _custom(cfg):
-    if not (cfg.interactions and cfg.items):
-        raise ValueError("dataset 'custom' needs both tables: --interactions FILE --items FILE")
-    items = {str(r["item_id"]): _table_item(r) for r in _rows(cfg.items, ("item_id", "title"))}
-    inter = [(str(r["user_id"]), str(r["item_id"]), _ts(r["timestamp"], cfg.interactions))
-             for r in _rows(cfg.interactions, ("user_id", "item_id", "timestamp"))]
+    rows = _rows(cfg.items, ("item_id", "title"))
+    items = _item_table(((line, str(r["item_id"]), _table_item(r)) for line, r in rows), cfg.items)
+    inter = [(str(r["user_id"]), str(r["item_id"]), _ts(r["timestamp"], cfg.interactions, line))
+             for line, r in _rows(cfg.interactions, ("user_id", "item_id", "timestamp"))]
     return cfg.category, items, inter, cfg.interactions
 
 
@@ -310,10 +390,47 @@ def cache_key(cfg: DataConfig) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def check_config(cfg: DataConfig):
+    """ValueError naming the flag (rporec's --data.field spelling) for settings that cannot work. No IO beyond
+    checking that the given tables exist, so callers can run it before any work."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r} (--dataset); choose one of {', '.join(DATASETS)}")
+    tables = {"--data.interactions": cfg.interactions, "--data.items": cfg.items}
+    if cfg.dataset != "custom" and (given := [k for k, v in tables.items() if v]):
+        raise ValueError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} read only with --dataset "
+                         f"custom (got --dataset {cfg.dataset}); add --dataset custom to use your tables, or drop them")
+    if cfg.dataset == "custom":
+        if missing := [k for k, v in tables.items() if not v]:
+            raise ValueError(f"dataset 'custom' needs both tables: --data.interactions FILE --data.items FILE "
+                             f"({' and '.join(missing)} missing)")
+        for flag, path in tables.items():
+            if not _table_ext(path):
+                raise ValueError(f"{flag} {path}: unknown table format; use {', '.join(TABLES)} (optionally .gz)")
+            if not os.path.isfile(path):
+                raise ValueError(f"{flag} {path} not found; check the path")
+    for name, low in (("window", 1), ("min_items", 0), ("extend_months", 1), ("max_title_words", 1),
+                      ("max_desc_words", 0), ("max_history_chars", 1), ("toy_users", 1)):
+        if (value := getattr(cfg, name)) < low:  # extend_months < 1 would move the amazon window start forever
+            raise ValueError(f"--data.{name} must be >= {low}, got {value}")
+    if not 0 < cfg.train_end < cfg.valid_end < 1:
+        raise ValueError(f"--data.train_end {cfg.train_end} and --data.valid_end {cfg.valid_end} must satisfy "
+                         "0 < train_end < valid_end < 1: train, valid and test are the time-sorted samples cut at "
+                         "those fractions (default 0.8, 0.9)")
+    if not 0 <= cfg.toy_noise <= 1:
+        raise ValueError(f"--data.toy_noise is a probability, got {cfg.toy_noise}; use a value in [0, 1]")
+    dates = {}
+    for name in ("start", "end"):
+        try:
+            dates[name] = datetime.fromisoformat(getattr(cfg, name)).replace(tzinfo=timezone.utc)
+        except (TypeError, ValueError):
+            raise ValueError(f"--data.{name} {getattr(cfg, name)!r} is not a date; use YYYY-MM-DD") from None
+    if dates["start"] >= dates["end"]:
+        raise ValueError(f"--data.start {cfg.start} must be before --data.end {cfg.end} (the amazon window)")
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Build cfg.dataset, or read it from <data_dir>/<name>/dataset.json (written atomically; toy: no cache)."""
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    check_config(cfg)
     if cfg.dataset == "toy":
         return _build(cfg, "toy", *_toy(cfg))
     name = f"{cfg.dataset}-{cache_key(cfg)}"
@@ -373,17 +490,20 @@ def dataset_stats(ds: Dataset) -> dict:
 
 
 def main(argv=None):
-    """CLI: every DataConfig field is a flag (--data-dir, --raw-dir, --min-items, --force, ...)."""
+    """CLI: every DataConfig field is a flag (--data-dir, --raw-dir, --min-items, --force, ...), also spelled as
+    in rporec.py (--data.data_dir, ...) since check_config's errors name that spelling."""
     p = argparse.ArgumentParser(description="Prepare an RPORec dataset (cached) and print its statistics.")
     for f in fields(DataConfig):
         kind = dict(action="store_true") if f.type is bool else \
             dict(type=str if f.default is None else type(f.default), default=f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), help=f"default: {f.default}", **kind)
+        names = ["--" + f.name.replace("_", "-")] + ([] if f.name == "dataset" else [f"--data.{f.name}"])
+        p.add_argument(*names, help=f"default: {f.default}", **kind)
     p.add_argument("--json", action="store_true", help="also print the stats as one JSON object on the last line")
     args = vars(p.parse_args(argv))
     as_json = args.pop("json")
     cfg = DataConfig(**args)
     try:
+        check_config(cfg)
         stats = dataset_stats(load_dataset(cfg))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -2,6 +2,7 @@
 import collections
 import csv
 import gzip
+import hashlib
 import json
 import re
 import time
@@ -96,7 +97,8 @@ def test_amazon_item_filter_rules(tmp_path):
     reviews += [("x", m["parent_asin"], ms("2023-06-01") + k) for k, m in enumerate(bad + good)]
     write_amazon(tmp_path / "raw", metas, reviews)
     ds = D.load_dataset(amazon_cfg(tmp_path))
-    assert set(ds.titles[1:]) == {f"Album A{i}" for i in range(4)} | {" ".join(["w"] * 50), "Album G_str", "Album G_int"}
+    assert set(ds.titles[1:]) == {f"Album A{i}" for i in range(4)} | {" ".join(["w"] * 50), "Album G_str",
+                                                                      "Album G_int"}
     assert ds.n_items == 7 and len(ds.titles) == len(ds.texts) == 8
 
 
@@ -143,7 +145,8 @@ def test_amazon_download_via_part_file_and_reuse(tmp_path, monkeypatch):
     server = tmp_path / "server"
     metas, reviews = filler()
     write_amazon(tmp_path / "src", metas, reviews)
-    for rel, name in (("raw/meta_categories", f"meta_{CAT}.jsonl.gz"), ("benchmark/5core/rating_only", f"{CAT}.csv.gz")):
+    for rel, name in (("raw/meta_categories", f"meta_{CAT}.jsonl.gz"),
+                      ("benchmark/5core/rating_only", f"{CAT}.csv.gz")):
         (server / rel).mkdir(parents=True)
         (server / rel / name).write_bytes((tmp_path / "src" / name).read_bytes())
     monkeypatch.setattr(D, "AMAZON_URL", server.as_uri() + "/")
@@ -153,6 +156,41 @@ def test_amazon_download_via_part_file_and_reuse(tmp_path, monkeypatch):
     assert sorted(p.name for p in raw.iterdir()) == [f"{CAT}.csv.gz", f"meta_{CAT}.jsonl.gz"]  # no .part left
     monkeypatch.setattr(D, "AMAZON_URL", "file:///nonexistent/")  # complete files are reused, not fetched
     assert D.load_dataset(D.DataConfig(**{**vars(cfg), "force": True})).splits == ds.splits
+
+
+def test_download_md5_mismatch_deletes_file_and_match_loads(tmp_path, monkeypatch):
+    server = tmp_path / "server"
+    server.mkdir()
+    write_ml100k(server / "ml-100k.zip")  # not GroupLens' zip, so the real published md5 cannot match
+    monkeypatch.setattr(D, "ML_URL", server.as_uri() + "/{}.zip")
+    cfg = D.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"))
+    raw = tmp_path / "data" / "raw"
+    with pytest.raises(ValueError, match=rf"ml-100k.zip: the download .* has md5 \w+, not the published "
+                                         rf"{D.ML_MD5['ml-100k']}.*rerun.*or put a verified copy at"):
+        D.load_dataset(cfg)
+    assert not list(raw.iterdir()) and no_cache(cfg)  # neither the zip nor its .part stays
+    md5 = hashlib.md5((server / "ml-100k.zip").read_bytes()).hexdigest()
+    monkeypatch.setitem(D.ML_MD5, "ml-100k", md5)
+    assert D.load_dataset(cfg).n_items == 5 and [p.name for p in raw.iterdir()] == ["ml-100k.zip"]
+
+
+def test_download_has_a_timeout(tmp_path, monkeypatch):
+    (tmp_path / "f.bin").write_bytes(b"x" * 10)
+    seen, urlopen = [], D.urllib.request.urlopen
+
+    def spy(url, **kw):
+        seen.append(kw.get("timeout"))
+        return urlopen(url, **kw)
+    monkeypatch.setattr(D.urllib.request, "urlopen", spy)
+    D._download((tmp_path / "f.bin").as_uri(), str(tmp_path / "out" / "f.bin"))
+    assert seen == [D.DOWNLOAD_TIMEOUT] and 0 < D.DOWNLOAD_TIMEOUT <= 300
+
+    def stall(url, **kw):
+        raise TimeoutError("timed out")
+    monkeypatch.setattr(D.urllib.request, "urlopen", stall)
+    with pytest.raises(OSError, match="could not download .*timed out"):
+        D._download("https://example.invalid/g.bin", str(tmp_path / "out" / "g.bin"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f.bin"]
 
 
 def test_failed_download_leaves_no_part_file(tmp_path, monkeypatch):
@@ -274,6 +312,19 @@ def test_bring_your_own_tables(tmp_path, ext):
     (tmp_path / "ref").mkdir()
     ref = D.load_dataset(custom_cfg(tmp_path / "ref"))  # TSV with genres as one string
     assert ds.splits == ref.splits and ds.texts == ref.texts
+
+
+@pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl"])
+def test_utf8_bom_tables_load(tmp_path, ext):
+    """Excel's 'CSV UTF-8' starts the file with a byte-order mark; it must not become part of 'item_id'."""
+    cfg = custom_cfg(tmp_path, ext)
+    for path in (cfg.interactions, cfg.items):
+        Path(path).write_bytes(b"\xef\xbb\xbf" + Path(path).read_bytes())
+    ds = D.load_dataset(cfg)
+    (tmp_path / "ref").mkdir()
+    ref = D.load_dataset(custom_cfg(tmp_path / "ref", ext))
+    assert ds.titles[1:] == ["Toy Story", "Heat", "Fargo", "Alien"] and ds.splits == ref.splits
+    assert ds.texts == ref.texts
 
 
 @pytest.mark.skipif(not ML100K.is_dir(), reason="shared MovieLens-100K copy absent")
@@ -398,11 +449,122 @@ def test_other_bad_inputs(tmp_path):
     cfg = custom_cfg(tmp_path, ratings=[dict(r, timestamp="yesterday") for r in RATINGS])
     with pytest.raises(ValueError, match="timestamp 'yesterday' is not a number"):
         D.load_dataset(cfg)
-    with pytest.raises(FileNotFoundError, match="nope.tsv not found"):
+    with pytest.raises(ValueError, match="--data.items .*nope.tsv not found"):
         D.load_dataset(D.DataConfig(**{**vars(cfg), "items": str(tmp_path / "nope.tsv")}))
     with pytest.raises(ValueError, match="needs both tables"):
         D.load_dataset(D.DataConfig(dataset="custom", data_dir=str(tmp_path / "data")))
     assert no_cache(cfg)
+
+
+def test_duplicate_item_ids_name_both_lines(tmp_path):
+    cfg = custom_cfg(tmp_path, movies=MOVIES + [{"item_id": 20, "title": "Heat (remake)", "year": 2030,
+                                                 "genres": "Action"}])
+    with pytest.raises(ValueError, match=r"items.tsv: item id '20' is on line 3 and again on line 6; keep one row"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+    folder = tmp_path / "raw" / "ml-1m"
+    write_ml1m(folder)
+    with open(folder / "movies.dat", "a") as f:
+        f.write("\n2::Other (2000)::Drama")
+    with pytest.raises(ValueError, match=r"movies.dat: item id '2' is on line 2 and again on line 6"):
+        D.load_dataset(D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "d1"), raw_dir=str(tmp_path / "raw")))
+
+
+@pytest.mark.parametrize("ext,value,error", [
+    (".tsv", "inf", "out of range"), (".tsv", "nan", "out of range"), (".tsv", "-5", "out of range"),
+    (".tsv", "1e300", "out of range"), (".jsonl", float("inf"), "out of range"), (".jsonl", True, "not a number"),
+    (".jsonl", None, "not a number")])
+def test_bad_timestamp_names_file_and_line(tmp_path, ext, value, error):
+    ratings = [dict(r) for r in RATINGS]
+    ratings[2]["timestamp"] = value  # the third data row: line 4 under a header, line 3 in JSONL
+    cfg = custom_cfg(tmp_path, ext, ratings=ratings)
+    line = 4 if ext == ".tsv" else 3
+    with pytest.raises(ValueError, match=rf"inter{ext}, line {line}: timestamp .* {error}; give Unix seconds"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+@pytest.mark.parametrize("bad,kind", [("[1, 2]", "list"), ("3", "int"), ('"x"', "str")])
+def test_jsonl_line_that_is_not_an_object(tmp_path, bad, kind):
+    cfg = custom_cfg(tmp_path, ".jsonl")
+    lines = Path(cfg.items).read_text().splitlines()
+    Path(cfg.items).write_text("\n".join(lines[:1] + ["", bad] + lines[1:]) + "\n")  # a blank line still counts
+    with pytest.raises(ValueError, match=rf"items.jsonl: line 3 is a JSON {kind} .*, not an object; each line must "
+                                         r"be one object with the keys item_id, title"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+def test_row_missing_a_field_names_the_line(tmp_path):
+    ratings = [dict(r) for r in RATINGS]
+    del ratings[4]["timestamp"]
+    cfg = custom_cfg(tmp_path, ".jsonl", ratings=ratings)
+    with pytest.raises(ValueError, match=r"inter.jsonl lacks column\(s\) timestamp on line 5 \(that line has "
+                                         r"user_id, item_id, rating\); every line needs user_id, item_id, timestamp"):
+        D.load_dataset(cfg)
+    cfg = custom_cfg(tmp_path, ".csv")
+    lines = Path(cfg.interactions).read_text().splitlines()
+    for row, width in (("u9,10,4", 3), ("u9,10,4,5,extra", 5)):
+        Path(cfg.interactions).write_text("\n".join(lines[:3] + [row] + lines[3:]) + "\n")
+        with pytest.raises(ValueError, match=rf"inter.csv: line 4 has {width} fields but the header has 4; give every "
+                                             "row one value per column .*comma"):
+            D.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
+def test_movielens_damaged_line_names_file_and_line(tmp_path):
+    write_ml100k(tmp_path / "ml-100k.zip")
+    with zipfile.ZipFile(tmp_path / "ml-100k.zip") as z:
+        data, item = z.read("ml-100k/u.data").decode(), z.read("ml-100k/u.item")
+    lines = data.splitlines()
+    lines[1] = lines[1].rsplit("\t", 1)[0]  # a line cut short
+    with zipfile.ZipFile(tmp_path / "ml-100k.zip", "w") as z:
+        z.writestr("ml-100k/u.data", "\n".join(lines))
+        z.writestr("ml-100k/u.item", item)
+    cfg = D.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"ml-100k.zip \(ml-100k/u.data\), line 2 has 3 '\\t'-separated fields, "
+                                         r"not 4 .*damaged: delete .*ml-100k.zip and rerun"):
+        D.load_dataset(cfg)
+    assert no_cache(cfg)
+    folder = tmp_path / "raw" / "ml-1m"
+    write_ml1m(folder)
+    (folder / "ratings.dat").write_text("1::1::5::880000000\n2::3\n")
+    with pytest.raises(ValueError, match=r"ml-1m/ratings.dat, line 2 has 2 '::'-separated fields, not 4"):
+        D.load_dataset(D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "d1"), raw_dir=str(tmp_path / "raw")))
+
+
+@pytest.mark.parametrize("kw,error", [
+    ({"window": 0}, r"--data.window must be >= 1, got 0"),
+    ({"extend_months": 0}, r"--data.extend_months must be >= 1"),
+    ({"max_history_chars": 0}, r"--data.max_history_chars must be >= 1"),
+    ({"train_end": 0.9, "valid_end": 0.8}, r"--data.train_end 0.9 and --data.valid_end 0.8 must satisfy "
+                                           r"0 < train_end < valid_end < 1"),
+    ({"valid_end": 1.0}, r"--data.valid_end 1.0 must satisfy 0 < train_end < valid_end < 1"),
+    ({"train_end": 0.0}, r"--data.train_end 0.0 and"),
+    ({"toy_noise": 1.5}, r"--data.toy_noise is a probability"),
+    ({"start": "2023-13-01"}, r"--data.start '2023-13-01' is not a date; use YYYY-MM-DD"),
+    ({"start": "2023-10-01"}, r"--data.start 2023-10-01 must be before --data.end 2023-10-01"),
+    ({"interactions": "i.tsv"}, r"--data.interactions is read only with --dataset custom \(got --dataset toy\); "
+                                r"add --dataset custom"),
+    ({"dataset": "ml-100k", "interactions": "i.tsv", "items": "m.tsv"},
+     r"--data.interactions and --data.items are read only with --dataset custom \(got --dataset ml-100k\)"),
+    ({"dataset": "custom", "interactions": "i.tsv"}, r"needs both tables: .*\(--data.items missing\)"),
+    ({"dataset": "custom", "interactions": "i.xlsx", "items": "m.tsv"}, r"--data.interactions i.xlsx: unknown table "
+                                                                         r"format; use .tsv, .csv, .jsonl"),
+    ({"dataset": "cd"}, r"unknown dataset 'cd' \(--dataset\)")])
+def test_check_config_names_the_flag(tmp_path, kw, error):
+    cfg = D.DataConfig(**{"data_dir": str(tmp_path / "data"), **kw})
+    with pytest.raises(ValueError, match=error):
+        D.check_config(cfg)
+    with pytest.raises(ValueError, match=error):  # load_dataset checks before any work
+        D.load_dataset(cfg)
+    assert not (tmp_path / "data").exists()
+
+
+def test_check_config_accepts_valid_settings(tmp_path):
+    D.check_config(D.DataConfig())
+    D.check_config(custom_cfg(tmp_path, window=1, train_end=0.5, valid_end=0.6, toy_noise=0.0))
+    D.check_config(D.DataConfig(dataset="cds", start="2020-01-01", end="2020-01-02", min_items=0))
 
 
 # ---------------------------------------------------------------- toy, prompts, stats, CLI
@@ -471,3 +633,12 @@ def test_cli_table_and_json(capsys):
     assert any(re.fullmatch(rf"samples\s+{stats['samples']:,}", line) for line in out[:-1])
     with pytest.raises(SystemExit, match="unknown dataset 'nope'"):
         D.main(["--dataset", "nope"])
+
+
+def test_cli_rejects_bad_flags_with_the_named_spelling(tmp_path):
+    with pytest.raises(SystemExit, match="--data.window must be >= 1"):
+        D.main(["--window", "0"])
+    with pytest.raises(SystemExit, match="--data.window must be >= 1"):
+        D.main(["--data.window", "0"])  # the spelling the error names works here too
+    with pytest.raises(SystemExit, match="--data.interactions is read only with --dataset custom"):
+        D.main(["--interactions", write_table(tmp_path / "i.tsv", RATINGS)])
