@@ -1,4 +1,4 @@
-"""Full-ranking evaluation (paper §3.1) and the popularity baseline.
+"""Full-ranking evaluation (paper §3.1) and the popularity and transition baselines.
 
 Every real item (ids 1..N) is a candidate; column 0 of a score matrix is the pad item and never counts.
 rank = 1 + number of real items scoring strictly higher than the target, so ties favour the target.
@@ -83,16 +83,21 @@ def average_metrics(results: list[dict]) -> dict:
     return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
 
+def target_counts(train_samples: list[dict], n_items: int) -> torch.Tensor:
+    """(N+1,) long: how often each item is a train target (pad column 0 stays 0)."""
+    targets = torch.tensor([s["target"] for s in train_samples], dtype=torch.long)
+    if targets.numel() and (targets.min() < 1 or targets.max() > n_items):
+        raise ValueError(f"train targets must be item ids in 1..{n_items}; check n_items matches the dataset")
+    return torch.bincount(targets, minlength=n_items + 1)  # (N+1,)
+
+
 def popularity_scores(train_samples: list[dict], n_items: int) -> torch.Tensor:
     """(N+1,) float64: how often each item is a train target, pad = -inf.
 
     Ties are broken by subtracting id / (N+1) (< 1, so counts never reorder; smaller id wins). Without it
     every tied item would share the target's rank under the strict-higher rule, inflating the baseline.
     float64 keeps the fraction exact enough for any realistic count."""
-    targets = torch.tensor([s["target"] for s in train_samples], dtype=torch.long)
-    if targets.numel() and (targets.min() < 1 or targets.max() > n_items):
-        raise ValueError(f"train targets must be item ids in 1..{n_items}; check n_items matches the dataset")
-    counts = torch.bincount(targets, minlength=n_items + 1).double()  # (N+1,)
+    counts = target_counts(train_samples, n_items).double()  # (N+1,)
     scores = counts - torch.arange(n_items + 1, dtype=torch.float64) / (n_items + 1)
     scores[0] = -math.inf
     return scores
@@ -102,3 +107,61 @@ def popularity_metrics(train_samples: list[dict], samples: list[dict], n_items: 
     """The popularity baseline on a split: every user gets the train-popularity ranking."""
     pop = popularity_scores(train_samples, n_items)
     return evaluate(lambda part: pop.expand(len(part), -1), samples, cfg)
+
+
+def _last_items(samples: list[dict], n_items: int, what: str) -> torch.Tensor:
+    """(S,) long: each sample's last (most recent) history item, 0 for an empty history."""
+    last = torch.tensor([s["history"][-1] if s["history"] else 0 for s in samples], dtype=torch.long)
+    if last.numel() and (last.min() < 0 or last.max() > n_items):
+        raise ValueError(f"{what} history items must be item ids in 1..{n_items}; check n_items matches the dataset")
+    return last
+
+
+def transition_counts(train_samples: list[dict], n_items: int) -> torch.Tensor:
+    """Sparse COO (N+1, N+1) long, coalesced: entry [a, b] = number of train samples whose last history item
+    is a and whose target is b (first-order Markov counts). Samples with an empty history add nothing; row 0
+    stays empty. Sparse because a dense (N+1)^2 matrix is ~1 GiB in float64 at N = 12k."""
+    last = _last_items(train_samples, n_items, "train")
+    target = torch.tensor([s["target"] for s in train_samples], dtype=torch.long)
+    if target.numel() and (target.min() < 1 or target.max() > n_items):
+        raise ValueError(f"train targets must be item ids in 1..{n_items}; check n_items matches the dataset")
+    keep = last > 0
+    pairs, counts = torch.unique(last[keep] * (n_items + 1) + target[keep], return_counts=True)  # (nnz,)
+    index = torch.stack([pairs // (n_items + 1), pairs % (n_items + 1)])  # (2, nnz)
+    return torch.sparse_coo_tensor(index, counts, (n_items + 1, n_items + 1), check_invariants=True).coalesce()
+
+
+def transition_scores(trans: torch.Tensor, pop_counts: torch.Tensor, samples: list[dict]) -> torch.Tensor:
+    """(b, N+1) float64 scores of the transition baseline for a chunk of samples; pad column 0 = -inf.
+
+    The order is lexicographic in (transition count from the sample's last history item, train-target count,
+    smaller id), built as one exact integer per item:
+        score = t * BIG + (c * (N+1) - id),  BIG = (max c + 1) * (N+1).
+    The popularity part c * (N+1) - id is popularity_scores times N+1 (same order, but an integer); it lies in
+    [-N, max c * (N+1) - 1], a range narrower than BIG, so a one-count transition difference always
+    outweighs any popularity difference. Every score is an integer below 2^53, hence exact in float64 and
+    no tie is created or broken by rounding. A sample whose last item has no train transitions (or whose
+    history is empty) gets t = 0 everywhere: exactly the popularity order."""
+    n = pop_counts.numel() - 1
+    if trans.shape != (n + 1, n + 1):
+        raise ValueError(f"transition counts {tuple(trans.shape)} don't match {n + 1} popularity counts; "
+                         "build both from the same train split and n_items")
+    big = (int(pop_counts.max()) + 1) * (n + 1)
+    t_max = int(trans.values().max()) if trans.values().numel() else 0
+    if (t_max + 1) * big >= 2 ** 53:
+        raise ValueError(f"transition scores up to {(t_max + 1) * big} are not exact in float64 (limit 2^53); "
+                         "the train split is too large for this baseline's integer encoding")
+    last = _last_items(samples, n, "evaluated")
+    t = trans.index_select(0, last).to_dense().double()  # (b, N+1); row 0 (empty history) is all zeros
+    pop = pop_counts.double() * (n + 1) - torch.arange(n + 1, dtype=torch.float64)  # (N+1,)
+    scores = t * big + pop
+    scores[:, 0] = -math.inf
+    return scores
+
+
+def transition_metrics(train_samples: list[dict], samples: list[dict], n_items: int, cfg: EvalConfig) -> dict:
+    """The first-order transition (Markov) baseline on a split: items ranked by how often they followed the
+    sample's last history item as a train target, ties by train popularity then smaller id."""
+    trans = transition_counts(train_samples, n_items)
+    pop_counts = target_counts(train_samples, n_items)
+    return evaluate(lambda part: transition_scores(trans, pop_counts, part), samples, cfg)

@@ -8,7 +8,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluate import (EvalConfig, average_metrics, evaluate, full_ranking, metrics, popularity_metrics,  # noqa: E402
-                      popularity_scores, ranks)
+                      popularity_scores, ranks, target_counts, transition_counts, transition_metrics,
+                      transition_scores)
 
 
 def brute_rank(row: list[float], target: int) -> int:
@@ -114,3 +115,85 @@ def test_popularity_scores_and_baseline():
 def test_average_metrics():
     avg = average_metrics([{"hr@5": 0.2, "n": 4}, {"hr@5": 0.4, "n": 4}])
     assert abs(avg["hr@5"] - 0.3) < 1e-12 and avg["n"] == 4
+
+
+def random_split(seed: int, n_items: int = 12, n_train: int = 150, n_test: int = 60):
+    g = torch.Generator().manual_seed(seed)
+
+    def sample(max_item):
+        h = torch.randint(1, max_item + 1, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()
+        return {"history": h, "target": int(torch.randint(1, n_items + 1, (1,), generator=g))}
+    # train histories use items 1..N-3 only, so test samples ending in N-2..N fall back to popularity
+    return [sample(n_items - 3) for _ in range(n_train)], [sample(n_items) for _ in range(n_test)]
+
+
+def brute_transition_ranks(train, test, n_items, mask_history=False) -> list[int]:
+    trans = {}
+    for s in train:
+        if s["history"]:
+            trans[(s["history"][-1], s["target"])] = trans.get((s["history"][-1], s["target"]), 0) + 1
+    pop = [sum(s["target"] == j for s in train) for j in range(n_items + 1)]
+    out = []
+    for s in test:
+        last = s["history"][-1] if s["history"] else None
+        key = {j: (trans.get((last, j), 0), pop[j], -j) for j in range(1, n_items + 1)
+               if not (mask_history and j in s["history"] and j != s["target"])}
+        order = sorted(key, key=key.get, reverse=True)  # keys are distinct (the id), so no tie is left
+        out.append(order.index(s["target"]) + 1)
+    return out
+
+
+def test_transition_counts_by_hand():
+    train = [{"history": [2, 1], "target": 3}, {"history": [5, 1], "target": 3}, {"history": [1], "target": 4},
+             {"history": [], "target": 2}, {"history": [3], "target": 1}]
+    dense = transition_counts(train, n_items=5).to_dense()
+    assert dense.shape == (6, 6) and dense.sum() == 4  # the empty history adds nothing
+    assert dense[1, 3] == 2 and dense[1, 4] == 1 and dense[3, 1] == 1
+    assert target_counts(train, 5).tolist() == [0, 1, 1, 2, 1, 0]
+    with pytest.raises(ValueError, match="n_items"):
+        transition_counts([{"history": [7], "target": 1}], n_items=5)
+    with pytest.raises(ValueError, match="n_items"):
+        transition_counts([{"history": [1], "target": 6}], n_items=5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("mask", [False, True])
+def test_transition_matches_brute_force(seed, mask):
+    train, test = random_split(seed)
+    trans, pop = transition_counts(train, 12), target_counts(train, 12)
+    r = full_ranking(lambda part: transition_scores(trans, pop, part), test, chunk=7, mask_history=mask)
+    expect = brute_transition_ranks(train, test, 12, mask)
+    assert r.tolist() == expect
+    m = transition_metrics(train, test, 12, EvalConfig(ks=(1, 3, 5), chunk=7, mask_history=mask))
+    for k, v in brute_metrics(expect, (1, 3, 5)).items():
+        assert abs(m[k] - v) < 1e-12
+    assert m["n"] == len(test)
+
+
+def test_transition_fallback_is_popularity():
+    train, test = random_split(0)
+    unseen = [s for s in test if not s["history"] or s["history"][-1] > 9]  # never a train last item
+    assert len(unseen) >= 5
+    scores = transition_scores(transition_counts(train, 12), target_counts(train, 12), unseen)  # (b, 13)
+    pop = popularity_scores(train, 12)
+    assert torch.equal(scores.argsort(dim=1, descending=True), pop.expand(len(unseen), -1).argsort(descending=True))
+    for mask in (False, True):
+        cfg = EvalConfig(ks=(1, 5, 10), mask_history=mask)
+        assert transition_metrics(train, unseen, 12, cfg) == popularity_metrics(train, unseen, 12, cfg)
+
+
+def test_transition_order_and_history_mask_by_hand():
+    # item 4 follows 1 twice, item 2 once; item 3 is the most popular target; items 5, 6 never occur
+    train = [{"history": [1], "target": 4}, {"history": [1], "target": 4}, {"history": [1], "target": 2},
+             {"history": [6], "target": 3}, {"history": [5], "target": 3}, {"history": [5], "target": 3}]
+    trans, pop = transition_counts(train, 6), target_counts(train, 6)
+    scores = transition_scores(trans, pop, [{"history": [1], "target": 3}])
+    assert scores[0].argsort(descending=True).tolist()[:6] == [4, 2, 3, 1, 5, 6]  # counts, popularity, id
+    assert scores[0, 0] == -math.inf
+    test = [{"history": [4, 1], "target": 3}, {"history": [2, 1], "target": 2}]
+    cfg = EvalConfig(ks=(1, 3))
+    assert transition_metrics(train, test, 6, cfg) == {"hr@1": 0.0, "ndcg@1": 0.0, "hr@3": 1.0,
+                                                       "ndcg@3": (0.5 + 1 / math.log2(3)) / 2, "n": 2}
+    # masked: 4 drops out of the first sample (rank 3 -> 2); 2 is the second sample's target and stays
+    m = transition_metrics(train, test, 6, EvalConfig(ks=(1, 3), mask_history=True))
+    assert m["hr@1"] == 0.0 and m["ndcg@3"] == 1 / math.log2(3)
