@@ -1,29 +1,46 @@
 """GRPO with an entropy token mask for RPORec Stage II (paper Appendix A.1, eq. 8-11).
 
 Pure tensor functions (advantages, KL, entropy mask, loss, chunked log-probs) plus `rollout`
-(G completions per prompt through decode.generate) and `update` (one micro-batched step).
+(G completions per prompt through decode.generate) and `update` (mu micro-batched optimisation
+passes over one rollout batch).
 
 Choices the paper leaves open, made here:
 - The ratio w = pi_theta / pi_old uses the policy that sampled (eq. 9 writes pi_ref, a typo:
   every GRPO implementation uses pi_old there and pi_ref only in the KL).
-- Every rollout batch gets one optimisation step, so pi_old is the policy being optimised and
-  w = exp(logp - logp.detach()) = 1 in value (as TRL does with num_iterations=1); the clip is then
-  inactive and the gradient is A * grad logp. old_logp="rollout" takes pi_old from the decoder's
-  own log-probs instead, which lets decode-vs-train numerics into w: on SmolLM2-135M, bf16
-  decoding against a bf16-autocast training forward gave mean |dlogp| 0.037, |w - 1| > 0.05 on
-  29% of the tokens (tests/real_model_check.py; README, Choices).
+- By default (iterations mu = 1) every rollout batch gets one optimisation step, so pi_old is the
+  policy being optimised and w = exp(logp - logp.detach()) = 1 in value (as TRL does with
+  num_iterations=1); the clip is then inactive and the gradient is A * grad logp.
+  old_logp="rollout" takes pi_old from the decoder's own log-probs instead, which lets
+  decode-vs-train numerics into w: on SmolLM2-135M, bf16 decoding against a bf16-autocast
+  training forward gave mean |dlogp| 0.037, |w - 1| > 0.05 on 29% of the tokens
+  (tests/real_model_check.py; README, Choices).
+- mu > 1 (TRL's num_iterations, PPO's update epochs) optimises the batch mu times: mu optimizer
+  steps, each over all micro-batches with its own grad-norm clip. pi_old is then the policy that
+  sampled, its log-probs taken by one no-grad forward of the policy (same autocast, same
+  micro-batches) before the first pass, so w = 1 on pass 1 (the mu = 1 gradient) and moves away
+  from 1 on the later passes, where the clip binds. With old_logp="rollout" the decoder's
+  log-probs are pi_old on every pass. pi_ref's log-probs are taken once, the entropy mask is
+  computed once per rollout batch, and update() returns the pass-averaged stats plus "passes",
+  the per-pass loss, kl, clip_low, clip_high, clip_frac and grad_norm.
 - The entropies of eq. 11 (m_t and r_ent) come from the rollout's own decoding pass
   (decode.generate(stats=True)), not a second forward.
 - Logits are divided by the sampling temperature everywhere (rollout, policy, reference), so
   pi_old is the distribution that sampled; rollouts should use top_p = 1, top_k = 0.
 - A_i = (r_i - mean_G) / (std_G + adv_eps) with torch's default (unbiased) std; a group whose
   rewards are all equal gets A = 0 exactly (counted by zero_spread_groups).
-- KL to pi_ref by the k3 estimator exp(ref - logp) - (ref - logp) - 1 over all completion tokens;
-  the entropy mask m_t multiplies the policy-gradient term only.
+- KL to pi_ref by the k3 estimator exp(d) - d - 1, d = ref - logp clamped to
+  +-KL_LOG_RATIO_MAX, over all completion tokens; the entropy mask m_t multiplies the
+  policy-gradient term only.
 - m_t = 1 for completion tokens with entropy >= the (1 - rho) quantile (linear interpolation) of
   all completion tokens of the rollout batch, gathered across processes when distributed.
 - The 1/|o_i| denominators are the full completion lengths (masked tokens still count), then a
   mean over all sequences of the batch (= mean over prompts of the 1/G sum).
+- A non-finite number never reaches the weights: update() checks the advantages and the
+  completion tokens' entropies before the first pass (one NaN reward makes its whole group's
+  advantages NaN; one NaN entropy makes the mask's quantile NaN, so it keeps nothing) and the loss
+  and gradient norm of every pass after backward. On failure it drops the gradients, skips the
+  optimizer step (weights and optimizer state untouched), stops the remaining passes and names the
+  reason in stats["skipped"] ("" when every pass stepped). Processes take this decision together.
 - Log-probs come from the decoder's hidden states and the output head applied in fp32 chunks under
   activation checkpointing, so a 150k vocabulary never materialises logits for the whole batch.
 - Gradients are averaged across processes by hand: the chunked head bypasses model.forward, so
@@ -39,6 +56,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 QUANTILE_MAX = 2 ** 24  # torch.quantile refuses larger inputs; beyond it we sort ourselves
+# k3 evaluates exp(ref - logp): fp32 overflows past a gap of ~88.7 (one token the policy has pushed
+# far below the reference) and the loss becomes inf, its gradient NaN. verl and OpenRLHF clamp the
+# gap to [-20, 20]; beyond it the KL term is constant (exp(20) ~ 4.9e8) and gives no gradient.
+KL_LOG_RATIO_MAX = 20.0
+STAT_KEYS = ("loss", "kl", "clip_low", "clip_high", "clip_frac", "grad_norm")  # per pass and averaged
 
 
 @dataclass
@@ -48,13 +70,19 @@ class GRPOConfig:
     temperature: float = 1.0   # sampling temperature; logits are divided by it in the loss too
     max_new_tokens: int = 768  # completion length cap (paper 768, official 1024)
     eps: float = 0.2           # PPO clip range of eq. 10
-    old_logp: str = "policy"   # pi_old in w: "policy" = logp.detach() (one step per batch) | "rollout" = decoder's
+    old_logp: str = "policy"   # pi_old in w: "policy" = the policy before the batch's 1st step | "rollout" = decoder's
+    iterations: int = 1        # mu: optimisation passes (optimizer steps) per rollout batch (TRL num_iterations)
     beta: float = 1e-3         # KL weight of eq. 10 (official); 0 skips the reference forward
     rho: float = 0.2           # entropy mask keeps the top-rho tokens of the batch (eq. 11, [31])
     lr: float = 1e-6           # AdamW learning rate
     max_grad_norm: float = 1.0  # gradient-norm clip
     weight_decay: float = 0.0  # AdamW weight decay
-    steps: int = 200           # GRPO steps (= rollout batches, one optimisation step each)
+    epochs: int = 1            # Alg. 1 lines 13-21: at most this many epochs over the train set
+    steps: int = 0             # optional cap on GRPO steps (= rollout batches) for quick runs; 0 = no cap
+    eval_every: int = 50       # score a fixed valid subset with the current policy every this many steps (official 50)
+    eval_samples: int = 512    # size of that fixed, seeded valid subset
+    patience: int = 5          # stop after this many evaluations without a better valid NDCG@10
+    max_skips: int = 3         # stop after this many steps in a row skipped for non-finite values
     micro_batch: int = 8       # sequences per forward/backward micro-batch
     logit_chunk: int = 1024    # tokens per output-head chunk in sequence_logprobs
     grad_checkpointing: bool = False  # decoder activation checkpointing (rporec.py enables it)
@@ -65,7 +93,8 @@ class GRPOConfig:
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """Eq. 8: A_i = (r_i - mean_G) / (std_G + eps) within contiguous groups of size G.
-    rewards (N*G,) -> (N*G,); a group with zero spread gets exactly 0."""
+    rewards (N*G,) -> (N*G,); a group with zero spread gets exactly 0. A NaN or inf reward makes
+    its whole group NaN: update() then skips the step."""
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"need group_size >= 2 dividing the {rewards.numel()} rewards, got "
                          f"group_size={group_size}; sample G >= 2 completions per prompt")
@@ -82,8 +111,9 @@ def zero_spread_groups(rewards: torch.Tensor, group_size: int) -> int:
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(d) - d - 1, d = ref - logp (>= 0)."""
-    d = ref_logp - logp
+    """KL term of eq. 10: k3 estimator of KL(pi_theta || pi_ref) per token, exp(d) - d - 1 >= 0,
+    d = ref - logp clamped to [-KL_LOG_RATIO_MAX, KL_LOG_RATIO_MAX] so it stays finite."""
+    d = (ref_logp - logp).clamp(-KL_LOG_RATIO_MAX, KL_LOG_RATIO_MAX)
     return torch.exp(d) - d - 1
 
 
@@ -126,10 +156,11 @@ def entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, rho: float = 0.2) ->
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, ent_mask, eps=0.2, beta=1e-3):
-    """Eq. 10 as a loss to minimise. logp, old_logp, ref_logp (B, T); advantages (B,); mask and
-    ent_mask (B, T) bool. Per token: -min(w A, clip(w, 1-eps, 1+eps) A) * m_t + beta * k3,
-    w = exp(logp - old_logp); each sequence averaged over its valid tokens, then mean over
-    sequences. ref_logp may be None only when beta == 0. Returns (loss, stats of floats)."""
+    """Eq. 10 (with eq. 9's ratio w) as a loss to minimise. logp, old_logp, ref_logp (B, T);
+    advantages (B,); mask and ent_mask (B, T) bool. Per token:
+    -min(w A, clip(w, 1-eps, 1+eps) A) * m_t + beta * k3, w = exp(logp - old_logp); each sequence
+    averaged over its valid tokens, then mean over sequences. ref_logp may be None only when
+    beta == 0. Returns (loss, stats of floats)."""
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp; pass the reference model's log-probs "
                          "or set beta=0")
@@ -221,44 +252,113 @@ def _micro(batch, s, e):
     return ids, am, t
 
 
-def update(model, ref_model, optimizer, batch: dict, cfg: GRPOConfig, autocast_dtype=None) -> dict:
-    """One GRPO optimisation step on a rollout batch (make_batch): entropy mask over the whole
-    batch, micro-batches of cfg.micro_batch sequences whose losses are scaled so their sum is the
-    full-batch mean, grad-norm clip, optimizer step. autocast_dtype: e.g. torch.bfloat16 on GPU."""
+def _autocast(device, dtype):
+    """Autocast context for the policy and reference forwards (a no-op without a dtype)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def _any_rank(flags, device) -> list:
+    """Each boolean flag OR-ed over all processes, so every process takes the same skip decision."""
+    t = torch.tensor([float(f) for f in flags], device=device)  # (n_flags,)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _check_config(cfg: GRPOConfig):
     if cfg.old_logp not in ("policy", "rollout"):
-        raise ValueError(f"old_logp={cfg.old_logp!r}; use 'policy' (pi_old = the policy being updated) or 'rollout'")
-    mask = batch["mask"]
-    B = mask.shape[0]
-    ent_mask = entropy_mask(batch["entropy"], mask, cfg.rho)  # (B, T)
+        raise ValueError(f"old_logp={cfg.old_logp!r}; use 'policy' (pi_old = the policy before this batch's "
+                         "first step) or 'rollout' (the decoder's log-probs)")
+    if not isinstance(cfg.iterations, int) or cfg.iterations < 1:
+        raise ValueError(f"iterations={cfg.iterations!r}; use an integer >= 1 (1 = one optimisation step per "
+                         "rollout batch, the official setting)")
+
+
+@torch.no_grad()
+def _fixed_logprobs(model, ref_model, batch, micro, cfg, autocast_dtype):
+    """Per micro-batch, the log-probs that stay fixed over the passes: pi_ref's (None when
+    beta == 0) and pi_old's of eq. 9 (None = logp.detach(), the mu = 1 policy default)."""
     device = batch["tokens"].device
-    optimizer.zero_grad(set_to_none=True)
-    totals = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_frac": 0.0}
+    refs, olds = [], []
+    for s, e, ids, am, t in micro:
+        with _autocast(device, autocast_dtype):
+            ref = sequence_logprobs(ref_model, ids, am, t, cfg.temperature, cfg.logit_chunk) if cfg.beta > 0 else None
+            old = None
+            if cfg.old_logp == "rollout":
+                old = batch["old_logp"][s:e, :t]
+            elif cfg.iterations > 1:  # the policy that sampled, before the first step moves it
+                old = sequence_logprobs(model, ids, am, t, cfg.temperature, cfg.logit_chunk)
+        refs.append(ref)
+        olds.append(old)
+    return refs, olds
+
+
+def _pass(model, optimizer, batch, micro, ent_mask, refs, olds, cfg, autocast_dtype):
+    """One optimisation pass of eq. 10 over all micro-batches (losses scaled so that their sum is
+    the full-batch mean): backward, gradient average across processes, grad-norm clip, optimizer
+    step. Returns (stats, reason); a non-empty reason (non-finite loss or gradient norm) means the
+    gradients were dropped and the optimizer did not step."""
+    mask, device = batch["mask"], batch["tokens"].device
+    B = mask.shape[0]
     n_tok = mask.sum().clamp(min=1).item()
-    for s in range(0, B, cfg.micro_batch):
-        e = min(s + cfg.micro_batch, B)
-        ids, am, t = _micro(batch, s, e)
-        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with amp:
+    optimizer.zero_grad(set_to_none=True)
+    st = dict.fromkeys(STAT_KEYS, 0.0)
+    for (s, e, ids, am, t), ref, old in zip(micro, refs, olds):
+        with _autocast(device, autocast_dtype):
             logp = sequence_logprobs(model, ids, am, t, cfg.temperature, cfg.logit_chunk)  # (b, t)
-            ref = None
-            if cfg.beta > 0:
-                with torch.no_grad():
-                    ref = sequence_logprobs(ref_model, ids, am, t, cfg.temperature, cfg.logit_chunk)
-        old = logp.detach() if cfg.old_logp == "policy" else batch["old_logp"][s:e, :t]
-        loss, st = grpo_loss(logp, old, ref, batch["advantages"][s:e],
-                             mask[s:e, :t], ent_mask[s:e, :t], cfg.eps, cfg.beta)
+        loss, parts = grpo_loss(logp, logp.detach() if old is None else old, ref, batch["advantages"][s:e],
+                                mask[s:e, :t], ent_mask[s:e, :t], cfg.eps, cfg.beta)
         (loss * (e - s) / B).backward()
-        totals["loss"] += loss.item() * (e - s) / B
+        st["loss"] += loss.item() * (e - s) / B
         share = mask[s:e].sum().item() / n_tok  # token-level stats: weight by valid tokens
         for k in ("kl", "clip_low", "clip_high", "clip_frac"):
-            totals[k] += st[k] * share
+            st[k] += parts[k] * share
     params = [p for p in model.parameters() if p.grad is not None]
     if dist.is_available() and dist.is_initialized():
         for p in params:
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
+    st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    bad_loss, bad_grad = _any_rank([not math.isfinite(st["loss"]), not math.isfinite(st["grad_norm"])], device)
+    reason = "non-finite loss" if bad_loss else "non-finite gradient norm" if bad_grad else ""  # on any process
+    if not reason:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    kept = ent_mask.sum().item() / n_tok
-    return {**totals, "grad_norm": float(grad_norm), "kept": kept}
+    model.zero_grad(set_to_none=True)  # also parameters the optimizer does not hold: no stale NaN grads
+    return st, reason
+
+
+def update(model, ref_model, optimizer, batch: dict, cfg: GRPOConfig, autocast_dtype=None) -> dict:
+    """Eq. 10 (ratio of eq. 9, entropy mask of eq. 11) optimised on a rollout batch (make_batch):
+    cfg.iterations passes of micro-batches of cfg.micro_batch sequences, one grad-norm clip and
+    optimizer step each. autocast_dtype: e.g. torch.bfloat16 on GPU. Returns the pass-averaged
+    STAT_KEYS, "kept" (share of tokens in the mask), "passes" (per-pass STAT_KEYS of the passes that
+    stepped) and "skipped" ("" or why the step was skipped; the weights never see a NaN)."""
+    _check_config(cfg)
+    mask, device = batch["mask"], batch["tokens"].device
+    B = mask.shape[0]
+    bad_adv, bad_ent = _any_rank([not bool(torch.isfinite(batch["advantages"]).all()),
+                                  not bool(torch.isfinite(batch["entropy"][mask]).all())], device)
+    if bad_adv or bad_ent:
+        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        why = ("non-finite advantage (a NaN or inf reward poisons its group: check the rewards)" if bad_adv
+               else "non-finite entropy on a completion token (check the rollout's logits)")
+        return {**dict.fromkeys(STAT_KEYS, math.nan), "kept": math.nan, "passes": [], "skipped": why}
+    ent_mask = entropy_mask(batch["entropy"], mask, cfg.rho)  # (B, T), once per rollout batch
+    micro = []  # (s, e, ids, am, t) per micro-batch, the same for every pass
+    for s in range(0, B, cfg.micro_batch):
+        e = min(s + cfg.micro_batch, B)
+        micro.append((s, e, *_micro(batch, s, e)))
+    refs, olds = _fixed_logprobs(model, ref_model, batch, micro, cfg, autocast_dtype)
+    passes, skipped = [], ""
+    for k in range(cfg.iterations):
+        st, reason = _pass(model, optimizer, batch, micro, ent_mask, refs, olds, cfg, autocast_dtype)
+        if reason:
+            skipped = (f"pass {k + 1} of {cfg.iterations}: {reason} (this process: loss {st['loss']:.4g}, "
+                       f"grad norm {st['grad_norm']:.4g})")
+            break
+        passes.append(st)
+    avg = {k: sum(p[k] for p in passes) / len(passes) if passes else math.nan for k in STAT_KEYS}
+    kept = ent_mask.sum().item() / mask.sum().clamp(min=1).item()
+    return {**avg, "kept": kept, "passes": passes, "skipped": skipped}

@@ -1,4 +1,5 @@
 import copy
+import math
 import os
 import sys
 import tempfile
@@ -77,6 +78,20 @@ def test_kl_k3():
     assert (kl > 0).all()
     d = torch.tensor(0.3)
     assert kl[0] == pytest.approx(float(d.exp() - d - 1))
+
+
+def test_kl_k3_stays_finite_at_large_log_prob_gaps():
+    """A gap of 100 overflows exp in fp32; the clamp at KL_LOG_RATIO_MAX keeps value and gradient finite."""
+    logp = torch.tensor([-101.0, -1.0, -1.0]).requires_grad_(True)
+    ref = torch.tensor([-1.0, -101.0, -1.5])
+    kl = G.kl_k3(logp, ref)
+    assert torch.isfinite(kl).all()
+    d = torch.tensor(G.KL_LOG_RATIO_MAX)
+    assert float(kl[0].detach()) == pytest.approx(float(d.exp() - d - 1))  # clamped at +20
+    assert float(kl[1].detach()) == pytest.approx(float((-d).exp() + d - 1))  # clamped at -20
+    kl.sum().backward()
+    assert torch.isfinite(logp.grad).all()
+    assert logp.grad[2] == pytest.approx(1 - math.exp(-0.5))  # inside the clamp: d(e^d - d)/dlogp = 1 - e^d
 
 
 def test_entropy_mask_counts_valid_tokens_only():
@@ -246,7 +261,8 @@ def test_old_logp_policy_ignores_the_rollout_logprobs():
     with old_logp="rollout" they do."""
     base = tiny_model()
     batch = toy_batch(base)
-    noisy = dict(batch, old_logp=batch["old_logp"] + 0.3 * torch.randn(2, 6, generator=torch.Generator().manual_seed(4)))
+    noise = torch.randn(2, 6, generator=torch.Generator().manual_seed(4))
+    noisy = dict(batch, old_logp=batch["old_logp"] + 0.3 * noise)
     ref = tiny_model(seed=1)
 
     def step(b, old_logp):
@@ -270,7 +286,8 @@ def test_update_under_bf16_autocast_runs():
     cfg = G.GRPOConfig(beta=1e-3, rho=0.2, micro_batch=1)
     stats = G.update(model, copy.deepcopy(model), torch.optim.AdamW(model.parameters(), lr=1e-3),
                      batch, cfg, autocast_dtype=torch.bfloat16)
-    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert all(math.isfinite(stats[k]) for k in G.STAT_KEYS + ("kept",))
+    assert stats["skipped"] == "" and len(stats["passes"]) == 1
 
 
 # ---------------------------------------------------------------- rollout
@@ -313,3 +330,148 @@ def test_rollout_with_real_decoder_feeds_update():
     stats = G.update(model, None, torch.optim.SGD(model.parameters(), lr=1e-2), batch,
                      G.GRPOConfig(beta=0.0, micro_batch=2))
     assert stats["clip_frac"] == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------- mu > 1 passes
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a copy of the (clipped) gradients it steps with."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.grads = []
+
+    def step(self, closure=None):
+        self.grads.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return super().step(closure)
+
+
+def count_forwards(model):
+    calls = []
+    model.get_decoder().register_forward_hook(lambda mod, args, out: calls.append(torch.is_grad_enabled()))
+    return calls
+
+
+@pytest.mark.parametrize("old_logp", ["policy", "rollout"])
+def test_iterations_make_the_clip_live_and_pass_one_is_the_single_step(old_logp):
+    base = tiny_model()
+    batch = toy_batch(base)  # old_logp = the model's own log-probs: the two choices start at w = 1
+    runs = {}
+    for mu in (1, 4):
+        model = copy.deepcopy(base)
+        calls = count_forwards(model)
+        opt = RecordingSGD(model.parameters(), lr=2.0)
+        cfg = G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=1, iterations=mu, old_logp=old_logp)
+        runs[mu] = (G.update(model, None, opt, batch, cfg), opt.grads, calls)
+    one, grads1, calls1 = runs[1]
+    four, grads4, calls4 = runs[4]
+    assert len(grads1) == 1 and len(grads4) == 4  # one optimizer step per pass
+    for a, b in zip(grads1[0], grads4[0]):
+        assert torch.allclose(a, b, atol=1e-7)  # pass 1 of mu = 4 is the mu = 1 step
+    assert four["skipped"] == "" and len(four["passes"]) == 4
+    assert four["passes"][0]["clip_frac"] == 0.0 and one["clip_frac"] == 0.0
+    assert all(p["clip_frac"] > 0 for p in four["passes"][1:])  # w has left [1 - eps, 1 + eps]
+    assert four["clip_frac"] == pytest.approx(sum(p["clip_frac"] for p in four["passes"]) / 4)
+    assert set(four["passes"][0]) >= {"loss", "kl", "clip_low", "clip_high", "grad_norm"}
+    # pi_old by one no-grad forward per micro-batch before the passes, only when it is the policy's
+    assert calls1 == [True, True]
+    assert calls4 == ([False, False] if old_logp == "policy" else []) + [True] * 8
+    with pytest.raises(ValueError, match="iterations"):
+        G.update(base, None, opt, batch, G.GRPOConfig(iterations=0))
+
+
+# ---------------------------------------------------------------- non-finite numbers never reach the weights
+
+def warm_adamw(model, batch):
+    """AdamW after one normal step, so that its state (moments, step count) is not empty."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = G.update(model, None, opt, batch, G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=1))
+    assert stats["skipped"] == ""
+    return opt
+
+
+def snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def assert_untouched(model, opt, snap):
+    params, state = snap
+    assert all(torch.equal(a, b.detach()) for a, b in zip(params, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    now = opt.state_dict()
+    assert now["state"].keys() == state["state"].keys()
+    for k, s in state["state"].items():
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(now["state"][k][n])) for n, v in s.items())
+
+
+@pytest.mark.parametrize("field,row,col,value,reason", [
+    ("advantages", 1, None, math.nan, "advantage"),
+    ("advantages", 0, None, math.inf, "advantage"),
+    ("entropy", 0, 2, math.nan, "entropy"),
+    ("entropy", 1, 0, math.inf, "entropy"),
+])
+def test_update_skips_non_finite_advantages_and_entropies(field, row, col, value, reason):
+    model = tiny_model()
+    batch = toy_batch(model)
+    opt = warm_adamw(model, batch)
+    bad = {k: v.clone() for k, v in batch.items()}
+    if col is None:
+        bad[field][row] = value
+    else:
+        bad[field][row, col] = value
+    snap = snapshot(model, opt)
+    stats = G.update(model, copy.deepcopy(model), opt, bad, G.GRPOConfig(beta=0.1, micro_batch=1, iterations=2))
+    assert reason in stats["skipped"] and stats["passes"] == []
+    assert_untouched(model, opt, snap)
+
+
+def test_non_finite_entropy_on_padding_is_ignored():
+    model = tiny_model()
+    batch = toy_batch(model)
+    batch["entropy"][1, 4] = math.nan  # row 1 has 3 completion tokens: column 4 is padding
+    stats = G.update(model, None, torch.optim.SGD(model.parameters(), lr=1e-2), batch,
+                     G.GRPOConfig(beta=0.0, micro_batch=2))
+    assert stats["skipped"] == "" and 0 < stats["kept"] < 1
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_update_skips_a_non_finite_loss_or_gradient(where):
+    model = tiny_model()
+    batch = toy_batch(model)
+    opt = warm_adamw(model, batch)
+    snap = snapshot(model, opt)
+    if where == "loss":  # NaN hidden states: NaN log-probs, loss and gradients
+        hook = model.get_decoder().norm.register_forward_hook(lambda mod, args, out: out * math.nan)
+    else:  # a finite loss whose gradient overflows
+        hook = model.get_decoder().layers[0].mlp.up_proj.weight.register_hook(lambda g: g * math.inf)
+    stats = G.update(model, copy.deepcopy(model), opt, batch, G.GRPOConfig(beta=0.1, rho=0.5, micro_batch=1))
+    hook.remove()
+    expected = "non-finite loss" if where == "loss" else "non-finite gradient norm"
+    assert stats["skipped"].startswith(f"pass 1 of 1: {expected}") and stats["passes"] == []
+    assert math.isnan(stats["loss"]) and 0 < stats["kept"] < 1
+    assert_untouched(model, opt, snap)
+
+
+def test_a_non_finite_pass_stops_the_remaining_passes():
+    """mu = 3, NaN from the second pass on: the first pass's step stays (it equals the mu = 1 step),
+    passes 2 and 3 change nothing."""
+    base = tiny_model()
+    batch = toy_batch(base)
+    single = copy.deepcopy(base)
+    G.update(single, None, torch.optim.SGD(single.parameters(), lr=0.5), batch,
+             G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=2))
+    model = copy.deepcopy(base)
+    forwards = []
+
+    def poison_after_first_pass(mod, args, out):
+        forwards.append(1)
+        return out * math.nan if len(forwards) > 2 else out  # forward 1: pi_old, 2: pass 1
+
+    model.get_decoder().norm.register_forward_hook(poison_after_first_pass)
+    stats = G.update(model, None, torch.optim.SGD(model.parameters(), lr=0.5), batch,
+                     G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=2, iterations=3))
+    assert stats["skipped"].startswith("pass 2 of 3: non-finite loss") and len(stats["passes"]) == 1
+    assert len(forwards) == 3  # pass 3 never ran
+    assert stats["loss"] == stats["passes"][0]["loss"]  # the averages cover the passes that stepped
+    for a, b in zip(model.parameters(), single.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
