@@ -15,6 +15,11 @@ official=True drops the "- 0.5" and the FFN on the answer. The `-cot` ablation (
 "removes CoT inputs and reasoning-augmented modeling") has no f_cot, eq. 3 or gate: h_u = r_sel, which is
 r_x when no answer parsed (the history-only Rechead). Encoders compute in fp32 whatever dtype they were saved in.
 
+Trainable StaticEmbedding copies (the paper's encoder type) take a fast path with the same vectors: each distinct
+text is tokenised once, and a batch gathers only the table rows it touches, so with sparse=True the gradient and
+the optimizer step (SparseAdam, see make_optimizer) cover those rows, not the whole vocabulary. item_ids=True
+(beyond the paper) adds a learnable, zero-initialised vector per item to h_v; eq. 5 is `eq5` in every use.
+
 Also: `build_toy_encoder` (a tiny offline StaticEmbedding model for the `toy` preset and the tests) and
 `ground_scores` (the `-I` ablation: answer -> items by cosine of the pre-trained encoder, no Rechead).
 The train script owns the training loop; this module gives it the model, the sampler and the loss.
@@ -25,6 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
@@ -47,6 +53,9 @@ class RecheadConfig:
     ffn_layers: int = 3  # [LayerNorm, Linear(d, d)] blocks after the encoders, LeakyReLU between, none at the end
     max_seq_length: int = 0  # tokens kept per text; 0 = the encoder's own limit (none for StaticEmbedding)
     history_chars: int = 0  # character budget of x (newest items kept); 0 = data.max_history_chars
+    history_items: int = 0  # x is built from the newest N history items (0 = all, as the paper); prompts are unchanged
+    item_ids: bool = False  # beyond the paper: a learnable vector per item, zero-initialised, added to h_v in eq. 5
+    sparse: bool = True  # row-sparse grads + SparseAdam for static-encoder and item-id tables; must be False under DDP
     lr: float = 1e-3  # Adam learning rate (official)
     batch_size: int = 128  # training samples per step (official)
     negatives: int = 49  # k in eq. 6 (official)
@@ -100,10 +109,15 @@ class Rechead(nn.Module):
         self.d = d = self.item_encoder.get_embedding_dimension()
         if d % cfg.heads:
             raise ValueError(f"encoder dimension {d} is not divisible by heads={cfg.heads}; pick heads dividing {d}")
+        if cfg.history_items < 0:
+            raise ValueError(f"history_items={cfg.history_items}; use 0 (all history items) or a positive count")
         self._cache: dict[str, torch.Tensor] = {}  # text -> frozen pre-trained embedding (d,)
+        self._bags: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # text -> (token ids, mean weights), static path
         kinds = ["his", "cot", "ans"] if cfg.use_cot else ["his", "ans"]
         if cfg.trainable:  # separate fine-tuned copies of the pre-trained encoder (official)
             self.encoders = nn.ModuleDict({k: copy.deepcopy(self.item_encoder).requires_grad_(True) for k in kinds})
+        first = self.item_encoder[0]
+        self.static = cfg.trainable and isinstance(first, StaticEmbedding) and first.embedding.mode == "mean"
         with_ffn = [k for k in kinds if k != "ans" or not cfg.official]  # official code: no FFN on the answer
         self.ffn = nn.ModuleDict({k: ffn(d, cfg.ffn_layers) for k in with_ffn})
         if cfg.use_cot:  # the -cot ablation has no reasoning branch at all, so no parameters for it
@@ -113,6 +127,9 @@ class Rechead(nn.Module):
         h_v = self.encode_frozen(item_texts[1:])  # (N, d), f_item = pre-trained encoder alone
         # Not persistent: recomputed from item_texts at construction, keeps checkpoints small.
         self.register_buffer("item_vecs", torch.cat([torch.zeros(1, d, device=self.device), h_v]), persistent=False)
+        if cfg.item_ids:  # from_pretrained: zeros without drawing random numbers, so other inits match a plain head
+            self.item_ids = nn.Embedding.from_pretrained(torch.zeros(len(item_texts), d), freeze=False,
+                                                         padding_idx=0, sparse=cfg.sparse)
         self._cache.clear()  # item texts are not user-side inputs; free the memory
         self.to(self.device)
 
@@ -126,8 +143,9 @@ class Rechead(nn.Module):
         return torch.stack([self._cache[t] for t in texts])
 
     def forget(self):
-        """Empty the frozen-embedding cache (Stage II sees new CoTs every step; keep memory bounded)."""
+        """Empty the frozen-embedding and token caches (Stage II sees new CoTs every step; keep memory bounded)."""
         self._cache.clear()
+        self._bags.clear()
 
     def knows(self, text: str) -> bool:
         return text in self._cache
@@ -136,9 +154,49 @@ class Rechead(nn.Module):
         """Seed the frozen-embedding cache, e.g. from disk: texts[i] -> vecs[i] (d,), kept in fp32."""
         self._cache.update(zip(texts, [] if vecs is None else vecs.to(self.device, torch.float32)))
 
+    def tokenise(self, texts: list[str]):
+        """Cache each new text as a bag of distinct token ids with weights count / text length (a weighted sum is
+        then StaticEmbedding's mean). Lazy in bags(); calling it once up front on every text is cheaper on a busy
+        CPU than many small tokenizer calls interleaved with training steps."""
+        new = list(dict.fromkeys(t for t in texts if t not in self._bags))
+        if new:  # the encoder's own tokenizer and settings (truncation included), as StaticEmbedding.preprocess
+            for t, e in zip(new, self.item_encoder[0].tokenizer.encode_batch(new, add_special_tokens=False)):
+                ids, counts = np.unique(np.asarray(e.ids, dtype=np.int64), return_counts=True)
+                self._bags[t] = ids, (counts / max(len(e.ids), 1)).astype(np.float32)
+
+    def bags(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Texts as bags of distinct tokens for the static path: ids (T,), weights (T,), offsets (B,), each
+        distinct text tokenised once (tokenise)."""
+        self.tokenise(texts)
+        bags = [self._bags[t] for t in texts]
+        offsets = np.cumsum([0] + [len(ids) for ids, _ in bags[:-1]])  # (B,)
+        ids = np.concatenate([ids for ids, _ in bags])  # (T,)
+        weights = np.concatenate([w for _, w in bags])  # (T,)
+        return (torch.from_numpy(ids).to(self.device), torch.from_numpy(weights).to(self.device),
+                torch.from_numpy(offsets).to(self.device))
+
+    def encode_static(self, kind: str, texts: list[str]) -> torch.Tensor:
+        """A trainable StaticEmbedding copy's vectors (B, d), equal to encode(): the mean of each text's token rows,
+        then the model's later modules (Normalize). Only the rows the batch touches are gathered, so with
+        sparse=True the table's gradient is row-sparse (the U rows), not the whole vocabulary."""
+        st = self.encoders[kind]
+        ids, weights, offsets = self.bags(texts)
+        rows, inv = torch.unique(ids, return_inverse=True)  # (U,), (T,)
+        table = F.embedding(rows, st[0].embedding.weight, sparse=self.cfg.sparse)  # (U, d)
+        r = F.embedding_bag(inv, table, offsets, mode="sum", per_sample_weights=weights)  # (B, d)
+        features = {"sentence_embedding": r}
+        for module in list(st)[1:]:
+            features = module(features)
+        return features["sentence_embedding"]
+
     def f(self, kind: str, texts: list[str]) -> torch.Tensor:
         """Eq. 1: encoder (fine-tuned copy, or frozen + cached) followed by the FFN where there is one."""
-        r = encode(self.encoders[kind], texts, self.device) if self.cfg.trainable else self.encode_frozen(texts)
+        if not self.cfg.trainable:
+            r = self.encode_frozen(texts)
+        elif self.static:
+            r = self.encode_static(kind, texts)
+        else:
+            r = encode(self.encoders[kind], texts, self.device)
         return self.ffn[kind](r) if kind in self.ffn else r
 
     def represent(self, x: list[str], y: list[str] | None, z: list[str | None]):
@@ -180,9 +238,35 @@ class Rechead(nn.Module):
 
     forward = user_vecs
 
+    def item_table(self) -> torch.Tensor:
+        """h_v for every item, (N+1, d): the frozen text vectors plus the item-ID vectors when item_ids=True.
+        Row 0 (the pad item) is zero. For scoring without gradients; training goes through item_rows."""
+        return self.item_vecs + self.item_ids.weight if self.cfg.item_ids else self.item_vecs
+
+    def item_rows(self, cand: torch.Tensor) -> torch.Tensor:
+        """h_v of the items cand (any shape) -> (*cand.shape, d), gathering only those rows, so an item-ID
+        table's gradient reaches only them (row-sparse with sparse=True)."""
+        h_v = self.item_vecs[cand]
+        return h_v + self.item_ids(cand) if self.cfg.item_ids else h_v
+
     def scores(self, h_u: torch.Tensor) -> torch.Tensor:
-        """Eq. 5 over all items: (B, N+1); column 0 is the pad item (score 0), callers ignore it."""
-        return h_u @ self.item_vecs.T
+        """Eq. 5 over all items: (B, N+1); column 0 is the pad item (score 0 without item ids), callers ignore it."""
+        return eq5(h_u, self.item_table())
+
+    def candidate_scores(self, h_u: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Eq. 5 of each user against its own candidates cand (B, K) -> (B, K), e.g. Stage II's r_ndcg."""
+        return eq5(h_u, self.item_rows(cand))
+
+    def loss(self, h_u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """Eq. 6 with this head's h_v (item ids included): the positive pos (B,) against its negatives neg (B, k)."""
+        return candidate_loss(self.candidate_scores(h_u, candidates(pos, neg)))
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The tables that get row-sparse gradients (sparse=True): trainable StaticEmbedding copies, item ids."""
+        if not self.cfg.sparse:
+            return []
+        tables = [st[0].embedding.weight for st in self.encoders.values()] if self.static else []
+        return tables + ([self.item_ids.weight] if self.cfg.item_ids else [])
 
 
 def sample_negatives(pos: torch.Tensor, n_items: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -199,11 +283,71 @@ def sample_negatives(pos: torch.Tensor, n_items: int, k: int, generator: torch.G
     return neg + (neg >= pos[:, None]).long()
 
 
+def eq5(h_u: torch.Tensor, h_v: torch.Tensor) -> torch.Tensor:
+    """Eq. 5, s(u, v) = h_u . h_v, for h_u (B, d) and either one item table h_v (M, d) shared by all users -> (B, M)
+    or each user's own candidates h_v (B, K, d) -> (B, K)."""
+    if h_v.dim() == 2:
+        return h_u @ h_v.T
+    return torch.einsum("bd,bkd->bk", h_u, h_v)
+
+
+def candidates(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Eq. 6's candidate list per sample, the positive first: (B, 1+k)."""
+    return torch.cat([pos[:, None], neg], dim=1)
+
+
+def candidate_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: mean cross-entropy of column 0 (the positive) against the rest of logits (B, 1+k)."""
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+
 def rec_loss(h_u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: mean cross-entropy of the positive (column 0) against its k negatives."""
-    cand = torch.cat([pos[:, None], neg], dim=1)  # (B, 1+k)
-    logits = torch.einsum("bd,bkd->bk", h_u, item_vecs[cand])  # (B, 1+k), eq. 5
-    return F.cross_entropy(logits, torch.zeros_like(pos))
+    """Eq. 6 against a given item table item_vecs (N+1, d); Rechead.loss is the same with the head's own h_v."""
+    return candidate_loss(eq5(h_u, item_vecs[candidates(pos, neg)]))
+
+
+class Optimizer:
+    """Adam on the dense parameters and SparseAdam (lazy Adam: a row's moments and value change only when a batch
+    touches it) on the row-sparse tables, stepped together; the torch.optim calls the train loop needs."""
+
+    def __init__(self, dense: list[nn.Parameter], sparse: list[nn.Parameter], lr: float):
+        self.optimizers = [torch.optim.Adam(dense, lr=lr)] if dense else []
+        if sparse:
+            self.optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))
+        if not self.optimizers:
+            raise ValueError("the Rechead has no trainable parameters; unfreeze something before training it")
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict):
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(f"optimizer state has {len(state['optimizers'])} parts, this run {len(self.optimizers)}: "
+                             "it was saved with another --rechead.sparse / --rechead.item_ids setting")
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+
+
+def make_optimizer(head: Rechead, lr: float) -> Optimizer:
+    """Eq. 6's optimizer: Adam (official), except SparseAdam on the row-sparse tables when head.cfg.sparse.
+    Several processes (DistributedDataParallel) need sparse=False: NCCL has no sparse all-reduce, so rather than
+    risk it this refuses; sparse=False keeps the tokenise-once path with dense gradients and Adam."""
+    sparse = [p for p in head.sparse_parameters() if p.requires_grad]
+    if sparse and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ValueError(f"--rechead.sparse true gives row-sparse gradients, which this code does not all-reduce "
+                         f"across {torch.distributed.get_world_size()} processes; pass --rechead.sparse false")
+    ids = {id(p) for p in sparse}
+    dense = [p for p in head.parameters() if p.requires_grad and id(p) not in ids]
+    return Optimizer(dense, sparse, lr)
 
 
 def ground_scores(answer_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
