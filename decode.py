@@ -36,9 +36,10 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of
 @dataclass
 class DecodeConfig:
     max_new_tokens: int = 768  # paper's maximum completion length
-    temperature: float = 1.0  # sampling temperature; logp/entropy are taken at this temperature too
-    top_p: float = 1.0  # nucleus: smallest set with cumulative prob >= top_p (1.0 = off)
-    top_k: int = 0  # keep only the k most likely tokens (0 = off)
+    temperature: float | None = 1.0  # sampling temperature; logp/entropy are taken at this temperature too;
+    # None (top_p, top_k too) = the backbone's generation_config, filled in by rporec.sampling before decoding
+    top_p: float | None = 1.0  # nucleus: smallest set with cumulative prob >= top_p (1.0 = off)
+    top_k: int | None = 0  # keep only the k most likely tokens (0 = off)
     greedy: bool = False  # argmax decoding (summaries, evaluation); temperature then only scales stats
     backend: str = "auto"  # "auto" (fast on CUDA for FAST_ARCHS, else hf) | "hf" | "fast"
     cuda_graph: bool = True  # fast backend on CUDA: replay each decode step as one CUDA graph
@@ -418,6 +419,9 @@ def generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False
     if not bool((am[:, 1:] >= am[:, :-1]).all() and am[:, -1].all()):
         raise ValueError("prompts must be left-padded with at least one real token; "
                          "set tokenizer.padding_side = 'left'")
+    if None in (cfg.temperature, cfg.top_p, cfg.top_k):
+        raise ValueError("DecodeConfig temperature/top_p/top_k are None (= take them from the backbone's "
+                         "generation_config); resolve them first, as rporec.sampling does")
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be > 0 (it also scales the recorded logp/entropy), got "
                          f"{cfg.temperature}; for argmax decoding set greedy=True and leave temperature at 1.0")

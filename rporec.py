@@ -3,13 +3,25 @@
     python rporec.py                                  # toy preset: tiny random models, CPU, offline
     python rporec.py --dataset cds                    # the paper run (Qwen3-0.6B)
     torchrun --nproc_per_node 4 rporec.py --dataset cds
-    python rporec.py --dataset cds --grpo.beta 0.001 --rechead.trainable false
+    python rporec.py --help                           # every flag, its default and what it means
 
-Top to bottom: config, data and backbone, cached reasoning (Alg. 1 line 1), Stage I (Rechead,
-eq. 1-6), Stage II (GRPO with Rechead rewards, eq. 7-11), evaluation. Each run folder holds
-config.json, log.jsonl, rechead.pt, ckpt/ and metrics.json.
+Top to bottom: config, data and backbone, sampled reasoning (Alg. 1 line 1), Stage I (Rechead,
+eq. 1-6, lines 2-12), Stage II (GRPO with Rechead rewards, eq. 7-11, lines 13-21, keeping the best
+valid step), evaluation and main. Processes, files, caches and checkpoints live in common.py. Each run
+folder holds config.json, log.jsonl, rechead.pt, ckpt/, best/, metrics.json and stage2.png.
 """
-import copy, dataclasses, functools, glob, hashlib, json, os, random, shutil, sys, time
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,19 +29,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data as D
-import decode as dec
-import evaluate as E
-import grpo as G
-import rechead as R
-import rewards as W
-
-# ----------------------------------------------------------------------------- device and processes, once
-RANK, WORLD, LOCAL_RANK = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-WORLD = max(WORLD, 1)
-MAIN = RANK == 0  # only rank 0 logs, writes checkpoints and metrics
-DEVICE = torch.device("cuda", LOCAL_RANK) if torch.cuda.is_available() else torch.device("cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # backbone weights and autocast
+import common
+import data
+import decode
+import evaluate
+import grpo
+import rechead
+import rewards
+from common import DEVICE, DTYPE, MAIN, RANK, WORLD, shard
 
 
 # ----------------------------------------------------------------------------- config
@@ -39,7 +46,7 @@ class RunConfig:
     model: str = "toy"        # backbone: hub id, local folder, "toy" (tiny random) or "none" (no LLM)
     stage: str = "both"       # 1 | 2 | both (Algorithm 1)
     out: str = ""             # run folder; default runs/<dataset>-<time>
-    init: str = ""            # --stage 2: the Stage I run folder holding rechead.pt
+    init: str = ""            # --stage 2: the Stage I run folder holding rechead.pt (required)
     resume: bool = False      # continue Stage II from <out>/ckpt
     ablate: str = ""          # "" | cot | I | II (paper Fig. 2); reward terms: --rewards.drop
     thinking: bool = True     # Qwen3 chat template thinking mode
@@ -47,7 +54,7 @@ class RunConfig:
                               # backbones without a thinking mode (SmolLM2); "" = the paper's prompt
     gen_batch: int = 64       # prompts per generation batch (Stage I reasoning, evaluation)
     limit: int = 0            # >0: only the first `limit` samples of each split (quick slices)
-    seed: int = 0             # seeds python, numpy and torch
+    seed: int = 0             # seeds python, numpy, torch and every sampled CoT
     dist_backend: str = "auto"  # torchrun: auto (nccl on GPUs, else gloo) | nccl | gloo
     official_eval: bool = False  # also the official protocol: valid only, 4 sampled CoTs, metrics averaged
 
@@ -55,147 +62,147 @@ class RunConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
-    data: D.DataConfig = field(default_factory=D.DataConfig)
-    rechead: R.RecheadConfig = field(default_factory=R.RecheadConfig)
-    decode: dec.DecodeConfig = field(default_factory=lambda: dec.DecodeConfig(greedy=True))  # Alg. 1 l. 1, eval
-    grpo: G.GRPOConfig = field(default_factory=G.GRPOConfig)
-    rewards: W.RewardConfig = field(default_factory=W.RewardConfig)
-    eval: E.EvalConfig = field(default_factory=E.EvalConfig)  # full ranking: cut-offs, chunk, history masking
+    data: data.DataConfig = field(default_factory=data.DataConfig)
+    rechead: rechead.RecheadConfig = field(default_factory=rechead.RecheadConfig)
+    decode: decode.DecodeConfig = field(  # Alg. 1 line 1 and evaluation: sampled as the backbone's generation_config
+        default_factory=lambda: decode.DecodeConfig(temperature=None, top_p=None, top_k=None))
+    grpo: grpo.GRPOConfig = field(default_factory=grpo.GRPOConfig)
+    rewards: rewards.RewardConfig = field(default_factory=rewards.RewardConfig)
+    eval: evaluate.EvalConfig = field(default_factory=evaluate.EvalConfig)  # cut-offs, chunk, history masking
 
 
 QWEN = {"run.model": "Qwen/Qwen3-0.6B"}
 PRESETS = {
-    # tiny random backbone and encoder built in code: every code path in minutes on a CPU. A random
+    # tiny random backbone and encoder built in code: every code path in a minute on a CPU. A random
     # model never writes the <think>/<answer> tags, so the toy drops eq. 7's r_fmt gate (the -fmt
     # ablation): the other rewards then vary and GRPO has something to learn from
-    "toy": {"rewards.drop": "fmt", "run.model": "toy", "rechead.encoder": "toy", "decode.greedy": False, "rechead.layers": 1,
+    "toy": {"rewards.drop": "fmt", "run.model": "toy", "rechead.encoder": "toy", "rechead.layers": 1,
             "rechead.heads": 2, "rechead.batch_size": 64, "rechead.epochs": 40, "rechead.patience": 4,
             "decode.max_new_tokens": 24, "grpo.max_new_tokens": 24, "grpo.steps": 6, "grpo.prompts_per_step": 4,
-            "grpo.lr": 1e-4, "grpo.save_every": 3, "grpo.sample_every": 2, "rewards.summary_max_new_tokens": 12},
+            "grpo.lr": 1e-4, "grpo.save_every": 3, "grpo.sample_every": 2, "grpo.eval_every": 3,
+            "grpo.eval_samples": 64, "rewards.summary_max_new_tokens": 12},
     "cds": QWEN, "instruments": QWEN, "games": QWEN, "ml-100k": QWEN, "ml-1m": QWEN, "custom": QWEN,
 }
+# may differ between runs sharing a folder: how far Stage II goes, where Stage I came from, speed knobs
+RERUN_OK = {"run.stage", "run.init", "run.resume", "run.gen_batch", "run.dist_backend", "grpo.steps", "grpo.epochs",
+            "grpo.save_every", "grpo.sample_every", "grpo.micro_batch", "grpo.logit_chunk", "eval.chunk",
+            "rechead.encode_batch", "decode.backend", "decode.cuda_graph", "decode.kv_bucket", "decode.sync_every",
+            "decode.prefill_rows"}
+
+
+LOWER_BOUNDS = {"run.gen_batch": 1, "grpo.group_size": 2, "grpo.prompts_per_step": 1, "grpo.micro_batch": 1,
+                "grpo.iterations": 1, "grpo.eval_every": 1, "grpo.eval_samples": 1, "grpo.patience": 1,
+                "grpo.epochs": 1, "grpo.steps": 0, "grpo.save_every": 0, "grpo.max_new_tokens": 1, "grpo.max_skips": 1,
+                "rechead.batch_size": 1, "rechead.epochs": 1, "rechead.negatives": 1, "rechead.history_items": 0,
+                "rewards.negatives": 1, "decode.max_new_tokens": 1, "eval.chunk": 1}
 
 
 def parse_config(argv):
-    """Defaults < PRESETS[dataset] < flags. Flags are --section.field VALUE (run fields also bare:
-    --model, --stage); a bare boolean flag means true."""
-    cfg, flags, args = Config(), {}, [p for a in argv for p in (a.split("=", 1) if "=" in a else [a])]
-    while args:
-        key = args.pop(0)
-        if not key.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {key!r}; flags look like --grpo.beta 0.001")
-        key = key[2:].replace("-", "_")
-        sec, _, name = (key if "." in key else f"run.{key}").partition(".")
-        if not dataclasses.is_dataclass(getattr(cfg, sec, None)) or not hasattr(getattr(cfg, sec), name):
-            raise SystemExit(f"error: unknown flag --{key}; every field is listed in a run's config.json")
-        like = getattr(getattr(cfg, sec), name)
-        if isinstance(like, bool) and (not args or args[0].startswith("--")):
-            flags[f"{sec}.{name}"] = True
-            continue
-        if not args:
-            raise SystemExit(f"error: --{key} needs a value")
-        text = args.pop(0)
-        if isinstance(like, bool) and text.lower() not in ("true", "false", "1", "0"):
-            raise SystemExit(f"error: --{key} takes true/false, got {text!r}")
-        try:
-            flags[f"{sec}.{name}"] = (text.lower() in ("true", "1") if isinstance(like, bool)
-                                      else tuple(int(v) for v in text.split(",")) if isinstance(like, tuple)
-                                      else text if like is None else type(like)(text))
-        except ValueError:
-            raise SystemExit(f"error: --{key} takes a {type(like).__name__}, got {text!r}") from None
+    """Defaults < PRESETS[dataset] < flags, then the derived fields and every check (resolve)."""
+    cfg = Config()
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\nFlags (--section.field VALUE; run fields also bare; a bare boolean flag means true):")
+        print(common.help_text(cfg))
+        raise SystemExit(0)
+    flags = common.parse_flags(cfg, argv)
     dataset = flags.get("run.dataset", cfg.run.dataset)
     if dataset not in PRESETS:
         raise SystemExit(f"error: unknown dataset {dataset!r}; choose one of {sorted(PRESETS)}")
     for key, value in {**PRESETS[dataset], **flags}.items():
         sec, name = key.split(".")
         setattr(getattr(cfg, sec), name, value)
-    cfg.data.dataset, cfg.rechead.use_cot = dataset, cfg.run.ablate != "cot"
-    for name, value, choices in (("stage", cfg.run.stage, ("1", "2", "both")),
-                                 ("ablate", cfg.run.ablate, ("", "cot", "I", "II"))):
+    return resolve(cfg, flags)
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def resolve(cfg, flags):
+    """Derived fields, from this one place, and every check that can fail before any work or write.
+    A flag that contradicts another is an error, never silently overwritten."""
+    r, g = cfg.run, cfg.grpo
+    for key, derived in (("data.dataset", r.dataset), ("rechead.use_cot", r.ablate != "cot")):
+        if key in flags and flags[key] != derived:
+            fail(f"--{key} {flags[key]} contradicts --dataset {r.dataset} --ablate {r.ablate!r}; drop --{key}")
+    cfg.data.dataset, cfg.rechead.use_cot = r.dataset, r.ablate != "cot"
+    if WORLD > 1 and cfg.rechead.sparse:  # DistributedDataParallel averages dense gradients only
+        if "rechead.sparse" in flags:
+            fail("--rechead.sparse true does not work under torchrun (DDP); drop it")
+        cfg.rechead.sparse = False
+    for name, value, choices in (("stage", r.stage, ("1", "2", "both")), ("ablate", r.ablate, ("", "cot", "I", "II")),
+                                 ("grpo.old_logp", g.old_logp, ("policy", "rollout"))):
         if value not in choices:
-            raise SystemExit(f"error: --{name} must be one of {choices}, got {value!r}")
+            fail(f"--{name} must be one of {choices}, got {value!r}")
     if 10 not in cfg.eval.ks:
-        raise SystemExit(f"error: --eval.ks {cfg.eval.ks} must include 10: Stage I keeps the best valid NDCG@10")
-    cfg.run.out = cfg.run.out or f"runs/{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        fail(f"--eval.ks {cfg.eval.ks} must include 10: model selection uses valid NDCG@10")
+    for key, low in LOWER_BOUNDS.items():
+        sec, name = key.split(".")
+        if getattr(getattr(cfg, sec), name) < low:
+            fail(f"--{key} must be >= {low}, got {getattr(getattr(cfg, sec), name)}")
+    for name, value in (("grpo.rho", g.rho), ("rewards.rho", cfg.rewards.rho)):
+        if not 0 < value <= 1:
+            fail(f"--{name} must be in (0, 1], got {value}; 0.2 keeps the top 20%")
+    if g.temperature <= 0 or g.lr <= 0 or g.beta < 0 or g.eps <= 0:
+        fail("--grpo.temperature, --grpo.lr and --grpo.eps must be > 0 and --grpo.beta >= 0")
+    try:
+        cfg.rewards.dropped()
+        data.check_config(cfg.data)
+    except ValueError as e:
+        fail(str(e))
+    if r.model == "none" and r.ablate != "cot":
+        fail("--model none has no reasoning to read; add --ablate cot (the history-only Rechead)")
+    stage2 = r.stage != "1" and r.ablate not in ("I", "II")
+    if r.stage == "2" and r.ablate in ("I", "II", "cot"):
+        fail(f"--ablate {r.ablate} does not apply to --stage 2: -I and -II have no Stage II, and -cot is the "
+             "Stage I run's choice (run Stage I with it and pass that folder to --init)")
+    if stage2 and r.model == "none":
+        fail("Stage II trains the backbone; pass --model (not none), or run --stage 1")
+    if r.resume and not stage2:
+        fail("--resume continues Stage II; this run has none (see --stage and --ablate)")
+    r.out = r.out or f"runs/{r.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if r.stage == "2":
+        if not r.init:
+            fail("--stage 2 needs --init RUN_FOLDER, the Stage I run whose rechead.pt it uses")
+        saved = load_rechead_file(r.init)["config"]["rechead"]
+        clash = [f"--{k} {v!r} (the Rechead has {saved.get(k[8:])!r})" for k, v in flags.items()
+                 if k.startswith("rechead.") and saved.get(k[8:]) != v]
+        if clash:
+            fail(f"--rechead.* flags do not apply to --stage 2: the Rechead and its config come from --init: "
+                 f"{', '.join(clash)}")
+        cfg.rechead = rechead.RecheadConfig(**saved)
+    if r.resume and common.recover_checkpoint(r.out) is None:
+        fail(f"--resume but no checkpoint in {r.out}/ckpt; drop --resume to start afresh")
+    check_run_folder(cfg)
     return cfg
 
 
-def save_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def load_rechead_file(folder):
+    path = os.path.join(folder, "rechead.pt")
+    saved = common.load_torch(path, "Rechead checkpoint (rechead.pt of a Stage I run)",
+                              f"Pass --init a Stage I run folder, or rerun Stage I into {folder}.")
+    if not isinstance(saved, dict) or not {"state", "config"} <= set(saved):
+        fail(f"{path} lacks the Rechead state or its config; rerun Stage I into {folder}")
+    return saved
 
 
-class Logger:
-    """One fixed-key line per record on stdout, and the same record appended to log.jsonl."""
-
-    def __init__(self, out):
-        self.path = os.path.join(out, "log.jsonl")
-
-    def __call__(self, rec):
-        if MAIN:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
-# ----------------------------------------------------------------------------- processes
-def init_distributed(backend):
-    if WORLD == 1:
+def check_run_folder(cfg):
+    """A run folder never mixes results of two configs: refuse one whose config.json differs, except in
+    RERUN_OK fields, and in the Stage II sections when the folder holds no Stage II yet."""
+    path = os.path.join(cfg.run.out, "config.json")
+    if not os.path.exists(path):
         return
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise SystemExit("error: --dist_backend nccl needs CUDA GPUs and none is visible; "
-                         "use --dist_backend gloo to run processes on the CPU")
-    if DEVICE.type == "cuda":
-        torch.cuda.set_device(DEVICE)
-    dist.init_process_group(backend)
-
-
-def shard(items):
-    """This rank's strided share of a list (all of it in a single process)."""
-    return items[RANK::WORLD]
-
-
-def unshard(local, n):
-    """Inverse of shard for a per-item tensor: every rank's values back in global order, exactly once."""
-    if WORLD == 1:
-        return local
-    parts = [None] * WORLD
-    dist.all_gather_object(parts, local.cpu())
-    full = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
-    for r, part in enumerate(parts):
-        full[r::WORLD] = part
-    return full
-
-
-def all_sum(*values):
-    """Sums of python numbers over all ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=DEVICE)
-    if WORLD > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def mean_all(t):
-    """Mean of a tensor's elements over every rank."""
-    t = t.detach().double().reshape(-1)
-    s, n = all_sum(float(t.sum()), t.numel())
-    return s / max(n, 1)
-
-
-def barrier():
-    if WORLD > 1:
-        dist.barrier()
-
-
-def main_first(fn, *args):
-    """fn(*args) on rank 0, then on the other ranks: rank 0 builds a cache, the others read it."""
-    out = fn(*args) if MAIN else None
-    barrier()
-    return out if MAIN else fn(*args)
+    try:
+        old = json.load(open(path))
+    except ValueError as e:
+        fail(f"{path} is corrupt ({e}); pass a new --out, or delete that folder")
+    ok = set(RERUN_OK)
+    if old.get("run", {}).get("stage") == "1" or old.get("run", {}).get("ablate") in ("I", "II"):
+        ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}
+    diff = common.config_diff(old, dataclasses.asdict(cfg), ok)
+    if diff:
+        fail(f"{cfg.run.out} holds a run with another config ({'; '.join(diff[:6])}). Pass a new --out, or rerun "
+             "with that folder's flags (add --resume to continue its Stage II)")
 
 
 # ----------------------------------------------------------------------------- data and backbone
@@ -223,10 +230,11 @@ def build_toy_backbone(texts, out_dir, seed=0):
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id))
-    with torch.no_grad():  # zero (tied) rows: greedy decoding then emits words, not control tokens
+    with torch.no_grad():  # zero (tied) rows: decoding then emits words, not control tokens
         model.get_input_embeddings().weight[tok.convert_tokens_to_ids(TOY_SPECIALS)] = 0
     tmp = f"{out_dir}.tmp{os.getpid()}"
-    model.save_pretrained(tmp), tok.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
     os.replace(tmp, out_dir)
     return out_dir
 
@@ -238,13 +246,13 @@ def load_backbone(cfg, ds):
     if name == "none":
         return None, None
     if name == "toy":
-        name = main_first(build_toy_backbone, ds.texts[1:], os.path.join(cfg.data.data_dir, "toy", "backbone"))
+        name = common.main_first(build_toy_backbone, ds.texts[1:], os.path.join(cfg.data.data_dir, "toy", "backbone"))
     try:
         tok = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPE).to(DEVICE).eval()
-    except OSError as e:
-        raise SystemExit(f"error: could not load the backbone {name!r}: {e}\nPass a local folder with "
-                         "--model PATH, or check the hub id and the network.") from e
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(f"could not load the backbone {name!r}: {e}\nPass a local folder with --model PATH, check the hub "
+             "id and the network, or delete a corrupt local copy")
     tok.pad_token = tok.pad_token or tok.eos_token
     return model, tok
 
@@ -252,6 +260,15 @@ def load_backbone(cfg, ds):
 def eos_ids(model, tok):
     ids = model.generation_config.eos_token_id
     return sorted({*([ids] if isinstance(ids, int) else ids or []), tok.eos_token_id} - {None})
+
+
+def sampling(cfg, model):
+    """The reasoning DecodeConfig: None fields take the backbone's generation_config (Qwen3-0.6B: temperature
+    0.6, top_p 0.95, top_k 20; the official script samples with it), else temperature 1.0, top_p 0.95."""
+    given = model.generation_config.to_diff_dict()  # only what the checkpoint sets
+    fallback = {"temperature": 1.0, "top_p": 0.95, "top_k": 0}
+    return dataclasses.replace(cfg.decode, **{k: given.get(k) or v for k, v in fallback.items()
+                                              if getattr(cfg.decode, k) is None})
 
 
 def encode_prompts(tok, messages, thinking):
@@ -264,7 +281,7 @@ def encode_prompts(tok, messages, thinking):
 
 def user_messages(cfg, ds, sample):
     """The paper's prompt for one sample (data.build_messages) plus --prompt_suffix."""
-    msgs = D.build_messages(ds, sample, cfg.data)
+    msgs = data.build_messages(ds, sample, cfg.data)
     if cfg.run.prompt_suffix:
         msgs[-1] = {**msgs[-1], "content": f"{msgs[-1]['content']}\n{cfg.run.prompt_suffix}"}
     return msgs
@@ -273,93 +290,80 @@ def user_messages(cfg, ds, sample):
 def complete(model, tok, messages, dcfg, thinking):
     """Completion texts and the Rollout for a batch of chat messages, with the one shared decoder."""
     ids, mask = encode_prompts(tok, messages, thinking)
-    out = dec.generate(model, ids, mask, dcfg, eos_ids(model, tok), tok.pad_token_id)
+    out = decode.generate(model, ids, mask, dcfg, eos_ids(model, tok), tok.pad_token_id)
     return tok.batch_decode(out.tokens.masked_fill(~out.mask, tok.pad_token_id), skip_special_tokens=True), out
 
 
-# ----------------------------------------------------------------------------- reasoning cache (Alg. 1, line 1)
+# ----------------------------------------------------------------------------- reasoning (Alg. 1, line 1)
 def split_reasoning(text):
     """(y, z): the CoT, and the answer or None when it did not parse (eq. 2 falls back to history)."""
-    think, answer = W.parse_completion(text)
+    think, answer = rewards.parse_completion(text)
     return (think if think is not None else text.split("<answer>")[0].strip()), (answer or None)
 
 
-def cache_path(cfg, split):
-    key = json.dumps([cfg.run.model, cfg.run.thinking, cfg.run.prompt_suffix, D.PROMPT_VERSION, dataclasses.asdict(cfg.decode),
-                      cfg.data.max_history_chars, D.cache_key(cfg.data)], sort_keys=True)
+def cache_path(cfg, model, split, seed):
+    """The reasoning cache of a split, keyed by the weights themselves (not the model's name), the prompt, the
+    resolved sampling, the seed and the data: a key that changes with any of them cannot go stale."""
+    key = json.dumps([common.weights_digest(model), cfg.run.thinking, cfg.run.prompt_suffix, data.PROMPT_VERSION,
+                      dataclasses.asdict(sampling(cfg, model)), seed, cfg.data.max_history_chars,
+                      data.cache_key(cfg.data)], sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cfg.data.data_dir, "reasoning", f"{cfg.data.dataset}-{digest}", f"{split}.jsonl")
 
 
-def read_cache(path):
-    """{sample index: record}. A last line cut short by a kill is cut off the file first."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb+") as f:
-        raw = f.read()
-        if raw and not raw.endswith(b"\n"):
-            f.truncate(raw.rfind(b"\n") + 1)
-    try:
-        return {r["i"]: r for r in map(json.loads, raw[:raw.rfind(b"\n") + 1].decode().splitlines())}
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: the reasoning cache {path} is corrupt ({e}); delete it and rerun to "
-                         "regenerate it") from None
+def batch_seed(seed, split, first):
+    """The sampling seed of one generation batch: a rerun draws the same CoTs."""
+    return int(hashlib.sha1(f"{seed}|{split}|{first}".encode()).hexdigest()[:8], 16)
 
 
-def fold_shards(path):
-    """Rank 0 appends the per-rank shard files of a distributed run to the one cache, once every
-    rank has finished writing."""
-    barrier()
-    if MAIN:
-        for part in sorted(glob.glob(f"{path}.rank*")):
-            lines = "".join(f"{json.dumps(rec)}\n" for rec in read_cache(part).values())
-            with open(path, "a") as f:
-                f.write(lines), f.flush(), os.fsync(f.fileno())
-            os.remove(part)
-    barrier()
-
-
-def generate_reasoning(cfg, ds, model, tok, split, samples, path=None):
-    """Reasoning for every sample of a split, appended batch by batch to a JSONL cache (one write and
-    an fsync per batch), so a killed run resumes where it stopped. Returns [(y, z)] in sample order."""
+def generate_reasoning(cfg, ds, model, tok, split, samples, seed=None):
+    """Sampled reasoning for every sample of a split, appended batch by batch to a JSONL cache, so a killed
+    run resumes where it stopped. Returns ([(y, z)] in sample order, parse rate)."""
     if model is None:  # --model none: the history-only Rechead
-        return [("", None)] * len(samples)
-    path = path or cache_path(cfg, split)
+        return [("", None)] * len(samples), None
+    seed = cfg.run.seed if seed is None else seed
+    dcfg, path = sampling(cfg, model), cache_path(cfg, model, split, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fold_shards(path)
-    todo = shard([i for i in range(len(samples)) if i not in read_cache(path)])
+    common.fold_shards(path)
+    todo = shard([i for i in range(len(samples)) if i not in common.read_cache(path)])
     todo.sort(key=lambda i: -len(samples[i]["history"]))  # similar prompt lengths share a batch
     mine = f"{path}.rank{RANK}" if WORLD > 1 else path
     bar = tqdm(total=len(todo), desc=f"reasoning {split}", unit="sample", disable=not MAIN)
     t0, n_tok = time.time(), 0
     for b in range(0, len(todo), cfg.run.gen_batch):
         idx = todo[b:b + cfg.run.gen_batch]
-        texts, out = complete(model, tok, [user_messages(cfg, ds, samples[i]) for i in idx],
-                              cfg.decode, cfg.run.thinking)
-        with open(mine, "a") as f:
-            f.write("".join(json.dumps({"i": i, "text": t}) + "\n" for i, t in zip(idx, texts)))
-            f.flush(), os.fsync(f.fileno())
+        with torch.random.fork_rng(devices=[DEVICE] if DEVICE.type == "cuda" else []):
+            torch.manual_seed(batch_seed(seed, split, idx[0]))  # the rest of the run's RNG stays untouched
+            texts, out = complete(model, tok, [user_messages(cfg, ds, samples[i]) for i in idx], dcfg,
+                                  cfg.run.thinking)
+        common.append_cache(mine, [{"i": i, "text": t} for i, t in zip(idx, texts)])
         n_tok += int(out.mask.sum())
-        bar.update(len(idx)), bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
+        bar.update(len(idx))
+        bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
     bar.close()
-    fold_shards(path)
-    done = read_cache(path)
-    return [split_reasoning(done[i]["text"]) for i in range(len(samples))]
+    common.fold_shards(path)
+    done = common.read_cache(path)
+    rs = [split_reasoning(done[i]["text"]) for i in range(len(samples))]
+    return rs, sum(z is not None for _, z in rs) / max(len(rs), 1)
 
 
 # ----------------------------------------------------------------------------- Stage I: Rechead (eq. 1-6)
 def rechead_inputs(cfg, ds, samples, reasoning):
-    """The Rechead's three texts per sample: history x, CoT y, answer z (None: not parsed)."""
+    """The Rechead's three texts per sample: history x (the newest --rechead.history_items, all by default),
+    CoT y, answer z (None: not parsed)."""
     budget = cfg.rechead.history_chars or cfg.data.max_history_chars  # short encoders keep the newest items
-    x = [D.history_text(ds, s["history"], budget) for s in samples]
+    n = cfg.rechead.history_items
+    x = [data.history_text(ds, s["history"][-n:] if n else s["history"], budget) for s in samples]
     return x, [r[0] for r in reasoning], [r[1] for r in reasoning]
 
 
 def make_head(cfg, ds):
-    if cfg.rechead.encoder == "toy":
-        cfg.rechead.encoder = main_first(R.build_toy_encoder, ds.texts[1:],
-                                         os.path.join(cfg.data.data_dir, "toy", "encoder"))
-    return R.Rechead(cfg.rechead, ds.texts, DEVICE)
+    rc = cfg.rechead
+    if rc.encoder == "toy":  # built once into the data folder; the config keeps saying "toy"
+        where = os.path.join(cfg.data.data_dir, "toy", "encoder")
+        path = common.main_first(rechead.build_toy_encoder, ds.texts[1:], where)
+        rc = dataclasses.replace(rc, encoder=path)
+    return rechead.Rechead(rc, ds.texts, DEVICE)
 
 
 EMBED_SAVE_S = 300  # embed_frozen writes its progress to disk at least this often (seconds)
@@ -367,21 +371,18 @@ EMBED_SAVE_S = 300  # embed_frozen writes its progress to disk at least this oft
 
 def embed_frozen(cfg, head, inputs):
     """Frozen encoders: embed every distinct text once, up front, and keep the embeddings on disk
-    (<data_dir>/embeddings/) so that a rerun with the same encoder skips the work."""
+    (<data_dir>/embeddings/, keyed by the encoder's weights) so that a rerun skips the work."""
     if head.cfg.trainable:
         return
-    key = hashlib.sha1(f"{head.cfg.encoder}|{head.cfg.max_seq_length}".encode()).hexdigest()[:12]
+    key = f"{common.weights_digest(head.item_encoder)}-{head.cfg.max_seq_length}"
     path = os.path.join(cfg.data.data_dir, "embeddings", f"{key}.pt")
-    known = torch.load(path, weights_only=False) if os.path.exists(path) else {"texts": [], "vecs": None}
-    head.remember(known["texts"], known["vecs"])
+    known, vecs = common.load_embeddings(path)
+    head.remember(known, vecs)
     texts = [t for t in dict.fromkeys(t or "" for x, y, z in inputs for t in (*x, *y, *z)) if not head.knows(t)]
 
     def save(done):  # atomically, everything embedded so far
         if done and MAIN:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save({"texts": known["texts"] + done, "vecs": head.encode_frozen(known["texts"] + done).cpu()},
-                       f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
+            common.save_embeddings(path, known + done, head.encode_frozen(known + done))
 
     step, saved = 16 * head.cfg.encode_batch, time.time()
     for i in tqdm(range(0, len(texts), step), desc="embedding texts (frozen encoder)", disable=not MAIN):
@@ -392,13 +393,23 @@ def embed_frozen(cfg, head, inputs):
     save(texts)
 
 
+def tokenise_static(head, inputs, chunk=4096):
+    """Trainable StaticEmbedding encoders: tokenise every distinct text once, up front, so no epoch waits on
+    the tokenizer (rechead.Rechead.tokenise)."""
+    if not head.static:
+        return
+    texts = list(dict.fromkeys(t or "" for x, y, z in inputs for t in (*x, *y, *z)))
+    for i in tqdm(range(0, len(texts), chunk), desc="tokenising texts (static encoder)", disable=not MAIN):
+        head.tokenise(texts[i:i + chunk])
+
+
 def rechead_step(net, head, opt, inputs, targets, idx, neg):
     """Eq. 6 on one global batch idx (B,) with negatives neg (B, k). Each rank takes a strided share;
     its loss is weighted by its share, so DDP's gradient average equals the global batch mean."""
     x, y, z = inputs
     mine, neg = idx[RANK::WORLD], neg[RANK::WORLD]
     h = net([x[i] for i in mine], [y[i] for i in mine], [z[i] for i in mine])  # (b, d)
-    loss = R.rec_loss(h, targets[mine].to(DEVICE), neg.to(DEVICE), head.item_vecs)
+    loss = head.loss(h, targets[mine].to(DEVICE), neg.to(DEVICE))
     opt.zero_grad(set_to_none=True)
     (loss * len(mine) * WORLD / len(idx)).backward()
     opt.step()
@@ -414,21 +425,21 @@ def evaluate_split(cfg, head, inputs, samples, ground=False):
     def scores(chunk):
         idx = [s["i"] for s in chunk]
         if ground:
-            return R.ground_scores(head.encode_frozen([z[i] or x[i] for i in idx]), head.item_vecs)
+            return rechead.ground_scores(head.encode_frozen([z[i] or x[i] for i in idx]), head.item_vecs)
         return head.scores(head.user_vecs([x[i] for i in idx], [y[i] for i in idx], [z[i] for i in idx]))
 
-    ranks = E.full_ranking(scores, shard([dict(s, i=i) for i, s in enumerate(samples)]), cfg.eval.chunk,
-                           cfg.eval.mask_history)
-    return E.metrics(unshard(ranks, len(samples)), cfg.eval.ks)
+    ranks = evaluate.full_ranking(scores, shard([dict(s, i=i) for i, s in enumerate(samples)]), cfg.eval.chunk,
+                                  cfg.eval.mask_history)
+    return evaluate.metrics(common.unshard(ranks, len(samples)), cfg.eval.ks)
 
 
 def train_rechead(cfg, ds, head, inputs, splits, log, out):
     """Algorithm 1 lines 2-12: fresh uniform negatives per batch; keep the best valid NDCG@10."""
     rc = cfg.rechead
     if rc.batch_size % WORLD:
-        raise SystemExit(f"error: --rechead.batch_size {rc.batch_size} does not divide by {WORLD} processes")
+        fail(f"--rechead.batch_size {rc.batch_size} does not divide by {WORLD} processes")
     gen = torch.Generator().manual_seed(cfg.run.seed)  # identical on every rank: same batches, same negatives
-    opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=rc.lr)
+    opt = rechead.make_optimizer(head, rc.lr)  # Adam; SparseAdam for the row-sparse tables
     net = torch.nn.parallel.DistributedDataParallel(head, broadcast_buffers=False) if WORLD > 1 else head
     targets = torch.tensor([s["target"] for s in splits["train"]])
     best, best_state, bad = -1.0, None, 0
@@ -437,19 +448,23 @@ def train_rechead(cfg, ds, head, inputs, splits, log, out):
         t0, losses, perm = time.time(), [], torch.randperm(len(targets), generator=gen)
         for b in tqdm(range(0, len(perm), rc.batch_size), desc=f"rechead epoch {epoch}", leave=False, disable=not MAIN):
             idx = perm[b:b + rc.batch_size]
-            neg = R.sample_negatives(targets[idx], ds.n_items, rc.negatives, gen)  # (B, k)
+            neg = rechead.sample_negatives(targets[idx], ds.n_items, rc.negatives, gen)  # (B, k)
             losses.append(rechead_step(net, head, opt, inputs["train"], targets, idx, neg))
         m = evaluate_split(cfg, head, inputs["valid"], splits["valid"])
         log({"stage": 1, "epoch": epoch, "loss": float(np.mean(losses)), "valid_hr@10": m["hr@10"],
              "valid_ndcg@10": m["ndcg@10"], "epoch_s": round(time.time() - t0, 2)})
+        if not math.isfinite(float(np.mean(losses))):
+            fail(f"the Rechead loss is {np.mean(losses)} in epoch {epoch}; lower --rechead.lr. rechead.pt keeps "
+                 f"the best epoch so far")
         if m["ndcg@10"] > best:
             best, bad, best_state = m["ndcg@10"], 0, copy.deepcopy(head.state_dict())
             if MAIN:
-                tmp = os.path.join(out, "rechead.pt.tmp")
-                torch.save({"state": best_state, "epoch": epoch, "config": dataclasses.asdict(cfg)}, tmp)
-                os.replace(tmp, os.path.join(out, "rechead.pt"))
-        elif (bad := bad + 1) >= rc.patience:
-            break
+                common.save_torch(os.path.join(out, "rechead.pt"),
+                                  {"state": best_state, "epoch": epoch, "config": dataclasses.asdict(cfg)})
+        else:
+            bad += 1
+            if bad >= rc.patience:
+                break
     head.load_state_dict(best_state)
     return head
 
@@ -461,35 +476,38 @@ def reward_parts(cfg, ds, head, ref, tok, samples, texts, ro):
     rw, B = cfg.rewards, len(texts)
     owner = [samples[b // cfg.grpo.group_size] for b in range(B)]
     x, y, z = rechead_inputs(cfg, ds, owner, [split_reasoning(t) for t in texts])
-    parts = {"fmt": torch.tensor([W.format_reward(t) for t in texts]),
-             "clean": torch.tensor([W.clean_reward(t, rw.kappa) for t in texts]),
-             "ndcg": torch.zeros(B), "sim": torch.zeros(B), "comp": torch.zeros(B), "ent": torch.zeros(B)}
+    parts = {"fmt": torch.tensor([rewards.format_reward(t) for t in texts]),
+             "clean": torch.tensor([rewards.clean_reward(t, rw.kappa) for t in texts]),
+             "sim": torch.zeros(B), "comp": torch.zeros(B)}
     with torch.no_grad():  # r_ndcg: the target among k fixed negatives, scored by the frozen Rechead
-        cand = torch.stack([W.candidates(s["i"], s["target"], ds.n_items, rw.negatives, rw.seed)
+        cand = torch.stack([rewards.candidates(s["i"], s["target"], ds.n_items, rw.negatives, rw.seed)
                             for s in samples]).repeat_interleave(cfg.grpo.group_size, 0)  # (B, k+1), one set per group
-        h = head.user_vecs(x, y, z)                                                   # (B, d)
-        s = (h[:, None] * head.item_vecs[cand.to(DEVICE)]).sum(-1)                    # (B, k+1)
-    cot = torch.stack([W.cot_token_mask(ro.tokens[b], ro.mask[b], tok) for b in range(B)])  # (B, T)
-    for b in range(B):
-        parts["ndcg"][b] = W.ndcg_reward(W.candidate_rank(s[b]))
-        parts["ent"][b] = W.entropy_reward(ro.entropy[b][cot[b]].float().cpu(), rw.rho)
+        h = head.user_vecs(x, y, z)                                                         # (B, d)
+        parts["ndcg"] = rewards.ndcg_rewards(head.candidate_scores(h, cand.to(DEVICE)).cpu())  # (B,)
+    cot = torch.stack([rewards.cot_token_mask(ro.tokens[b], ro.mask[b], tok) for b in range(B)])  # (B, T)
+    parts["ent"] = torch.tensor([rewards.entropy_reward(ro.entropy[b][cot[b]].float().cpu(), rw.rho) for b in range(B)])
     # r_sim, r_comp: greedy summaries of y by the frozen reference model in one batched call, only
     # where the total can be non-zero (eq. 7 multiplies everything by r_fmt)
     todo = [b for b in range(B) if y[b] and (parts["fmt"][b] > 0 or not rw.gate)]
     summaries = [""] * B
     if todo:
-        scfg = dataclasses.replace(cfg.decode, greedy=True, max_new_tokens=rw.summary_max_new_tokens)
-        outs, _ = complete(ref, tok, [W.summary_messages(y[b]) for b in todo], scfg, thinking=False)
+        scfg = dataclasses.replace(cfg.decode, greedy=True, max_new_tokens=rw.summary_max_new_tokens,
+                                   temperature=1.0, top_p=1.0, top_k=0)
+        outs, _ = complete(ref, tok, [rewards.summary_messages(y[b]) for b in todo], scfg, thinking=False)
         cos = torch.nn.functional.cosine_similarity(head.encode_frozen([y[b] for b in todo]),
                                                     head.encode_frozen([o.strip() for o in outs]), dim=-1)
-        n_tokens = lambda t: len(tok(t, add_special_tokens=False).input_ids)
         for j, b in enumerate(todo):
             summaries[b] = outs[j].strip()
-            parts["sim"][b] = W.similarity_reward(float(cos[j]), rw.delta)
-            parts["comp"][b] = W.compression_reward(n_tokens(summaries[b]), n_tokens(y[b]))
+            parts["sim"][b] = rewards.similarity_reward(float(cos[j]), rw.delta)
+            parts["comp"][b] = rewards.compression_reward(n_tokens(tok, summaries[b]), n_tokens(tok, y[b]))
     weights = rw.weights()
-    r = torch.tensor([W.total_reward({k: float(v[b]) for k, v in parts.items()}, weights, rw.gate) for b in range(B)])
-    return r, parts, cot.sum(1).float(), summaries
+    r = torch.tensor([rewards.total_reward({k: float(v[b]) for k, v in parts.items()}, weights, rw.gate)
+                      for b in range(B)])
+    return r, {k: parts[k] for k in rewards.TERMS}, cot.sum(1).float(), summaries
+
+
+def n_tokens(tok, text):
+    return len(tok(text, add_special_tokens=False).input_ids)
 
 
 @functools.lru_cache(maxsize=4)
@@ -500,57 +518,35 @@ def _perm(n, seed):
 def step_batch(step, n_train, per_step, seed):
     """Global train indices of one GRPO step: epoch-wise permutations, a pure function of the step,
     so a resumed run sees exactly the prompts it would have seen."""
-    return [int(_perm(n_train, seed + j // n_train)[j % n_train]) for j in range(step * per_step, (step + 1) * per_step)]
+    js = range(step * per_step, (step + 1) * per_step)
+    return [int(_perm(n_train, seed + j // n_train)[j % n_train]) for j in js]
 
 
-def save_checkpoint(out, model, tok, opt, step, cfg):
-    """<out>/ckpt: backbone (save_pretrained), optimizer, next step, every rank's RNG states. Written
-    beside the old one and swapped in, so a kill at any moment leaves a whole checkpoint."""
-    final, tmp = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp")
+def eval_subset(valid, n, seed):
+    """The fixed, seeded valid subset that Stage II's model selection scores."""
+    idx = sorted(torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    return [valid[i] for i in idx]
+
+
+def save_best(out, model, tok, step, score):
+    """<out>/best: the best valid step's backbone (save_pretrained), swapped in whole."""
     if MAIN:
+        tmp, final = os.path.join(out, "best.tmp"), os.path.join(out, "best")
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(DEVICE) if DEVICE.type == "cuda" else None},
-               os.path.join(tmp, f"rng{RANK}.pt"))
-    if MAIN:
-        model.save_pretrained(tmp), tok.save_pretrained(tmp)
-        torch.save({"step": step, "world": WORLD, "optimizer": opt.state_dict(), "config": dataclasses.asdict(cfg)},
-                   os.path.join(tmp, "trainer_state.pt"))
-    barrier()
-    if MAIN:
-        if os.path.exists(final):
-            os.replace(final, final + ".old")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        common.save_json(os.path.join(tmp, "best.json"), {"step": step, "valid_ndcg@10": score})
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-    barrier()
+    common.barrier()
 
 
-def load_checkpoint(out, model, opt):
-    """Weights, optimizer and this rank's RNG from <out>/ckpt; returns the next step to run."""
-    from transformers import AutoModelForCausalLM
-    path = os.path.join(out, "ckpt")
-    if not os.path.exists(os.path.join(path, "trainer_state.pt")):
-        raise SystemExit(f"error: --resume but no checkpoint in {path}; drop --resume to start afresh")
-    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    if st["world"] != WORLD:
-        raise SystemExit(f"error: the checkpoint was written by {st['world']} processes; resume with as many")
-    model.load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
-    opt.load_state_dict(st["optimizer"])
-    rng = torch.load(os.path.join(path, f"rng{RANK}.pt"), weights_only=False)
-    random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"], DEVICE)
-    return st["step"]
-
-
-def stage2(cfg, ds, head, model, tok, train, log, out):
-    """Algorithm 1 lines 13-20: G rollouts per prompt, rewards from the frozen Rechead, GRPO updates.
-    Processes split each step's prompts; grpo.update averages their gradients."""
-    g = cfg.grpo
+def stage2(cfg, ds, head, model, tok, splits, log, out):
+    """Algorithm 1 lines 13-21: G rollouts per prompt, rewards from the frozen Rechead, GRPO updates, epochs
+    over train until the valid curve stops improving. Step 0 (the Stage I backbone) is a candidate."""
+    g, train = cfg.grpo, splits["train"]
     if g.prompts_per_step % WORLD:
-        raise SystemExit(f"error: --grpo.prompts_per_step {g.prompts_per_step} does not divide by {WORLD} processes")
+        fail(f"--grpo.prompts_per_step {g.prompts_per_step} does not divide by {WORLD} processes")
     head.eval().requires_grad_(False)
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref (KL) and the summarizer of r_sim, r_comp
     model.float()  # fp32 master weights: a bf16 weight would round every lr=1e-6 update away; autocast computes in bf16
@@ -558,126 +554,160 @@ def stage2(cfg, ds, head, model, tok, train, log, out):
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     torch.manual_seed(cfg.run.seed + 1 + RANK)  # ranks sample different completions
-    start = load_checkpoint(out, model, opt) if cfg.run.resume else 0
-    if MAIN and os.path.exists(log.path):  # steps logged after the checkpoint will run again: drop them
-        recs = [r for r in map(json.loads, open(log.path)) if r["stage"] != 2 or r["step"] <= start]
-        with open(f"{log.path}.tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-        os.replace(f"{log.path}.tmp", log.path)
+    total = g.epochs * math.ceil(len(train) / g.prompts_per_step)
+    total = min(total, g.steps) if g.steps else total
+    st = {"step": 0, "best_step": 0, "best": -1.0, "bad": 0, "skips": 0, "stopped": False}
+    if cfg.run.resume:
+        st = {k: v for k, v in common.load_checkpoint(out, model, opt).items() if k in st}
+    log.drop_after(st["step"])
+    subset = eval_subset(splits["valid"], g.eval_samples, cfg.run.seed)
     roll = dataclasses.replace(cfg.decode, greedy=False, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
                                top_p=1.0, top_k=0)  # pi_old must be the distribution that sampled
     amp = DTYPE if DEVICE.type == "cuda" else None
-    for step in tqdm(range(start, g.steps), desc="grpo", initial=start, total=g.steps, disable=not MAIN):
+
+    def validate(step):  # regenerate the subset's CoTs with the current policy; the frozen Rechead scores them
+        model.eval()
+        rs, parsed = generate_reasoning(cfg, ds, model, tok, f"valid{len(subset)}", subset)
+        m = evaluate_split(cfg, head, rechead_inputs(cfg, ds, subset, rs), subset)
+        if m["ndcg@10"] > st["best"]:
+            st.update(best=m["ndcg@10"], best_step=step, bad=0)
+            save_best(out, model, tok, step, m["ndcg@10"])
+        else:
+            st["bad"] += 1
+        log({"stage": 2, "step": step, "valid_hr@10": m["hr@10"], "valid_ndcg@10": m["ndcg@10"], "parse_rate": parsed,
+             "best_step": st["best_step"]})
+        st["stopped"] = st["bad"] >= g.patience
+
+    if st["step"] == 0:
+        validate(0)
+    for step in tqdm(range(st["step"], total), desc="grpo", initial=st["step"], total=total, disable=not MAIN):
+        if st["stopped"]:
+            break
         t0 = time.time()
         samples = [dict(train[i], i=i) for i in shard(step_batch(step, len(train), g.prompts_per_step, cfg.run.seed))]
         p_ids, p_mask = encode_prompts(tok, [user_messages(cfg, ds, s) for s in samples], cfg.run.thinking)
         model.eval()
-        ro = G.rollout(model, p_ids, p_mask, g.group_size, roll, eos_ids(model, tok), tok.pad_token_id)
+        ro = grpo.rollout(model, p_ids, p_mask, g.group_size, roll, eos_ids(model, tok), tok.pad_token_id)
         texts = tok.batch_decode(ro.tokens.masked_fill(~ro.mask, tok.pad_token_id), skip_special_tokens=True)
         r, parts, cot_len, summaries = reward_parts(cfg, ds, head, ref, tok, samples, texts, ro)
         head.forget()  # every step brings new CoTs: keep the frozen-embedding cache bounded
-        adv = G.group_advantages(r, g.group_size, g.adv_eps)
+        adv = grpo.group_advantages(r, g.group_size, g.adv_eps)
         model.train()
-        st = G.update(model, ref, opt, G.make_batch(p_ids, p_mask, ro, adv.to(DEVICE), g.group_size), g, amp)
-        zero, groups = all_sum(G.zero_spread_groups(r, g.group_size), len(samples))
-        log({"stage": 2, "step": step + 1, "reward": mean_all(r), **{k: mean_all(v) for k, v in parts.items()},
-             "kl": st["kl"], "entropy": mean_all(ro.entropy[ro.mask]), "clip_low": st["clip_low"],
-             "clip_high": st["clip_high"], "kept": st["kept"], "loss": st["loss"], "grad_norm": st["grad_norm"],
-             "zero_std_groups": zero / groups, "len": mean_all(ro.mask.sum(1)), "cot_len": mean_all(cot_len),
-             "s": round(time.time() - t0, 2)})
+        up = grpo.update(model, ref, opt, grpo.make_batch(p_ids, p_mask, ro, adv.to(DEVICE), g.group_size), g, amp)
+        zero, groups = common.all_sum(grpo.zero_spread_groups(r, g.group_size), len(samples))
+        passes = {f"{k}_p{j + 1}": p[k] for j, p in enumerate(up["passes"]) for k in ("kl", "clip_low", "clip_high")
+                  } if g.iterations > 1 else {}
+        log({"stage": 2, "step": step + 1, "reward": common.mean_all(r),
+             **{k: common.mean_all(v) for k, v in parts.items()}, "kl": up["kl"],
+             "entropy": common.mean_all(ro.entropy[ro.mask]), "clip_low": up["clip_low"], "clip_high": up["clip_high"],
+             **passes, "kept": up["kept"], "loss": up["loss"], "grad_norm": up["grad_norm"],
+             "zero_std_groups": zero / groups, "len": common.mean_all(ro.mask.sum(1)),
+             "cot_len": common.mean_all(cot_len), "skipped": up["skipped"], "s": round(time.time() - t0, 2)})
+        st["skips"] = st["skips"] + 1 if up["skipped"] else 0
+        if up["skipped"]:
+            tqdm.write(f"warning: step {step + 1} skipped, nothing reached the weights: {up['skipped']}")
+            if st["skips"] >= g.max_skips:
+                fail(f"{st['skips']} GRPO steps in a row had non-finite values ({up['skipped']}). ckpt/ and best/ "
+                     "hold the last good weights; lower --grpo.lr or check the rewards, then --resume")
         if MAIN and g.sample_every and (step + 1) % g.sample_every == 0:
             tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.3f}; target: {ds.titles[samples[0]['target']]})\n"
                        f"{texts[0][:1500]}\n--- its summary: {summaries[0][:300]}")
-        if (step + 1) % max(g.save_every, 1) == 0 or step + 1 == g.steps:
-            save_checkpoint(out, model, tok, opt, step + 1, cfg)
-    return model.eval()
+        if (step + 1) % g.eval_every == 0 or step + 1 == total:
+            validate(step + 1)
+        st["step"] = step + 1
+        if (g.save_every and st["step"] % g.save_every == 0) or st["step"] == total or st["stopped"]:
+            common.save_checkpoint(out, model, tok, opt, st)
+    return st
 
 
 # ----------------------------------------------------------------------------- evaluation and main
-def plot_stage2(out):
-    """Reward parts, KL, entropy and CoT length per step (cf. the paper's Fig. 4) into stage2.png."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no stage2.png (pip install matplotlib)")
-        return
-    recs = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if r["stage"] == 2]
-    keys = ("reward", "fmt", "clean", "ndcg", "sim", "comp", "ent", "kl", "entropy", "cot_len")
-    fig, axes = plt.subplots(2, 5, figsize=(18, 6))
-    for ax, k in zip(axes.flat, keys):
-        ax.plot([r["step"] for r in recs], [r[k] for r in recs])
-        ax.set_title(k), ax.set_xlabel("step")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "stage2.png"), dpi=80)
+def plot_stage2(out, log):
+    """Reward parts, KL, entropy, CoT length per step (cf. the paper's Fig. 4) and the valid curve: stage2.png."""
+    recs = [r for r in log.records() if r["stage"] == 2]
+    evals = [r for r in recs if "valid_ndcg@10" in r]
+    common.plot_curves(os.path.join(out, "stage2.png"), [r for r in recs if "reward" in r],
+                       ("reward", "fmt", "clean", "ndcg", "sim", "comp", "ent", "kl", "entropy", "cot_len"),
+                       ("valid ndcg@10", [r["step"] for r in evals], [r["valid_ndcg@10"] for r in evals]))
+
+
+def score_split(cfg, ds, head, model, tok, split, samples, seed=None, ground=False):
+    """Metrics of one split with CoTs sampled by `model`, plus their parse rate."""
+    rs, parsed = generate_reasoning(cfg, ds, model, tok, split, samples, seed)
+    m = evaluate_split(cfg, head, rechead_inputs(cfg, ds, samples, rs), samples, ground)
+    return m if parsed is None else {**m, "parse_rate": parsed}
 
 
 def official_valid(cfg, ds, head, model, tok, valid, n=4):
     """The official code's protocol: valid metrics averaged over n sampled CoTs per sample."""
-    sampled = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, greedy=False))
-    runs = []
-    for j in range(n):
-        torch.manual_seed(cfg.run.seed + 1000 + j)
-        path = cache_path(sampled, "valid").replace(".jsonl", f"-sample{j}.jsonl")
-        rs = generate_reasoning(sampled, ds, model, tok, "valid", valid, path)
-        runs.append(evaluate_split(cfg, head, rechead_inputs(cfg, ds, valid, rs), valid))
-    return E.average_metrics(runs)
+    return evaluate.average_metrics([score_split(cfg, ds, head, model, tok, "valid", valid, cfg.run.seed + 1000 + j)
+                                     for j in range(n)])
 
 
 def main(argv):
-    t_start, cfg = time.time(), parse_config(argv)
-    init_distributed(cfg.run.dist_backend)
-    random.seed(cfg.run.seed), np.random.seed(cfg.run.seed), torch.manual_seed(cfg.run.seed)
-    out, log = cfg.run.out, Logger(cfg.run.out)
+    t_start, cfg = time.time(), parse_config(argv)  # every check runs before any work or write
+    common.init_distributed(cfg.run.dist_backend)
+    common.seed_all(cfg.run.seed)
+    out, log = cfg.run.out, common.Logger(cfg.run.out)
     if MAIN:
         os.makedirs(out, exist_ok=True)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
-    ds = main_first(D.load_dataset, cfg.data)
+        common.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
+    ds = common.main_first(data.load_dataset, cfg.data)
     splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
     model, tok = load_backbone(cfg, ds)
     if MAIN and cfg.run.model == "toy":
         print("toy preset: a tiny randomly initialised Qwen3 backbone and a random static-embedding encoder, both "
               "built in code (no download). Its reasoning is noise; the numbers only exercise the code.")
+    if MAIN and model is not None:
+        s = sampling(cfg, model)
+        how = "greedy" if s.greedy else f"sampled, temperature {s.temperature} top_p {s.top_p} top_k {s.top_k}"
+        print(f"reasoning: {how}")
     mpath = os.path.join(out, "metrics.json")
     metrics = json.load(open(mpath)) if os.path.exists(mpath) else {}
-    if cfg.run.stage == "2":  # the frozen Rechead of a Stage I run, built as that run configured it
-        path = os.path.join(cfg.run.init, "rechead.pt")
-        if not os.path.exists(path):
-            raise SystemExit(f"error: --stage 2 needs --init RUN_FOLDER, a Stage I run holding rechead.pt ({path})")
-        saved = torch.load(path, weights_only=False)
-        cfg.rechead = R.RecheadConfig(**saved["config"]["rechead"])
     head = make_head(cfg, ds)
     if cfg.run.stage in ("1", "both"):
-        inputs = {k: rechead_inputs(cfg, ds, v, generate_reasoning(cfg, ds, model, tok, k, v)) for k, v in splits.items()}
+        reasoning = {k: generate_reasoning(cfg, ds, model, tok, k, v) for k, v in splits.items()}
+        inputs = {k: rechead_inputs(cfg, ds, splits[k], rs) for k, (rs, _) in reasoning.items()}
+        if model is not None:
+            log({"stage": 1, **{f"parse_rate_{k}": p for k, (_, p) in reasoning.items()}})
         embed_frozen(cfg, head, inputs.values())
+        tokenise_static(head, inputs.values())
         if cfg.run.ablate != "I":
             head = train_rechead(cfg, ds, head, inputs, splits, log, out)
-        metrics["stage1"] = {k: evaluate_split(cfg, head, inputs[k], splits[k], cfg.run.ablate == "I") for k in ("valid", "test")}
-        metrics["popularity"] = {"test": E.popularity_metrics(splits["train"], splits["test"], ds.n_items, cfg.eval)}
+        metrics["stage1"] = {k: evaluate_split(cfg, head, inputs[k], splits[k], cfg.run.ablate == "I")
+                             for k in ("valid", "test")}
+        if model is not None:
+            for k in ("valid", "test"):
+                metrics["stage1"][k]["parse_rate"] = reasoning[k][1]
+        args = (splits["train"], splits["test"], ds.n_items, cfg.eval)
+        metrics["popularity"] = {"test": evaluate.popularity_metrics(*args)}
+        metrics["transition"] = {"test": evaluate.transition_metrics(*args)}
         if cfg.run.official_eval and model is not None:
             metrics["stage1"]["valid_official"] = official_valid(cfg, ds, head, model, tok, splits["valid"])
         if MAIN:
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
     else:
-        head.load_state_dict(saved["state"])
+        head.load_state_dict(load_rechead_file(cfg.run.init)["state"])
     if MAIN:
-        save_json(mpath, metrics)
+        common.save_json(mpath, metrics)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
-        if model is None:
-            raise SystemExit("error: Stage II trains the backbone; pass --model (not none)")
-        model = stage2(cfg, ds, head, model, tok, splits["train"], log, out)
-        metrics["stage2"] = {}
-        for k in ("valid", "test"):  # the tuned backbone reasons again; the frozen Rechead ranks
-            rs = generate_reasoning(cfg, ds, model, tok, k, splits[k], os.path.join(out, "reasoning", f"{k}-step{cfg.grpo.steps}.jsonl"))
-            metrics["stage2"][k] = evaluate_split(cfg, head, rechead_inputs(cfg, ds, splits[k], rs), splits[k])
+        st = stage2(cfg, ds, head, model, tok, splits, log, out)
+        from transformers import AutoModelForCausalLM  # the best valid step's backbone reasons again
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(os.path.join(out, "best"), dtype=torch.float32)
+                              .state_dict())
+        metrics["stage2"] = {k: score_split(cfg, ds, head, model.eval(), tok, k, splits[k]) for k in ("valid", "test")}
+        metrics["stage2"]["step"] = st["best_step"]
         if MAIN:
-            save_json(mpath, metrics), plot_stage2(out)
-            print(f"stage 2 done after {time.time() - t_start:.0f} s")
+            common.save_json(mpath, metrics)
+            plot_stage2(out, log)
+            print(f"stage 2 done after {time.time() - t_start:.0f} s; best valid step {st['best_step']}")
     if MAIN:
         for name, m in metrics.items():
             for split, v in m.items():
-                print(f"{name:>10} {split:>5}  " + "  ".join(f"{k}={v[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20") if k in v))
+                if isinstance(v, dict):
+                    keys = ("hr@10", "ndcg@10", "hr@20", "parse_rate")
+                    shown = "  ".join(f"{k}={v[k]:.4f}" for k in keys if v.get(k) is not None)
+                    print(f"{name:>10} {split:>5}  {shown}")
         print(f"run folder: {out}")
     if WORLD > 1:
         dist.destroy_process_group()

@@ -10,9 +10,9 @@ import rechead as R
 import rporec
 
 out_file, data_dir = sys.argv[1], sys.argv[2]
-rporec.init_distributed("gloo")
+rporec.common.init_distributed("gloo")
 cfg = rporec.parse_config(["--data.data_dir", data_dir, "--rechead.dropout", "0", "--limit", "64"])
-ds = rporec.D.load_dataset(cfg.data)
+ds = rporec.data.load_dataset(cfg.data)
 train, valid = ds.splits["train"][:64], ds.splits["valid"][:7]  # 7 samples: an uneven split over 2 ranks
 reasoning = [(f"maybe {ds.titles[s['history'][-1]]}", ds.titles[s["target"]] if i % 3 else None)
              for i, s in enumerate(train)]
@@ -41,7 +41,7 @@ p_ids = torch.randint(1, 64, (N, P), generator=g)                       # (N, P)
 p_mask = (torch.arange(P) >= torch.tensor([0, 1, 2, 0])[:, None]).long()  # left padding
 tokens = torch.randint(1, 64, (N * Gs, T), generator=g)                 # (N*G, T)
 mask = torch.arange(T) < torch.tensor([6, 3, 5, 2, 6, 4, 1, 6])[:, None]
-ro = rporec.dec.Rollout
+ro = rporec.decode.Rollout
 with torch.no_grad():
     old = G.sequence_logprobs(model, torch.cat([p_ids.repeat_interleave(Gs, 0), tokens], 1),
                               torch.cat([p_mask.repeat_interleave(Gs, 0), mask.long()], 1), T)
@@ -56,7 +56,7 @@ G.update(model, ref, torch.optim.SGD(model.parameters(), lr=0.1), batch, gcfg)
 # --- sharded, cached reasoning generation (greedy, so 1 and 2 processes must agree token for token)
 cfg.decode.greedy, cfg.decode.max_new_tokens = True, 6
 llm, tok = rporec.load_backbone(cfg, ds)
-texts = rporec.generate_reasoning(cfg, ds, llm, tok, "valid", ds.splits["valid"][:9])
+texts = rporec.generate_reasoning(cfg, ds, llm, tok, "valid", ds.splits["valid"][:9])[0]
 
 if rporec.MAIN:
     torch.save({"rechead": head.state_dict(), "grpo": model.state_dict(), "eval": metrics, "reasoning": texts},

@@ -5,25 +5,26 @@ import os
 import pytest
 import torch
 
+import common
 import decode as dec
 import rporec
 
-real_encode = rporec.R.encode
+real_encode = rporec.rechead.encode
 
 
 def small(tmp_path, *extra):
     """Flags for a seconds-long toy run in tmp_path."""
     return ["--out", str(tmp_path / "run"), "--data.data_dir", str(tmp_path / "data"), "--limit", "48",
             "--rechead.epochs", "1", "--decode.max_new_tokens", "8", "--grpo.max_new_tokens", "8",
-            "--grpo.prompts_per_step", "2", "--grpo.micro_batch", "4", *extra]
+            "--grpo.prompts_per_step", "2", "--grpo.micro_batch", "4", "--grpo.eval_samples", "8", *extra]
 
 
 def test_parse_config_presets_and_flags():
-    cfg = rporec.parse_config(["--grpo.beta", "0", "--rechead.trainable", "false", "--resume"])
-    assert cfg.grpo.beta == 0.0 and cfg.rechead.trainable is False and cfg.run.resume is True
+    cfg = rporec.parse_config(["--grpo.beta", "0", "--rechead.trainable", "false", "--official_eval"])
+    assert cfg.grpo.beta == 0.0 and cfg.rechead.trainable is False and cfg.run.official_eval is True
     assert cfg.run.model == "toy" and cfg.rechead.encoder == "toy"  # the toy preset applied
-    cfg = rporec.parse_config(["--dataset", "custom", "--data.interactions", "a.tsv", "--grpo.steps", "3"])
-    assert cfg.data.interactions == "a.tsv" and cfg.grpo.steps == 3
+    cfg = rporec.parse_config(["--dataset", "ml-100k", "--data.raw_dir", "a", "--grpo.steps", "3"])
+    assert cfg.data.raw_dir == "a" and cfg.grpo.steps == 3 and cfg.run.model == "Qwen/Qwen3-0.6B"
     cfg = rporec.parse_config(["--dataset=cds", "--ablate", "cot"])
     assert cfg.run.model == "Qwen/Qwen3-0.6B" and cfg.data.dataset == "cds" and cfg.rechead.use_cot is False
     cfg = rporec.parse_config(["--eval.ks", "5,10", "--eval.mask_history"])
@@ -70,7 +71,7 @@ def test_run_with_other_cutoffs(tmp_path):
 
 def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
     cfg = rporec.parse_config(small(tmp_path, "--gen_batch", "8"))
-    ds = rporec.D.load_dataset(cfg.data)
+    ds = rporec.data.load_dataset(cfg.data)
     samples = ds.splits["valid"][:40]
     model, tok = rporec.load_backbone(cfg, ds)
     real, calls = dec.generate, []
@@ -84,34 +85,35 @@ def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
     monkeypatch.setattr(dec, "generate", dying)
     with pytest.raises(KeyboardInterrupt):
         rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
-    path = rporec.cache_path(cfg, "valid")
-    assert len(rporec.read_cache(path)) == 16
+    path = rporec.cache_path(cfg, model, "valid", cfg.run.seed)
+    assert len(common.read_cache(path)) == 16
     with open(path, "a") as f:
         f.write('{"i": 39, "text": "half a li')  # a write cut short by the kill
     calls.clear()
     monkeypatch.setattr(dec, "generate", lambda *a, **k: (calls.append(a[1].shape[0]), real(*a, **k))[1])
-    out = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
+    out, _ = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
     assert sum(calls) == 24 and len(out) == 40  # only the 24 missing samples were generated
     calls.clear()
-    assert rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples) == out and not calls
+    assert rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)[0] == out and not calls
     with open(path, "a") as f:
         f.write("not json\n")
     with pytest.raises(SystemExit, match="corrupt.*delete it"):
-        rporec.read_cache(path)
+        common.read_cache(path)
 
 
 def test_toy_both_stages_two_steps(tmp_path):
     m = rporec.main(small(tmp_path, "--grpo.steps", "2"))
     run = tmp_path / "run"
     saved = json.load(open(run / "metrics.json"))
-    assert set(saved) == {"stage1", "popularity", "stage2"} and saved == json.loads(json.dumps(m))
+    assert set(saved) == {"stage1", "popularity", "transition", "stage2"} and saved == json.loads(json.dumps(m))
+    assert set(saved["stage1"]) == {"valid", "test"} and set(saved["stage2"]) == {"valid", "test", "step"}
     for part in ("stage1", "stage2"):
-        assert set(saved[part]) == {"valid", "test"} and 0 <= saved[part]["test"]["ndcg@10"] <= 1
+        assert 0 <= saved[part]["test"]["ndcg@10"] <= 1 and 0 <= saved[part]["test"]["parse_rate"] <= 1
     recs = [json.loads(line) for line in open(run / "log.jsonl")]
-    steps = [r for r in recs if r["stage"] == 2]
+    steps = [r for r in recs if r["stage"] == 2 and "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for key in ("reward", "fmt", "clean", "ndcg", "sim", "comp", "ent", "kl", "entropy", "clip_low",
-                "clip_high", "len", "cot_len", "zero_std_groups"):
+                "clip_high", "len", "cot_len", "zero_std_groups", "skipped"):
         assert key in steps[0], key
     assert json.load(open(run / "config.json"))["grpo"]["steps"] == 2
     assert os.path.exists(run / "ckpt" / "trainer_state.pt") and os.path.exists(run / "rechead.pt")
@@ -133,13 +135,13 @@ def test_resume_repeats_and_loses_no_step(tmp_path):
                       "--stage", "2", "--init", str(cut / "run"), "--resume"))
     a, b = weights(straight / "run"), weights(cut / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(l)["step"] for l in open(cut / "run" / "log.jsonl") if '"stage": 2' in l]
+    steps = [json.loads(l)["step"] for l in open(cut / "run" / "log.jsonl") if '"reward"' in l]
     assert steps == [1, 2, 3, 4]
 
 
 def test_reward_parts_on_formatted_completions(tmp_path):
     cfg = rporec.parse_config(small(tmp_path, "--rewards.summary_max_new_tokens", "4", "--rewards.drop", ""))
-    ds = rporec.D.load_dataset(cfg.data)
+    ds = rporec.data.load_dataset(cfg.data)
     model, tok = rporec.load_backbone(cfg, ds)
     head = rporec.make_head(cfg, ds)
     samples = [dict(ds.splits["train"][i], i=i) for i in range(2)]
@@ -166,7 +168,7 @@ def test_history_only_frozen_run_reuses_disk_embeddings(tmp_path):
     first = rporec.main(flags)
     (emb,) = (tmp_path / "data" / "embeddings").iterdir()
     stamp = emb.stat().st_mtime_ns
-    assert len(torch.load(emb, weights_only=False)["texts"]) > 48
+    assert len(common.load_embeddings(str(emb))[0]) > 48
     second = rporec.main(flags)
     assert emb.stat().st_mtime_ns == stamp  # nothing new to embed, nothing rewritten
     assert first["stage1"] == second["stage1"] and "stage2" not in second
@@ -176,16 +178,16 @@ def test_official_eval_averages_four_sampled_cots(tmp_path):
     m = rporec.main(small(tmp_path, "--stage", "1", "--official_eval"))
     off = m["stage1"]["valid_official"]
     assert set(off) == set(m["stage1"]["valid"]) and off["n"] == 48
-    caches = list((tmp_path / "data" / "reasoning").glob("*/valid-sample*.jsonl"))
-    assert len(caches) == 4 and all(len(rporec.read_cache(str(c))) == 48 for c in caches)
+    caches = [c for c in (tmp_path / "data" / "reasoning").glob("*/valid.jsonl")]
+    assert len(caches) == 5 and all(len(common.read_cache(str(c))) == 48 for c in caches)  # stage 1's and 4 more
 
 
 def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
     """embed_frozen saves what it has as it goes: a run killed mid-way leaves a whole file with the
     finished chunks, and the rerun embeds only the rest."""
-    cfg = rporec.parse_config(small(tmp_path, "--model", "none", "--rechead.trainable", "false",
-                                    "--rechead.encode_batch", "1"))  # chunks of 16 texts
-    ds = rporec.D.load_dataset(cfg.data)
+    cfg = rporec.parse_config(small(tmp_path, "--model", "none", "--ablate", "cot", "--stage", "1",
+                                    "--rechead.trainable", "false", "--rechead.encode_batch", "1"))  # 16-text chunks
+    ds = rporec.data.load_dataset(cfg.data)
     samples = ds.splits["train"][:48]
     inputs = rporec.rechead_inputs(cfg, ds, samples, [("", None)] * len(samples))
     n_texts = len({t or "" for part in inputs for t in part})
@@ -199,18 +201,17 @@ def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
         encoded.extend(texts)
         return real_encode(enc, texts, device)
     head = rporec.make_head(cfg, ds)  # embeds the items: before the counting starts
-    monkeypatch.setattr(rporec.R, "encode", lambda *a: encode(*a, die_at=33))  # in the third chunk
+    monkeypatch.setattr(rporec.rechead, "encode", lambda *a: encode(*a, die_at=33))  # in the third chunk
     with pytest.raises(KeyboardInterrupt):
         rporec.embed_frozen(cfg, head, [inputs])
     (emb,) = (tmp_path / "data" / "embeddings").glob("*.pt")
-    assert len(torch.load(emb, weights_only=False)["texts"]) == 32  # the two whole chunks
-    monkeypatch.setattr(rporec.R, "encode", real_encode)
+    assert len(common.load_embeddings(str(emb))[0]) == 32  # the two whole chunks
+    monkeypatch.setattr(rporec.rechead, "encode", real_encode)
     head = rporec.make_head(cfg, ds)
     encoded.clear()
-    monkeypatch.setattr(rporec.R, "encode", encode)
+    monkeypatch.setattr(rporec.rechead, "encode", encode)
     rporec.embed_frozen(cfg, head, [inputs])
     assert len(encoded) == n_texts - 32
-    saved = torch.load(emb, weights_only=False)
-    assert len(saved["texts"]) == n_texts
-    assert torch.allclose(saved["vecs"], torch.stack([real_encode(head.item_encoder, [t], "cpu")[0] for t in saved["texts"]]),
-                          atol=1e-5)
+    texts, vecs = common.load_embeddings(str(emb))
+    assert len(texts) == n_texts
+    assert torch.allclose(vecs, torch.stack([real_encode(head.item_encoder, [t], "cpu")[0] for t in texts]), atol=1e-5)

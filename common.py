@@ -1,0 +1,412 @@
+"""Infrastructure shared by the scripts, kept out of rporec.py so the train script shows only the method
+(as nanochat keeps compute_init and checkpointing in common.py): processes, flags, atomic files, safe
+loading, the logger, the resumable JSONL cache, the frozen-embedding cache, checkpoints and the plot.
+"""
+import dataclasses
+import glob
+import hashlib
+import inspect
+import io
+import json
+import os
+import random
+import re
+import shutil
+import typing
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- processes, decided once
+RANK = int(os.environ.get("RANK", 0))
+WORLD = max(int(os.environ.get("WORLD_SIZE", 1)), 1)
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+MAIN = RANK == 0  # only rank 0 logs, writes checkpoints and metrics
+DEVICE = torch.device("cuda", LOCAL_RANK) if torch.cuda.is_available() else torch.device("cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # backbone weights and autocast
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed(backend):
+    if WORLD == 1:
+        return
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise SystemExit("error: --dist_backend nccl needs CUDA GPUs and none is visible; "
+                         "use --dist_backend gloo to run processes on the CPU")
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group(backend)
+
+
+def shard(items):
+    """This rank's strided share of a list (all of it in a single process)."""
+    return items[RANK::WORLD]
+
+
+def unshard(local, n):
+    """Inverse of shard for a per-item tensor: every rank's values back in global order, exactly once."""
+    if WORLD == 1:
+        return local
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, local.cpu())
+    full = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        full[r::WORLD] = part
+    return full
+
+
+def all_sum(*values):
+    """Sums of python numbers over all ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=DEVICE)
+    if WORLD > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_all(t):
+    """Mean of a tensor's elements over every rank."""
+    t = t.detach().double().reshape(-1)
+    s, n = all_sum(float(t.sum()), t.numel())
+    return s / max(n, 1)
+
+
+def barrier():
+    if WORLD > 1:
+        dist.barrier()
+
+
+def main_first(fn, *args):
+    """fn(*args) on rank 0, then on the other ranks: rank 0 builds a cache, the others read it."""
+    out = fn(*args) if MAIN else None
+    barrier()
+    return out if MAIN else fn(*args)
+
+
+# ----------------------------------------------------------------------------- flags
+def field_comments(cls):
+    """{field: its '# comment'} read from the dataclass source, continuation lines joined."""
+    out, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s?(.*)", line)
+        if m:
+            last = m.group(1)
+            out[last] = m.group(2).strip()
+        elif last and re.match(r"\s+#", line):
+            out[last] += " " + line.strip().lstrip("#").strip()
+        elif not line.strip().startswith("#"):
+            last = None
+    return out
+
+
+def _convert(text, kind, flag):
+    """A flag's text as the field's annotated type (bool, int, float, str, tuple[int, ...], X | None)."""
+    args = typing.get_args(kind)
+    if type(None) in args:
+        if text.lower() == "none":
+            return None
+        kind = next(a for a in args if a is not type(None))
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if typing.get_origin(kind) is tuple:
+            return tuple(int(v) for v in text.split(","))
+        return kind(text)
+    except ValueError:
+        name = "true/false" if kind is bool else f"a {getattr(kind, '__name__', kind)}"
+        raise SystemExit(f"error: --{flag} takes {name}, got {text!r}") from None
+
+
+def parse_flags(cfg, argv, bare="run"):
+    """{"section.field": value} from --section.field VALUE (or =VALUE) over the dataclass sections of cfg.
+    Fields of section `bare` also work bare (--model). A bare boolean flag means true."""
+    args = [p for a in argv for p in (a.split("=", 1) if "=" in a else [a])]
+    flags = {}
+    while args:
+        key = args.pop(0)
+        if not key.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {key!r}; flags look like --grpo.beta 0.001")
+        key = key[2:].replace("-", "_")
+        sec, _, name = (key if "." in key else f"{bare}.{key}").partition(".")
+        section = getattr(cfg, sec, None)
+        if not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
+            raise SystemExit(f"error: unknown flag --{key}; --help lists every flag")
+        kind = typing.get_type_hints(type(section))[name]
+        if kind is bool and (not args or args[0].startswith("--")):
+            flags[f"{sec}.{name}"] = True
+            continue
+        if not args:
+            raise SystemExit(f"error: --{key} needs a value")
+        flags[f"{sec}.{name}"] = _convert(args.pop(0), kind, key)
+    return flags
+
+
+def help_text(cfg, bare="run"):
+    """Every flag with its default and its field comment, grouped by section."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        notes = field_comments(type(obj))
+        lines.append(f"\n[{section.name}]")
+        for f in dataclasses.fields(obj):
+            flag = f"--{f.name}" if section.name == bare else f"--{section.name}.{f.name}"
+            lines.append(f"  {flag} {getattr(obj, f.name)!r}\n      {notes.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def config_diff(old, new, allowed=()):
+    """["section.field: old -> new"] over two config dicts, leaving out the `allowed` keys."""
+    out = []
+    for sec in sorted(set(old) | set(new)):
+        for name in sorted(set(old.get(sec, {})) | set(new.get(sec, {}))):
+            a, b = old.get(sec, {}).get(name), new.get(sec, {}).get(name)
+            if f"{sec}.{name}" not in allowed and json.dumps(a) != json.dumps(b):
+                out.append(f"{sec}.{name}: {a!r} -> {b!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_write(path, write):
+    """write(tmp_path) then rename over path: a kill leaves the old file or the new one, never half."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_bytes(path, raw):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(raw)
+    atomic_write(path, write)
+
+
+def save_json(path, obj):
+    save_bytes(path, json.dumps(obj, indent=2).encode())
+
+
+def save_torch(path, obj):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path, what, fix):
+    """torch.load with weights_only=True (a crafted file cannot run code), and an error that names the
+    file, what it should be and the fix."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found; it should hold {what}. {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused, truncated zip, garbage bytes: all the same to the user
+        raise SystemExit(f"error: {path} is not a valid {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                         f"{fix}") from None
+
+
+def weights_digest(module):
+    """A short hash of a module's parameters and buffers: caches keyed on it cannot outlive the weights."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Logger:
+    """One fixed-key line per record on stdout, and the same record appended to log.jsonl."""
+
+    def __init__(self, out):
+        self.path = os.path.join(out, "log.jsonl")
+
+    def __call__(self, rec):
+        if MAIN:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def records(self):
+        return [json.loads(line) for line in open(self.path)] if os.path.exists(self.path) else []
+
+    def drop_after(self, step):
+        """Resume: Stage II lines logged after the checkpoint's step will be logged again; drop them."""
+        if MAIN and os.path.exists(self.path):
+            keep = [r for r in self.records() if r["stage"] != 2 or r["step"] <= step]
+            save_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+
+# ----------------------------------------------------------------------------- resumable JSONL cache
+def read_cache(path):
+    """{sample index: record}. A last line cut short by a kill is cut off the file first."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb+") as f:
+        raw = f.read()
+        if raw and not raw.endswith(b"\n"):
+            f.truncate(raw.rfind(b"\n") + 1)
+    try:
+        return {r["i"]: r for r in map(json.loads, raw[:raw.rfind(b"\n") + 1].decode().splitlines())}
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: the reasoning cache {path} is corrupt ({e}); delete it and rerun to "
+                         "regenerate it") from None
+
+
+def append_cache(path, records):
+    """One write and an fsync per batch, so a kill loses at most the batch in flight."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fold_shards(path):
+    """Rank 0 appends the per-rank shard files of a distributed run to the one cache, once every rank
+    has finished writing."""
+    barrier()
+    if MAIN:
+        for part in sorted(glob.glob(f"{path}.rank*")):
+            append_cache(path, list(read_cache(part).values()))
+            os.remove(part)
+    barrier()
+
+
+# ----------------------------------------------------------------------------- frozen-embedding cache
+def load_embeddings(path):
+    """(texts, vecs) saved by save_embeddings, or ([], None) when there is none yet."""
+    if not os.path.exists(path):
+        return [], None
+    fix = "Delete it; the next run embeds the texts again."
+    saved = load_torch(path, "frozen-embedding cache", fix)
+    texts, vecs = (saved.get("texts"), saved.get("vecs")) if isinstance(saved, dict) else (None, None)
+    if not isinstance(texts, list) or not torch.is_tensor(vecs) or vecs.dim() != 2 or len(texts) != vecs.shape[0]:
+        n = None if vecs is None or not torch.is_tensor(vecs) else tuple(vecs.shape)
+        raise SystemExit(f"error: {path} holds {len(texts) if isinstance(texts, list) else 'no'} texts but vectors of "
+                         f"shape {n}; the cache is corrupt. {fix}")
+    return texts, vecs
+
+
+def save_embeddings(path, texts, vecs):
+    save_torch(path, {"texts": list(texts), "vecs": vecs.cpu()})
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _rng_state():
+    """Every RNG as tensors and plain numbers, so the file loads with weights_only=True."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                           *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(DEVICE) if DEVICE.type == "cuda" else None}
+
+
+def _set_rng_state(st):
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    np.random.set_state((st["numpy"][0], st["numpy"][1].numpy(), *st["numpy"][2:]))
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] is not None:
+        torch.cuda.set_rng_state(st["cuda"], DEVICE)
+
+
+DONE = "COMPLETE"  # written last into ckpt.tmp: its presence marks a whole checkpoint
+
+
+def save_checkpoint(out, model, tok, opt, state):
+    """<out>/ckpt: backbone (save_pretrained), optimizer, trainer state (a dict of plain values), every
+    rank's RNG. Written beside the old one and swapped in; recover_checkpoint mends a kill between the
+    two renames."""
+    final, tmp = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp")
+    if MAIN:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    torch.save(_rng_state(), os.path.join(tmp, f"rng{RANK}.pt"))
+    if MAIN:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
+    barrier()
+    if MAIN:
+        open(os.path.join(tmp, DONE), "w").close()
+        if os.path.exists(final):
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    barrier()
+
+
+def recover_checkpoint(out):
+    """The path of the newest whole checkpoint in <out>, or None. A kill between save_checkpoint's two
+    renames leaves ckpt.old and a complete ckpt.tmp: the newer one is promoted to ckpt."""
+    final = os.path.join(out, "ckpt")
+    if os.path.exists(os.path.join(final, "trainer_state.pt")):
+        return final
+    for cand in (final + ".tmp", final + ".old"):
+        if os.path.exists(os.path.join(cand, DONE)):
+            if MAIN:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(cand, final)
+                shutil.rmtree(final + ".old", ignore_errors=True)
+            barrier()
+            return final
+    return None
+
+
+def load_checkpoint(out, model, opt):
+    """Weights, optimizer and this rank's RNG from <out>/ckpt; returns the trainer state dict."""
+    from transformers import AutoModelForCausalLM
+    path = recover_checkpoint(out)
+    if path is None:
+        raise SystemExit(f"error: --resume but no checkpoint in {out}/ckpt; drop --resume to start afresh")
+    fix = f"Delete {path} and rerun without --resume, or resume from a copy of the run folder."
+    st = load_torch(os.path.join(path, "trainer_state.pt"), "trainer state", fix)
+    if st["world"] != WORLD:
+        raise SystemExit(f"error: the checkpoint was written by {st['world']} processes; resume with as many")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:
+        raise SystemExit(f"error: the backbone in {path} does not load ({type(e).__name__}: {e}). {fix}") from None
+    model.load_state_dict(loaded.state_dict())
+    opt.load_state_dict(st["optimizer"])
+    _set_rng_state(load_torch(os.path.join(path, f"rng{RANK}.pt"), "RNG state", fix))
+    return st
+
+
+# ----------------------------------------------------------------------------- plot
+def plot_curves(path, recs, keys, curve=None):
+    """One panel per key over the records' steps, plus an optional (title, steps, values) curve, into path."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: matplotlib is missing; pip install -r requirements.txt") from None
+    panels = list(keys) + ([curve[0]] if curve else [])
+    fig, axes = plt.subplots(2, (len(panels) + 1) // 2, figsize=(3.6 * ((len(panels) + 1) // 2), 6))
+    for ax, k in zip(axes.flat, keys):
+        ax.plot([r["step"] for r in recs], [r[k] for r in recs])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    if curve:
+        ax = axes.flat[len(keys)]
+        ax.plot(curve[1], curve[2], marker="o")
+        ax.set_title(curve[0])
+        ax.set_xlabel("step")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=80, format="png")
+    plt.close(fig)
+    save_bytes(path, buf.getvalue())

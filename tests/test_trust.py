@@ -1,0 +1,240 @@
+"""Runs you can trust: checks before any write, no code from files, caches that cannot go stale, a
+checkpoint that survives a kill between renames, NaN steps that never reach the weights, Stage II
+selection of its best valid step."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import common
+import rporec
+from test_rporec import small
+
+
+@pytest.fixture(scope="module")
+def both_run(tmp_path_factory):
+    """One finished toy run of both stages (2 GRPO steps, checkpoint at the end), shared by the tests."""
+    root = tmp_path_factory.mktemp("both")
+    rporec.main(small(root, "--grpo.steps", "2", "--grpo.eval_every", "1", "--grpo.eval_samples", "8"))
+    return root
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--grpo.group_size", "1"], "--grpo.group_size must be >= 2"),
+    (["--rechead.batch_size", "0"], "--rechead.batch_size must be >= 1"),
+    (["--grpo.prompts_per_step", "0"], "--grpo.prompts_per_step must be >= 1"),
+    (["--grpo.rho", "0"], "--grpo.rho must be in"),
+    (["--resume"], "--resume but no checkpoint"),
+    (["--model", "none"], "add --ablate cot"),
+    (["--model", "none", "--ablate", "cot"], "Stage II trains the backbone"),
+    (["--stage", "2"], "needs --init"),
+    (["--stage", "2", "--ablate", "II", "--init", "x"], "does not apply to --stage 2"),
+    (["--stage", "2", "--ablate", "cot", "--init", "x"], "does not apply to --stage 2"),
+    (["--data.dataset", "cds"], "contradicts --dataset"),
+    (["--rechead.use_cot", "true", "--ablate", "cot"], "contradicts"),
+    (["--data.window", "0"], "window"),
+    (["--data.interactions", "a.tsv"], "custom"),
+    (["--stage", "1", "--resume"], "has none"),
+])
+def test_bad_flags_stop_before_any_write(tmp_path, flags, msg):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=msg):
+        rporec.main(small(tmp_path, *flags))
+    assert not out.exists()
+
+
+def test_help_lists_every_flag_with_its_comment(capsys):
+    with pytest.raises(SystemExit) as e:
+        rporec.parse_config(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--grpo.beta", "--rechead.encoder", "--model", "--decode.temperature", "--eval.ks",
+                 "--grpo.iterations", "--grpo.eval_every"):
+        assert flag in text, flag
+    assert "KL weight of eq. 10" in text  # the field comment
+
+
+def test_stage2_flags_come_from_init(both_run, tmp_path):
+    with pytest.raises(SystemExit, match="--rechead.\\* flags do not apply"):
+        rporec.parse_config(small(tmp_path, "--stage", "2", "--init", str(both_run / "run"), "--rechead.gamma", "0.5"))
+    cfg = rporec.parse_config(small(tmp_path, "--stage", "2", "--init", str(both_run / "run")))
+    saved = json.load(open(both_run / "run" / "config.json"))["rechead"]
+    assert cfg.rechead == rporec.rechead.RecheadConfig(**saved)  # the config of the Rechead actually used
+
+
+def test_other_config_into_the_same_folder_is_refused(both_run, tmp_path):
+    run = copy_run(both_run, tmp_path / "c")
+    before = (run / "run" / "config.json").read_text()
+    with pytest.raises(SystemExit, match="another config.*grpo.lr.*new --out"):
+        rporec.main(small(run, "--grpo.steps", "2", "--grpo.lr", "0.5"))
+    assert (run / "run" / "config.json").read_text() == before
+    # a Stage I folder takes any Stage II settings: its results do not depend on them
+    stage1 = tmp_path / "s1"
+    rporec.main(small(stage1, "--stage", "1"))
+    cfg = rporec.parse_config(small(stage1, "--stage", "2", "--init", str(stage1 / "run"), "--grpo.lr", "0.5"))
+    assert cfg.grpo.lr == 0.5
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {EVIL_MARK}",))
+
+
+EVIL_MARK = "/tmp/rporec-evil-marker"
+
+
+def test_crafted_rechead_cannot_run_code(both_run, tmp_path):
+    if os.path.exists(EVIL_MARK):
+        os.remove(EVIL_MARK)
+    init = tmp_path / "init"
+    init.mkdir()
+    torch.save({"state": Evil(), "config": {}}, init / "rechead.pt")
+    with pytest.raises(SystemExit, match="rechead.pt is not a valid Rechead"):
+        rporec.parse_config(small(tmp_path, "--stage", "2", "--init", str(init)))
+    assert not os.path.exists(EVIL_MARK)
+    assert rporec.load_rechead_file(str(both_run / "run"))["state"]  # the real one still loads
+
+
+@pytest.mark.parametrize("name", ["trainer_state.pt", "rng0.pt", "model.safetensors"])
+def test_corrupt_checkpoint_files_are_named(both_run, tmp_path, name):
+    run = copy_run(both_run, tmp_path / "c") / "run"
+    path = run / "ckpt" / name
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(both_run / "data" / "toy" / "backbone")
+    with pytest.raises(SystemExit, match=f"{name}|{run / 'ckpt'}"):
+        common.load_checkpoint(str(run), model.float(), torch.optim.AdamW(model.parameters()))
+
+
+def test_corrupt_rechead_and_embeddings_are_named(both_run, tmp_path):
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "rechead.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="rechead.pt is not a valid"):
+        rporec.load_rechead_file(str(init))
+    emb = tmp_path / "e.pt"
+    torch.save({"texts": ["a", "b"], "vecs": torch.zeros(3, 4)}, emb)
+    with pytest.raises(SystemExit, match="2 texts but vectors of shape \\(3, 4\\)"):
+        common.load_embeddings(str(emb))
+    emb.write_bytes(b"\x00" * 10)
+    with pytest.raises(SystemExit, match="e.pt is not a valid frozen-embedding cache"):
+        common.load_embeddings(str(emb))
+
+
+def test_kill_between_the_two_renames_recovers(both_run, tmp_path):
+    run = copy_run(both_run, tmp_path / "c") / "run"
+    os.replace(run / "ckpt", run / "ckpt.old")  # the first rename happened ...
+    shutil.copytree(run / "ckpt.old", run / "ckpt.tmp")  # ... and the new one was complete
+    assert common.recover_checkpoint(str(run)) == str(run / "ckpt")
+    assert (run / "ckpt" / "trainer_state.pt").exists() and not (run / "ckpt.tmp").exists()
+    assert not (run / "ckpt.old").exists()
+    os.replace(run / "ckpt", run / "ckpt.old")
+    os.makedirs(run / "ckpt.tmp")  # killed while writing the new one: no COMPLETE marker, the old one wins
+    assert common.recover_checkpoint(str(run)) == str(run / "ckpt") and (run / "ckpt" / "trainer_state.pt").exists()
+    shutil.rmtree(run / "ckpt")
+    assert (run / "ckpt.tmp").exists() and common.recover_checkpoint(str(run)) is None
+
+
+def test_save_every_zero_saves_only_at_the_end(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(common, "save_checkpoint", lambda out, m, t, o, st: saved.append(st["step"]))
+    rporec.main(small(tmp_path, "--grpo.steps", "3", "--grpo.save_every", "0"))
+    assert saved == [3]
+
+
+def test_nan_rewards_never_reach_the_weights(tmp_path, monkeypatch):
+    real = rporec.reward_parts
+
+    def nan_parts(*a):
+        r, parts, cot, summ = real(*a)
+        r[0] = float("nan")
+        return r, parts, cot, summ
+
+    monkeypatch.setattr(rporec, "reward_parts", nan_parts)
+    with pytest.raises(SystemExit, match="2 GRPO steps in a row had non-finite"):
+        rporec.main(small(tmp_path, "--grpo.steps", "4", "--grpo.max_skips", "2"))
+    from transformers import AutoModelForCausalLM
+    best = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "data" / "toy" / "backbone").state_dict()
+    assert all(torch.equal(best[k], start[k]) for k in start)  # step 0 only; nothing NaN was saved
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if '"reward"' in line]
+    assert [bool(r["skipped"]) for r in recs] == [True, True]
+
+
+def test_stage2_keeps_its_best_valid_step(tmp_path, monkeypatch):
+    """Selection on a fixed valid subset: the best step's backbone is kept, patience stops the run, and the
+    final metrics come from the chosen step's weights."""
+    curve = iter([0.1, 0.3, 0.2, 0.1, 0.5])  # valid NDCG@10 at steps 0, 1, 2, 3 (4 never comes: patience 2)
+    real = rporec.evaluate_split
+
+    def scripted(cfg, head, inputs, samples, ground=False):
+        m = real(cfg, head, inputs, samples, ground)
+        return {**m, "ndcg@10": next(curve)} if len(samples) == 5 else m
+
+    monkeypatch.setattr(rporec, "evaluate_split", scripted)
+    m = rporec.main(small(tmp_path, "--grpo.steps", "6", "--grpo.eval_every", "1", "--grpo.eval_samples", "5",
+                          "--grpo.patience", "2"))
+    run = tmp_path / "run"
+    assert m["stage2"]["step"] == 1 == json.load(open(run / "best" / "best.json"))["step"]
+    recs = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["step"] for r in recs if "valid_ndcg@10" in r and r["stage"] == 2] == [0, 1, 2, 3]
+    assert [r["step"] for r in recs if "reward" in r] == [1, 2, 3]
+    assert (run / "stage2.png").stat().st_size > 0
+
+
+def test_stage2_at_step_zero_reports_the_stage1_backbone(tmp_path, monkeypatch):
+    """When no step beats step 0, Stage II reports the Stage I backbone's own CoTs: its valid equals Stage I's."""
+    monkeypatch.setattr(rporec.grpo, "update", lambda *a, **k: {
+        "loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_frac": 0.0, "grad_norm": 0.0,
+        "kept": 0.0, "skipped": "", "passes": []})
+    m = rporec.main(small(tmp_path, "--grpo.steps", "2", "--grpo.eval_every", "1", "--grpo.eval_samples", "8"))
+    assert m["stage2"]["step"] == 0 and m["stage2"]["valid"] == m["stage1"]["valid"]
+
+
+def test_caches_are_keyed_by_weights_not_names(tmp_path):
+    """A backbone or encoder whose weights change under the same name gets fresh caches."""
+    flags = small(tmp_path, "--stage", "1", "--rechead.trainable", "false")
+    rporec.main(flags)
+    reasoning, emb = tmp_path / "data" / "reasoning", tmp_path / "data" / "embeddings"
+    before = ({p.name for p in reasoning.iterdir()}, {p.name for p in emb.iterdir()})
+    from transformers import AutoModelForCausalLM
+    path = tmp_path / "data" / "toy" / "backbone"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    model.save_pretrained(path)
+    enc = rporec.rechead.load_encoder(str(tmp_path / "data" / "toy" / "encoder"), 0, "cpu")
+    with torch.no_grad():
+        enc[0].embedding.weight.mul_(2.0)
+    enc.save(str(tmp_path / "data" / "toy" / "encoder"))
+    shutil.rmtree(tmp_path / "run")
+    rporec.main(flags)
+    after = ({p.name for p in reasoning.iterdir()}, {p.name for p in emb.iterdir()})
+    assert len(after[0] - before[0]) == 1 and len(after[1] - before[1]) == 1
+
+
+def test_sampled_reasoning_is_seeded_and_keyed(tmp_path):
+    cfg = rporec.parse_config(small(tmp_path, "--gen_batch", "8"))
+    ds = rporec.data.load_dataset(cfg.data)
+    model, tok = rporec.load_backbone(cfg, ds)
+    s = rporec.sampling(cfg, model)
+    assert (s.greedy, s.temperature, s.top_p, s.top_k) == (False, 1.0, 0.95, 0)  # no generation_config values
+    model.generation_config.temperature, model.generation_config.top_k = 0.6, 20
+    assert (rporec.sampling(cfg, model).temperature, rporec.sampling(cfg, model).top_k) == (0.6, 20)
+    samples = ds.splits["valid"][:16]
+    first, rate = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
+    path = rporec.cache_path(cfg, model, "valid", cfg.run.seed)
+    os.remove(path)
+    assert rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)[0] == first  # a rerun draws the same
+    other = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples, seed=7)[0]
+    assert other != first and rporec.cache_path(cfg, model, "valid", 7) != path
+    cfg.decode.greedy = True
+    assert rporec.cache_path(cfg, model, "valid", cfg.run.seed) != path
+    assert 0.0 <= rate <= 1.0
