@@ -1,4 +1,4 @@
-"""Benchmark for issue #6: decode.py's fast backend (static KV cache, one CUDA graph per step) against
+"""Benchmark for issue #6: the fast decode backend (fastdecode.py: static KV cache, one CUDA graph per step) against
 HF `generate`, and a full GRPO step against TRL's GRPOTrainer, on Qwen3-0.6B's architecture with
 random bf16 weights on CUDA (no download), or a tiny fp32 Qwen3 on CPU (< 1 minute).
 
@@ -14,23 +14,23 @@ failing section is recorded and the others still run):
 - trl: TRL's GRPOTrainer on the same model, prompts, G, prompts/step, completion length, beta,
   top-20% entropy mask and micro-batch, no vLLM, gradient checkpointing off as ours (needs `trl`).
 
-  python bench.py [--out bench.json] [--model auto|tiny|0.6b] [--sections decode equiv grpo trl]
+  python bench.py [--out bench.json] [--model auto|tiny|0.6b] [--sections decode,equiv,grpo,trl]
+  python bench.py --help  (every flag, with its default on this machine)
 """
-import argparse
 import copy
-import json
-import os
 import platform
+import sys
 import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import transformers
 
+import common
 import decode
+import fastdecode
 import grpo
 import rewards
 
@@ -41,8 +41,8 @@ SECTIONS = ("decode", "equiv", "grpo", "trl")
 class BenchConfig:
     out: str = "bench.json"  # results JSON, rewritten atomically after every section
     model: str = "auto"  # "0.6b" (Qwen3-0.6B config) | "tiny" | "auto" = 0.6b on CUDA, tiny on CPU
-    sections: list = field(default_factory=lambda: list(SECTIONS))  # which parts to run
-    batches: list = field(default_factory=lambda: [1, 64, 128])  # decode batch sizes to time
+    sections: str = ",".join(SECTIONS)  # the parts to run, in order, comma-separated: decode,equiv,grpo,trl
+    batches: tuple[int, ...] = (1, 64, 128)  # decode batch sizes to time, comma-separated
     prompt_len: int = 256  # prompt tokens per row (no padding) for the timing runs
     new_tokens: int = 128  # decode steps per timing run
     equiv_batch: int = 8  # rows in the greedy agreement check (mixed prompt lengths)
@@ -53,6 +53,11 @@ class BenchConfig:
     summary_new_tokens: int = 128  # GRPO step: greedy summary length (rewards.summary_max_new_tokens)
     repeats: int = 3  # timing runs per decode point; the fastest counts (shared machines are noisy)
     seed: int = 0  # weights, prompts and sampling
+
+
+@dataclass
+class Flags:
+    bench: BenchConfig = field(default_factory=BenchConfig)  # common.parse_flags reads sections; bench has one
 
 
 # CPU sizes, so the whole run takes < 1 minute on 2 cores
@@ -100,7 +105,8 @@ def prompts(batch, length, vocab, pads=(), seed=0):
     ids = torch.randint(1, vocab, (batch, length), generator=g)
     mask = torch.ones_like(ids)
     for row, n in enumerate(pads):
-        ids[row, :n], mask[row, :n] = 0, 0
+        ids[row, :n] = 0
+        mask[row, :n] = 0
     return ids.to(DEVICE), mask.to(DEVICE)
 
 
@@ -135,7 +141,7 @@ def decode_speed(model, bc):
     for batch in bc.batches:
         ids, mask = prompts(batch, bc.prompt_len, model.config.vocab_size, seed=bc.seed)
         ours, ours_mem = decode_ms_per_step(model, ids, mask, "fast", bc)
-        decode.clear_fast_cache(model)  # so HF's peak does not include our KV cache
+        fastdecode.clear_fast_cache(model)  # so HF's peak does not include our KV cache
         hf, hf_mem = decode_ms_per_step(model, ids, mask, "hf", bc)
         rows.append({"batch": batch, "fast_ms_per_step": ours, "hf_ms_per_step": hf, "speedup": hf / ours,
                      "fast_peak_gib": ours_mem, "hf_peak_gib": hf_mem})
@@ -145,8 +151,14 @@ def decode_speed(model, bc):
 def agreement(a, b):
     """Rows where two greedy Rollouts hold the same completion (tokens up to and including EOS)."""
     T = max(a.tokens.shape[1], b.tokens.shape[1])
-    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (B, T)
-    ta, tb, ma, mb = pad(a.tokens * a.mask), pad(b.tokens * b.mask), pad(a.mask.long()), pad(b.mask.long())
+
+    def pad(x):
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]))  # (B, T)
+
+    ta = pad(a.tokens * a.mask)
+    tb = pad(b.tokens * b.mask)
+    ma = pad(a.mask.long())
+    mb = pad(b.mask.long())
     prefix = ((ta == tb) & (ma == mb)).long().cumprod(1).sum(1)  # (B,) agreed prefix length
     return {"rows_identical": int((prefix == T).sum()), "rows": len(prefix),
             "mean_common_prefix": float(prefix.float().mean()), "hf_lengths": a.mask.sum(1).tolist()}
@@ -176,7 +188,7 @@ def greedy_equivalence(model, bc):
             a = run(m, ids, mask, "hf", bc.equiv_tokens, greedy=True, eos_ids=eos_ids) if eos_ids else hf
             b = run(m, ids, mask, "fast", bc.equiv_tokens, greedy=True, eos_ids=eos_ids)
             result[f"{str(dtype)[6:]}_{name}"] = {**agreement(a, b), "eos_ids": eos_ids}
-        decode.clear_fast_cache(m)
+        fastdecode.clear_fast_cache(m)
         del m
     return {**result, "tokens_per_row": bc.equiv_tokens}
 
@@ -191,7 +203,8 @@ def left_align(tokens, mask):
 
 
 def grpo_step(model, bc):
-    G, N = bc.grpo_group, bc.grpo_prompts
+    G = bc.grpo_group
+    N = bc.grpo_prompts
     ref = model  # frozen, in DTYPE: pi_ref for the KL and the summarizer, as in rporec.stage2
     policy = copy.deepcopy(model).float()  # fp32 master weights; the fast backend decodes them in bf16 on CUDA
     cfg = grpo.GRPOConfig(group_size=G, prompts_per_step=N, max_new_tokens=bc.grpo_new_tokens)
@@ -200,13 +213,15 @@ def grpo_step(model, bc):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     ids, mask = prompts(N, bc.prompt_len, model.config.vocab_size, seed=bc.seed + 2)
     for _ in ("warm-up", "timed"):  # the warm-up allocates, captures graphs and builds AdamW state
-        sync(), reset_peak()
+        sync()
+        reset_peak()
         t0 = time.perf_counter()
         ro = grpo.rollout(policy.eval(), ids, mask, G, roll, [], 0)
         sync()
         t1 = time.perf_counter()
         decode.generate(ref, *left_align(ro.tokens, ro.mask), summ, [], 0)
-        ent, done = ro.entropy.float().cpu(), ro.mask.cpu()
+        ent = ro.entropy.float().cpu()
+        done = ro.mask.cpu()
         reward = torch.tensor([rewards.entropy_reward(e[m]) for e, m in zip(ent, done)])  # (N*G,)
         sync()
         t2 = time.perf_counter()
@@ -214,8 +229,8 @@ def grpo_step(model, bc):
         grpo.update(policy.train(), ref, opt, batch, cfg, torch.bfloat16 if GPU else None)
         sync()
         t3 = time.perf_counter()
-    decode.clear_fast_cache(policy)
-    decode.clear_fast_cache(ref)
+    fastdecode.clear_fast_cache(policy)
+    fastdecode.clear_fast_cache(ref)
     return {"rollout_s": t1 - t0, "rewards_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0,
             "completions_per_s": N * G / (t3 - t0), "peak_gib": peak_gib(), "completions": N * G,
             "completion_tokens": bc.grpo_new_tokens}
@@ -230,15 +245,19 @@ def trl_step(model, bc):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-    G, N, V = bc.grpo_group, bc.grpo_prompts, model.config.vocab_size
+    G = bc.grpo_group
+    N = bc.grpo_prompts
+    V = model.config.vocab_size
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "w5 w17 ..." -> [5, 17, ...]: our prompts exactly
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="w0", eos_token="w0")  # random weights ~never emit it
+    # random weights almost never emit w0, so as EOS it leaves every completion at full length
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="w0", eos_token="w0")
     ids, _ = prompts(N, bc.prompt_len, V, seed=bc.seed + 2)
     texts = [" ".join(f"w{i}" for i in row) for row in ids.tolist()]
 
     class Clock(TrainerCallback):  # step end times and the second step's peak memory
-        ends, peak = [], None
+        ends = []
+        peak = None
 
         def on_step_end(self, args, state, control, **kw):
             sync()
@@ -248,16 +267,18 @@ def trl_step(model, bc):
 
     model.to("cpu")  # TRL loads its own policy and reference; the bench copy would only inflate its peak
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp), tok.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
         args = trl.GRPOConfig(
             output_dir=tmp, num_generations=G, per_device_train_batch_size=G, gradient_accumulation_steps=N,
             max_completion_length=bc.grpo_new_tokens, beta=1e-3, top_entropy_quantile=0.2, use_vllm=False,
             learning_rate=1e-6, bf16=GPU, use_cpu=not GPU, gradient_checkpointing=False, max_steps=2,
             logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=bc.seed)
-        trainer = trl.GRPOTrainer(model=tmp, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
-                                  args=args, train_dataset=datasets.Dataset.from_dict({"prompt": texts * 2}),
+        trainer = trl.GRPOTrainer(model=tmp, reward_funcs=length_reward, args=args,
+                                  train_dataset=datasets.Dataset.from_dict({"prompt": texts * 2}),
                                   processing_class=tok, callbacks=[Clock()])
-        sync(), reset_peak()
+        sync()
+        reset_peak()
         trainer.train()
         del trainer
     model.to(DEVICE)
@@ -266,21 +287,25 @@ def trl_step(model, bc):
             "generation_batch": args.generation_batch_size, "micro_batch": G, "gradient_checkpointing": False}
 
 
+def length_reward(completions, **kwargs):
+    """A stand-in reward for TRL: the completion's length (its value does not change the step's cost)."""
+    return [float(len(c)) for c in completions]
+
+
 # ----------------------------------------------------------------------------- main
-def write_json(path, obj):
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def gib(x):
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def report(res):
-    gib = lambda x: "n/a" if x is None else f"{x:.2f}"
-    env, bc = res["env"], res["bench"]
+    env = res["env"]
+    bc = res["bench"]
     print(f"\n{env['device']} | torch {env['torch']} | transformers {env['transformers']} | {env['model']}")
     if isinstance(res.get("decode"), list):
         print(f"decode: prompt {bc['prompt_len']} tokens, {bc['new_tokens']} new, EOS off; fast = sampling + "
               "logp/entropy, hf = plain sampling generate; peaks include the weights")
-        print("| batch | fast ms/step | hf ms/step | speedup | fast peak GiB | hf peak GiB |\n|---:|---:|---:|---:|---:|---:|")
+        print("| batch | fast ms/step | hf ms/step | speedup | fast peak GiB | hf peak GiB |")
+        print("|---:|---:|---:|---:|---:|---:|")
         for r in res["decode"]:
             print(f"| {r['batch']} | {r['fast_ms_per_step']:.2f} | {r['hf_ms_per_step']:.2f} | {r['speedup']:.1f}x "
                   f"| {gib(r['fast_peak_gib'])} | {gib(r['hf_peak_gib'])} |")
@@ -295,7 +320,7 @@ def report(res):
                      if name == "grpo" else f" ({r['trl']})")
             print(f"GRPO step, {name}: {r['step_s']:.2f} s{parts}, {r['completions_per_s']:.1f} completions/s, "
                   f"peak {gib(r['peak_gib'])} GiB")
-    for name in res["bench"]["sections"]:
+    for name in bc["sections"].split(","):
         if isinstance(res.get(name), dict) and ({"error", "skipped"} & set(res[name])):
             print(f"{name}: {res[name].get('error') or res[name].get('skipped')}")
 
@@ -307,38 +332,45 @@ def main(bc):
                    "torch": torch.__version__, "transformers": transformers.__version__,
                    "model": f"Qwen3 {name} config, random {str(DTYPE)[6:]} weights"}, "bench": asdict(bc)}
     work = {"decode": decode_speed, "equiv": greedy_equivalence, "grpo": grpo_step, "trl": trl_step}
-    for section in bc.sections:  # grpo leaves the bench model as it was: it trains a copy
+    for section in bc.sections.split(","):  # grpo leaves the bench model as it was: it trains a copy
         print(f"--- {section}", flush=True)
         try:
             res[section] = work[section](model, bc)
         except Exception as e:  # keep the other sections' results; the traceback says what broke
             traceback.print_exc()
             res[section] = {"error": f"{type(e).__name__}: {e}"}
-            decode.clear_fast_cache()
+            fastdecode.clear_fast_cache()
             model.to(DEVICE)
-        write_json(bc.out, res)
+        common.save_json(bc.out, res)
     report(res)
     return res
 
 
-def parse_args(argv=None):
-    """Flags override BenchConfig; on CPU, unset sizes shrink to CPU_SCALE."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=BenchConfig.out)
-    parser.add_argument("--model", choices=("auto", "tiny", "0.6b"), default="auto")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--batches", type=int, nargs="+")
-    for flag in ("prompt-len", "new-tokens", "equiv-tokens", "grpo-prompts", "grpo-group", "grpo-new-tokens",
-                 "summary-new-tokens", "repeats", "seed"):
-        parser.add_argument(f"--{flag}", type=int)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    scale = {} if GPU else {k: v for k, v in CPU_SCALE.items() if k not in given}
-    bc = BenchConfig(**{**scale, **given})
+def parse_config(argv):
+    """BenchConfig from flags as rporec's (--sections decode,equiv --model 0.6b --out PATH; --prompt-len
+    works as --prompt_len). On CPU, the sizes no flag sets shrink to CPU_SCALE."""
+    flags = Flags(BenchConfig(**({} if GPU else CPU_SCALE)))
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\nFlags (defaults on this machine; lists are comma-separated):")
+        print(common.help_text(flags, bare="bench"))
+        raise SystemExit(0)
+    for before, arg in zip(argv, argv[1:]):
+        if not before.startswith("--") and not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}; lists are comma-separated: --sections decode,equiv")
+    for key, value in common.parse_flags(flags, argv, bare="bench").items():
+        setattr(flags.bench, key.split(".", 1)[1], value)
+    bc = flags.bench
+    if bc.model not in ("auto", "tiny", "0.6b"):
+        raise SystemExit(f"error: unknown --model {bc.model!r}; use auto, tiny or 0.6b")
+    unknown = [name for name in bc.sections.split(",") if name not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"error: unknown --sections {unknown}; choose from {','.join(SECTIONS)}")
     if bc.new_tokens < 2 or bc.equiv_tokens < 2:
-        parser.error(f"--new-tokens and --equiv-tokens must be >= 2, got {bc.new_tokens} and {bc.equiv_tokens}")
+        raise SystemExit(f"error: --new_tokens and --equiv_tokens must be >= 2, got {bc.new_tokens} and "
+                         f"{bc.equiv_tokens}")
     return bc
 
 
 if __name__ == "__main__":
-    result = main(parse_args())
+    result = main(parse_config(sys.argv[1:]))
     raise SystemExit(1 if any("error" in v for v in result.values() if isinstance(v, dict)) else 0)

@@ -4,33 +4,16 @@ the entropy mask read, and the log-probs that --grpo.old_logp rollout uses), ref
 (y_hat) and evaluation.
 
 Two backends behind one `generate`:
-- "hf": plain `model.generate`; per-token stats are recorded by a LogitsProcessor.
-- "fast": a compact decode forward for the Qwen3 / Qwen2 / Llama family over the model's own weights
-  (only QKV and gate/up are concatenated, to cut GEMM launches), a static KV cache, and on CUDA the
-  whole single-token step (all layers, final norm, lm_head, sampling, EOS bookkeeping) replayed as
-  one CUDA graph. HF decode at batch 64 is launch-bound (~1,800 tiny kernels per step, issue #6).
-  It computes in DecodeConfig.dtype (bf16 on CUDA by default): fp32 master weights decode in bf16
-  through copies refreshed from the masters before every batch.
-  Prompts are left-padded, so every row writes step t's K/V to the same cache column; rows differ
-  only in where their prompt starts, which the attention mask (built in the graph from a per-row
-  start and a shared column tensor, both updated in place) takes care of. Attention reads the cache
-  up to the next multiple of kv_bucket columns, so there is one graph per (batch size, bucket).
-  Decoders (KV cache + graphs) are cached per model: at most KEEP_DECODERS, least recently used
-  evicted, each with a multiple of 8 rows; a smaller batch reuses a larger decoder, padded with
-  copies of row 0 that are marked done at once and sliced off the outputs.
+- "hf": plain `model.generate`; per-token stats are recorded by a LogitsProcessor (this file).
+- "fast": a compact static-KV-cache decoder for the Qwen3 / Qwen2 / Llama family whose every decode
+  step, sampling included, replays as one CUDA graph on CUDA (fastdecode.py).
 
 Sampling semantics are HF's: temperature, then top-k, then top-p, greedy = argmax of raw logits.
 logp / entropy always describe log_softmax(logits / temperature), ignoring top-k/top-p truncation.
 """
-import weakref
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
-
-FAST_ARCHS = ("qwen3", "qwen2", "llama")  # pre-norm, SwiGLU, RoPE, GQA; qwen3 adds q/k RMSNorm
-STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
 
 
 @dataclass
@@ -41,7 +24,7 @@ class DecodeConfig:
     top_p: float | None = 1.0  # nucleus: smallest set with cumulative prob >= top_p (1.0 = off)
     top_k: int | None = 0  # keep only the k most likely tokens (0 = off)
     greedy: bool = False  # argmax decoding (summaries, evaluation); temperature then only scales stats
-    backend: str = "auto"  # "auto" (fast on CUDA for FAST_ARCHS, else hf) | "hf" | "fast"
+    backend: str = "auto"  # "auto" (fast on CUDA for fastdecode.FAST_ARCHS, else hf) | "hf" | "fast"
     cuda_graph: bool = True  # fast backend on CUDA: replay each decode step as one CUDA graph
     kv_bucket: int = 256  # attention reads the cache in multiples of this many columns; one graph each
     sync_every: int = 16  # fast: test "every row done" each this many steps (on CUDA a host sync)
@@ -92,21 +75,6 @@ def choose_tokens(logits, cfg, noise):
     return (x.softmax(-1) / noise).argmax(-1)
 
 
-def fast_unsupported(model):
-    """Why the fast backend cannot run `model`, or None if it can."""
-    c = model.config
-    kind = getattr(c, "model_type", type(model).__name__)
-    params = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
-    rope = params.get("rope_type", params.get("type", "default"))
-    if kind not in FAST_ARCHS:
-        return f"model_type {kind!r} is not one of {FAST_ARCHS}"
-    if getattr(c, "use_sliding_window", False) or getattr(c, "hidden_act", "silu") != "silu":
-        return f"{kind} with sliding-window attention or a non-SiLU MLP"
-    if rope not in STATIC_ROPE:
-        return f"{kind} with rope_type {rope!r}"
-    return None
-
-
 class _Recorder:
     """LogitsProcessor recording per step the entropy, and for the PREVIOUS step the log-prob of the
     token just chosen (now the last column of input_ids), holding one (B, V) log-softmax at a time.
@@ -114,7 +82,10 @@ class _Recorder:
     are raw logits; we divide by the temperature ourselves either way."""
 
     def __init__(self, temperature):
-        self.temperature, self.prev, self.logp, self.entropy = temperature, None, [], []
+        self.temperature = temperature
+        self.prev = None  # (B, V) log-softmax of the step before
+        self.logp = []  # per step (B,)
+        self.entropy = []  # per step (B,)
 
     def __call__(self, input_ids, scores):
         if self.prev is not None:
@@ -145,269 +116,6 @@ def _generate_hf(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats):
                    torch.stack(rec.entropy, 1).masked_fill(~mask, 0.0))
 
 
-class _FastDecoder:
-    """Static KV cache, decode-dtype weights and step state for one (model, batch size, dtype); graphs
-    per (attended length, sampling mode). Everything a graph reads or writes lives here, updated in place."""
-
-    def __init__(self, model, batch, max_len, dtype=None):
-        c, m = model.config, model.model
-        self.H, self.Hkv, self.hid = c.num_attention_heads, c.num_key_value_heads, c.hidden_size
-        self.D = getattr(c, "head_dim", None) or self.hid // self.H
-        self.eps, self.max_len, self.batch = c.rms_norm_eps, max_len, batch
-        self.dtype = dtype or m.embed_tokens.weight.dtype  # None: the weights' dtype
-        self.signature = _signature(model, self.dtype)
-        self.copies, self.layers = [], []
-        self.embed, self.norm = self._w(m.embed_tokens.weight), self._w(m.norm.weight)
-        tied = model.lm_head.weight is m.embed_tokens.weight
-        self.head, self.head_b = self.embed if tied else self._w(model.lm_head.weight), self._w(model.lm_head.bias)
-        for layer in m.layers:
-            a, f = layer.self_attn, layer.mlp
-            qk_norm = [a.q_norm.weight.expand(self.H, -1), a.k_norm.weight.expand(self.Hkv, -1)] \
-                if hasattr(a, "q_norm") else None
-            self.layers.append(SimpleNamespace(
-                ln1=self._w(layer.input_layernorm.weight), ln2=self._w(layer.post_attention_layernorm.weight),
-                qkv=self._w([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                qkv_b=self._w([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
-                qk_norm=self._w(qk_norm),  # (H + Hkv, D): one multiply scales q and k heads
-                o=self._w(a.o_proj.weight), o_b=self._w(a.o_proj.bias),
-                down=self._w(f.down_proj.weight), down_b=self._w(f.down_proj.bias),
-                gu=self._w([f.gate_proj.weight, f.up_proj.weight]),
-                gu_b=self._w([f.gate_proj.bias, f.up_proj.bias])))
-        dev, dtype = self.embed.device, self.dtype
-        rot = getattr(m, "rotary_emb", None)
-        if rot is not None and hasattr(rot, "inv_freq"):  # the model's own buffer: exactly what HF uses
-            inv_freq, scale = rot.inv_freq.float(), float(getattr(rot, "attention_scaling", 1.0))
-        else:
-            # transformers 5 keeps theta in config.rope_parameters, 4.x in config.rope_theta
-            theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", None))
-            inv_freq = 1.0 / theta ** (torch.arange(0, self.D, 2, device=dev).float() / self.D)
-            scale = 1.0
-        freqs = torch.arange(max_len, device=dev).float()[:, None] * inv_freq  # (max_len, D/2)
-        emb = torch.cat([freqs, freqs], -1)  # (max_len, D), HF's half-split layout
-        self.cos = (emb.cos() * scale).to(dtype)
-        sign = torch.cat([-inv_freq.new_ones(self.D // 2), inv_freq.new_ones(self.D // 2)])  # (D,)
-        self.sin = (emb.sin() * scale * sign).to(dtype)  # rotate_half(x) * sin == roll(x, D/2) * sign * sin
-        self.cache = torch.zeros(len(self.layers), 2, batch, self.Hkv, max_len, self.D, device=dev, dtype=dtype)
-        self.cols = torch.arange(max_len, device=dev)
-        long = dict(device=dev, dtype=torch.long)
-        self.tok, self.start = torch.zeros(batch, **long), torch.zeros(batch, **long)  # (B,)
-        self.col, self.step, self.pad = torch.zeros(1, **long), torch.zeros(1, **long), torch.zeros(1, **long)
-        self.eos = torch.full((8,), -1, **long)  # EOS ids, -1 = unused slot
-        self.done = torch.zeros(batch, device=dev, dtype=torch.bool)
-        self.noise = torch.ones(batch, self.head.shape[0], device=dev)  # (B, V) Exp(1) draws
-        self.out_tok = torch.zeros(batch, max_len, **long)  # (B, max_len) columns = decode steps
-        self.out_mask = torch.zeros(batch, max_len, device=dev, dtype=torch.bool)
-        self.out_logp = torch.zeros(batch, max_len, device=dev)  # (B, max_len) float32
-        self.out_ent = torch.zeros(batch, max_len, device=dev)
-        self.graphs = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.embed.is_cuda else None  # shared by all graphs
-
-    def _w(self, srcs):
-        """One weight (a tensor) or several concatenated (a list) in the decode dtype: the tensor itself
-        if it already has that dtype, else a copy that reset() refreshes. None if any is None."""
-        srcs = srcs if isinstance(srcs, list) or srcs is None else [srcs]
-        if srcs is None or any(s is None for s in srcs):
-            return None
-        if len(srcs) == 1 and srcs[0].dtype == self.dtype:
-            return srcs[0]
-        dst = torch.cat(srcs).to(self.dtype)
-        self.copies.append((dst, srcs))
-        return dst
-
-    def reset(self, input_ids, attention_mask, eos_ids, pad_id):
-        """Load a new batch; refresh the weight copies (the optimizer updates the originals in place)."""
-        for dst, srcs in self.copies:
-            torch.cat(srcs, out=dst)  # casts to dst's dtype
-        self.start.copy_((attention_mask == 0).sum(1))
-        self.col.fill_(input_ids.shape[1])
-        self.step.zero_()
-        self.done.zero_()
-        self.pad.fill_(pad_id)
-        self.eos.fill_(-1)
-        self.eos[:len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
-
-    def _layers(self, h, cos, sin, attend):
-        """Pre-norm decoder layers on h (N, S, hid); attend(i, q, k, v) -> (N, S, H * D)."""
-        H, Hkv, D = self.H, self.Hkv, self.D
-        for i, w in enumerate(self.layers):
-            qkv = F.linear(F.rms_norm(h, (self.hid,), w.ln1, self.eps), w.qkv, w.qkv_b)  # (N, S, (H+2Hkv)D)
-            qk = qkv[..., :(H + Hkv) * D].unflatten(-1, (H + Hkv, D))  # (N, S, H + Hkv, D)
-            if w.qk_norm is not None:
-                qk = F.rms_norm(qk, (D,), None, self.eps) * w.qk_norm
-            qk = qk * cos + qk.roll(D // 2, -1) * sin  # RoPE
-            v = qkv[..., (H + Hkv) * D:].unflatten(-1, (Hkv, D))  # (N, S, Hkv, D)
-            h = _residual_linear(h, attend(i, qk[..., :H, :], qk[..., H:, :], v), w.o, w.o_b)
-            g, u = F.linear(F.rms_norm(h, (self.hid,), w.ln2, self.eps), w.gu, w.gu_b).chunk(2, -1)
-            h = _residual_linear(h, F.silu(g) * u, w.down, w.down_b)
-        return h
-
-    def _logits(self, h):
-        """(N, hid) -> (N, V) float32, as HF: lm_head in the model dtype, then upcast."""
-        return F.linear(F.rms_norm(h, (self.hid,), self.norm, self.eps), self.head, self.head_b).float()
-
-    def prefill(self, input_ids, attention_mask, rows_per_chunk):
-        """Eager forward over the left-padded prompts, writing K/V to cache columns [0, P)."""
-        B, P = input_ids.shape
-        G, last = self.H // self.Hkv, []
-        causal = torch.ones(P, P, device=input_ids.device, dtype=torch.bool).tril()  # (P, P)
-        eye = torch.eye(P, device=input_ids.device, dtype=torch.bool)
-        for r in range(0, B, rows_per_chunk):
-            rows = slice(r, min(B, r + rows_per_chunk))
-            pos = (self.cols[:P] - self.start[rows, None]).clamp_min(0)  # (N, P), HF: cumsum(mask) - 1
-            # pad queries see themselves so no row is fully masked (no NaN reaches the cache)
-            mask = (causal & attention_mask[rows, None, :].bool()) | eye  # (N, P, P)
-
-            def attend(i, q, k, v):
-                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (N, Hkv, P, D)
-                self.cache[i, 0, rows, :, :P], self.cache[i, 1, rows, :, :P] = k, v
-                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(G, 1),
-                                                   v.repeat_interleave(G, 1), attn_mask=mask[:, None])
-                return o.transpose(1, 2).flatten(2)  # (N, P, H * D)
-
-            h = self._layers(F.embedding(input_ids[rows], self.embed), self.cos[pos][:, :, None],
-                             self.sin[pos][:, :, None], attend)
-            last.append(h[:, -1])
-        return self._logits(torch.cat(last))
-
-    def emit(self, logits, cfg, stats):
-        """Choose, record at column `step`, update EOS state, feed back. Graph-safe: no host syncs."""
-        nxt = torch.where(self.done, self.pad, choose_tokens(logits, cfg, self.noise))  # (B,)
-        self.out_tok.index_copy_(1, self.step, nxt[:, None])
-        self.out_mask.index_copy_(1, self.step, ~self.done[:, None])
-        if stats:
-            logp, ent = token_stats(logits, cfg.temperature)
-            self.out_logp.index_copy_(1, self.step, logp.gather(1, nxt[:, None]))
-            self.out_ent.index_copy_(1, self.step, ent[:, None])
-        self.done |= (nxt[:, None] == self.eos).any(1)
-        self.tok.copy_(nxt)
-        self.step += 1
-
-    def decode_step(self, kv_len, cfg, stats):
-        """Feed `tok` at cache column `col` (same for every row: prompts are left-padded), attend
-        over columns [start_b, col] of the first kv_len, then emit."""
-        B, G, dtype = self.tok.shape[0], self.H // self.Hkv, self.cache.dtype
-        pos = self.col - self.start  # (B,) RoPE position = real tokens before this one
-        valid = (self.cols[:kv_len] >= self.start[:, None]) & (self.cols[:kv_len] <= self.col)  # (B, kv_len)
-        mask = torch.zeros(B, 1, 1, kv_len, device=valid.device, dtype=dtype)
-        mask = mask.masked_fill(~valid[:, None, None], float("-inf"))  # additive, broadcast over heads
-
-        def attend(i, q, k, v):
-            kc, vc = self.cache[i, 0], self.cache[i, 1]  # (B, Hkv, max_len, D)
-            kc.index_copy_(2, self.col, k.transpose(1, 2))
-            vc.index_copy_(2, self.col, v.transpose(1, 2))
-            # GQA without copying K/V: the G query heads of a group act as G query rows
-            o = F.scaled_dot_product_attention(q.reshape(B, self.Hkv, G, self.D), kc[:, :, :kv_len],
-                                               vc[:, :, :kv_len], attn_mask=mask)  # (B, Hkv, G, D)
-            return o.reshape(B, 1, self.H * self.D)
-
-        h = self._layers(F.embedding(self.tok[:, None], self.embed), self.cos[pos][:, None, None],
-                         self.sin[pos][:, None, None], attend)
-        self.emit(self._logits(h[:, 0]), cfg, stats)
-        self.col += 1
-
-    def run_step(self, kv_len, cfg, stats, use_graph):
-        """One decode step, eager or as a CUDA graph. A key's first step runs eagerly on a side stream
-        (it doubles as the warm-up) and is then captured (capture records, it does not execute)."""
-        if not use_graph:
-            return self.decode_step(kv_len, cfg, stats)
-        key = (kv_len, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p, stats)
-        if key in self.graphs:
-            return self.graphs[key].replay()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.decode_step(kv_len, cfg, stats)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                self.decode_step(kv_len, cfg, stats)
-        except RuntimeError as e:  # e.g. an op this torch build cannot capture
-            raise RuntimeError(f"CUDA graph capture of the decode step failed: {e}\nThe step itself ran; rerun "
-                               "with --decode.cuda_graph false (eager fast backend) or --decode.backend hf") from e
-        self.graphs[key] = graph
-
-
-def _residual_linear(h, x, w, b):
-    """h + x @ w.T (+ b): one GEMM with the residual added in its epilogue."""
-    out = torch.addmm(h.flatten(0, -2), x.flatten(0, -2), w.t()).view_as(h)
-    return out if b is None else out + b
-
-
-def _signature(model, dtype):
-    """Identity of the parameter storage a decoder (and its graphs) points into, and its compute dtype."""
-    return dtype, tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
-
-
-KEEP_DECODERS = 2  # per model; each holds a KV cache (GBs at rollout sizes) and its CUDA graphs
-_DECODERS = weakref.WeakKeyDictionary()  # model -> [_FastDecoder], least recently used first
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def graphs_available(device):
-    """CUDA graphs exist on CUDA only (tests/test_graph_replay.py emulates them on CPU)."""
-    return device.type == "cuda"
-
-
-def clear_fast_cache(model=None):
-    """Free the fast backend's KV caches and CUDA graphs (for `model`, or all)."""
-    if model is None:
-        _DECODERS.clear()
-    else:
-        _DECODERS.pop(model, None)
-
-
-def _generate_fast(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats, generator):
-    reason = fast_unsupported(model)
-    if reason is not None:
-        raise ValueError(f"decode backend 'fast' does not support {reason}; use --decode.backend hf")
-    if cfg.kv_bucket < 8 or cfg.kv_bucket % 8 or cfg.sync_every < 1 or cfg.prefill_rows < 1:
-        raise ValueError(f"kv_bucket={cfg.kv_bucket} must be a positive multiple of 8, sync_every="
-                         f"{cfg.sync_every} and prefill_rows={cfg.prefill_rows} >= 1; fix the DecodeConfig")
-    if len(eos_ids) > 8:
-        raise ValueError(f"at most 8 EOS ids are supported, got {len(eos_ids)}; pass the ones the model emits")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown decode dtype {cfg.dtype!r}; use one of {DTYPES}")
-    weights = model.model.embed_tokens.weight
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else \
-        torch.bfloat16 if weights.is_cuda else weights.dtype
-    B, P = input_ids.shape
-    align = cfg.kv_bucket  # multiples of 8 keep the attention mask aligned for fused kernels
-    need = -(-(P + cfg.max_new_tokens - 1) // align) * align
-    decoders, sig = _DECODERS.setdefault(model, []), _signature(model, dtype)
-    dec = min((d for d in decoders if d.batch >= B and d.max_len >= need and d.signature == sig),
-              key=lambda d: d.batch, default=None)  # the smallest that fits
-    if dec is None:
-        del decoders[:max(0, len(decoders) + 1 - KEEP_DECODERS)]  # evict LRU before allocating
-        dec = _FastDecoder(model, -(-B // 8) * 8, need, dtype)
-    else:
-        decoders.remove(dec)
-    decoders.append(dec)
-    if dec.batch > B:  # pad with copies of row 0; real rows never see them (attention is per row)
-        input_ids = torch.cat([input_ids, input_ids[:1].expand(dec.batch - B, -1)])
-        attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(dec.batch - B, -1)])
-    use_graph = cfg.cuda_graph and graphs_available(input_ids.device)
-    dec.reset(input_ids, attention_mask, eos_ids, pad_id)
-    dec.done[B:] = True  # padding rows emit pad_id and never hold up the early stop
-    if not cfg.greedy:  # real rows only: a seed gives the same samples whatever decoder is reused
-        dec.noise[:B].exponential_(generator=generator)
-    dec.emit(dec.prefill(input_ids, attention_mask, cfg.prefill_rows), cfg, stats)
-    for t in range(1, cfg.max_new_tokens):
-        if t % cfg.sync_every == 0 and bool(dec.done.all()):
-            break
-        if not cfg.greedy:
-            dec.noise[:B].exponential_(generator=generator)
-        dec.run_step(min(dec.max_len, -(-(P + t) // align) * align), cfg, stats, use_graph)
-    steps = int(dec.step)
-    mask = dec.out_mask[:B, :steps]
-    T = int(mask.sum(1).max())  # rows finished between two checks only add all-pad columns
-    mask = mask[:, :T].clone()
-    if not stats:
-        return Rollout(dec.out_tok[:B, :T].clone(), mask, None, None)
-    return Rollout(dec.out_tok[:B, :T].clone(), mask, dec.out_logp[:B, :T].masked_fill(~mask, 0.0),
-                   dec.out_ent[:B, :T].masked_fill(~mask, 0.0))
-
-
 @torch.no_grad()
 def generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False, generator=None):
     """Decode completions for left-padded prompts. `generator` seeds the fast backend's sampling
@@ -430,11 +138,34 @@ def generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False
                          "use top_p=1.0 and top_k=0 to turn them off")
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    import fastdecode  # here, not at the top: fastdecode imports this module's sampling helpers
+
     backend = cfg.backend
     if backend == "auto":
-        backend = "fast" if input_ids.is_cuda and fast_unsupported(model) is None else "hf"
+        backend = "fast" if input_ids.is_cuda and fastdecode.fast_unsupported(model) is None else "hf"
     if backend == "hf":
         return _generate_hf(model, input_ids, am, cfg, list(eos_ids), pad_id, stats)
     if backend == "fast":
-        return _generate_fast(model, input_ids, am, cfg, list(eos_ids), pad_id, stats, generator)
+        return fastdecode.generate_fast(model, input_ids, am, cfg, list(eos_ids), pad_id, stats, generator)
     raise ValueError(f"unknown decode backend {cfg.backend!r}; use 'auto', 'hf' or 'fast'")
+
+
+def eos_ids(model, tok):
+    """Every id that ends a completion: the generation_config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    return sorted({*([ids] if isinstance(ids, int) else ids or []), tok.eos_token_id} - {None})
+
+
+def encode_prompts(tok, messages, thinking, device):
+    """Chat-templated, left-padded prompts: (B, P) ids and mask on device."""
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+             for m in messages]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def complete(model, tok, messages, cfg, thinking):
+    """Completion texts and the Rollout for a batch of chat messages, through generate."""
+    ids, mask = encode_prompts(tok, messages, thinking, model.device)
+    out = generate(model, ids, mask, cfg, eos_ids(model, tok), tok.pad_token_id)
+    return tok.batch_decode(out.tokens.masked_fill(~out.mask, tok.pad_token_id), skip_special_tokens=True), out

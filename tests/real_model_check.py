@@ -1,6 +1,6 @@
 """Manual check on a real chat checkpoint (not collected by pytest: it needs real weights).
 
-1. Greedy equivalence: decode.py's fast backend against HF `generate` in fp32 on 4 chat prompts of
+1. Greedy equivalence: the fast backend (fastdecode.py) against HF `generate` in fp32 on 4 chat prompts of
    different lengths, EOS on (rows stop mid-batch): identical tokens, logp/entropy differences.
 2. The same in bf16 (fast decoding fp32 weights in bf16, HF on a bf16 copy): common prefixes.
 3. Decode-vs-train log-prob mismatch: G sampled completions per prompt, the decoder's own log-probs
@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decode  # noqa: E402
 import grpo  # noqa: E402
-import rporec  # noqa: E402
 
 QUESTIONS = ["Recommend one movie for someone who liked Toy Story and Babe. Explain why.",
              "Name a film.",
@@ -30,30 +29,33 @@ QUESTIONS = ["Recommend one movie for someone who liked Toy Story and Babe. Expl
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--group", type=int, default=4)
-    a = ap.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--group", type=int, default=4)
+    a = parser.parse_args()
     tok = AutoTokenizer.from_pretrained(a.model)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
              for q in QUESTIONS]
     enc = tok(texts, return_tensors="pt", padding=True)
-    eos = rporec.eos_ids(model, tok)
+    eos = decode.eos_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     print(f"{a.model}: prompt lengths {enc.attention_mask.sum(1).tolist()}, eos {eos}")
 
-    greedy = lambda m, backend, dtype="auto": decode.generate(
-        m, enc.input_ids, enc.attention_mask, decode.DecodeConfig(max_new_tokens=a.new_tokens, backend=backend,
-                                                                  greedy=True, dtype=dtype), eos, pad, stats=True)
-    hf, fast = greedy(model, "hf"), greedy(model, "fast")
+    def greedy(m, backend, dtype="auto"):
+        cfg = decode.DecodeConfig(max_new_tokens=a.new_tokens, backend=backend, greedy=True, dtype=dtype)
+        return decode.generate(m, enc.input_ids, enc.attention_mask, cfg, eos, pad, stats=True)
+
+    hf = greedy(model, "hf")
+    fast = greedy(model, "fast")
     same = [torch.equal(hf.tokens[i][hf.mask[i]], fast.tokens[i][fast.mask[i]]) for i in range(len(QUESTIONS))]
     print(f"fp32 greedy: lengths hf {hf.mask.sum(1).tolist()} fast {fast.mask.sum(1).tolist()}, "
           f"rows identical {sum(same)}/{len(same)}, max |dlogp| {(hf.logp - fast.logp).abs().max():.2e}, "
           f"max |dentropy| {(hf.entropy - fast.entropy).abs().max():.2e}")
-    hf16, fast16 = greedy(copy.deepcopy(model).to(torch.bfloat16), "hf"), greedy(model, "fast", "bfloat16")
+    hf16 = greedy(copy.deepcopy(model).to(torch.bfloat16), "hf")
+    fast16 = greedy(model, "fast", "bfloat16")
     T = min(hf16.tokens.shape[1], fast16.tokens.shape[1])
     prefix = (hf16.tokens[:, :T] == fast16.tokens[:, :T]).long().cumprod(1).sum(1).tolist()
     print(f"bf16 greedy: lengths hf {hf16.mask.sum(1).tolist()} fast {fast16.mask.sum(1).tolist()}, "

@@ -15,7 +15,7 @@ SMALL = dict(batches=[1, 8], prompt_len=8, new_tokens=4, equiv_tokens=16, grpo_p
 
 def test_bench_sections_write_results(tmp_path):
     out = tmp_path / "bench.json"
-    res = bench.main(bench.BenchConfig(out=str(out), sections=["decode", "equiv", "grpo"], **SMALL))
+    res = bench.main(bench.BenchConfig(out=str(out), sections="decode,equiv,grpo", **SMALL))
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert [r["batch"] for r in res["decode"]] == [1, 8]
     assert all(r["fast_ms_per_step"] > 0 and r["hf_ms_per_step"] > 0 for r in res["decode"])
@@ -34,7 +34,7 @@ def test_failing_section_is_recorded_and_others_run(tmp_path, monkeypatch):
         raise RuntimeError("boom")
     monkeypatch.setattr(bench, "decode_speed", broken)
     out = tmp_path / "b.json"
-    res = bench.main(bench.BenchConfig(out=str(out), sections=["decode", "equiv"], **SMALL))
+    res = bench.main(bench.BenchConfig(out=str(out), sections="decode,equiv", **SMALL))
     assert res["decode"] == {"error": "RuntimeError: boom"}
     assert res["equiv"]["float32_no_eos"]["rows_identical"] == 8
     assert json.loads(out.read_text())["decode"]["error"] == "RuntimeError: boom"
@@ -46,3 +46,17 @@ def test_left_align_rolls_padding_to_the_front():
     mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
     ids, am = bench.left_align(tokens, mask)
     assert ids.tolist() == [[0, 0, 5, 6], [7, 8, 9, 1]] and am.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_flags_parse_like_rporec(monkeypatch):
+    monkeypatch.setattr(bench, "GPU", False)
+    bc = bench.parse_config(["--sections", "decode,equiv", "--model", "0.6b", "--out=x.json", "--prompt-len", "5"])
+    assert (bc.sections, bc.model, bc.out, bc.prompt_len) == ("decode,equiv", "0.6b", "x.json", 5)
+    assert bc.new_tokens == bench.CPU_SCALE["new_tokens"]  # unset sizes shrink on CPU
+    assert bench.parse_config(["--batches", "1,8"]).batches == (1, 8)
+    monkeypatch.setattr(bench, "GPU", True)
+    assert bench.parse_config([]).new_tokens == bench.BenchConfig.new_tokens
+    for argv, problem in ((["--sections", "decode", "equiv"], "comma-separated"), (["--sections", "fast"], "fast"),
+                          (["--model", "7b"], "7b"), (["--new-tokens", "1"], "new_tokens")):
+        with pytest.raises(SystemExit, match=problem):
+            bench.parse_config(argv)

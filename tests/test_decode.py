@@ -1,5 +1,6 @@
-"""decode.py: the fast backend reproduces HF generate token for token (greedy), both backends record
-logp/entropy equal to a naive recompute, sampling semantics (top-k, top-p, frequencies), early stop."""
+"""decode.py and fastdecode.py: the fast backend reproduces HF generate token for token (greedy), both
+backends record logp/entropy equal to a naive recompute, sampling semantics (top-k, top-p, frequencies),
+early stop."""
 import copy
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decode  # noqa: E402
+import fastdecode  # noqa: E402
 
 V, B, P, NEW, PAD = 128, 6, 12, 16, 0
 PROMPT_PADS = [0, 3, 7, 1, 10, 5]  # left-padding per row: mixed prompt lengths
@@ -35,7 +37,8 @@ def prompts(seed=1):
     ids = torch.randint(1, V, (B, P), generator=g)  # (B, P)
     mask = torch.ones_like(ids)
     for row, n in enumerate(PROMPT_PADS):
-        ids[row, :n], mask[row, :n] = PAD, 0
+        ids[row, :n] = PAD
+        mask[row, :n] = 0
     return ids, mask
 
 
@@ -68,7 +71,8 @@ def pick_eos(tokens):
 def naive_stats(model, tokens, temperature):
     """Log-probs and entropies from one full forward over prompt + completion."""
     ids, mask = prompts()
-    full, full_mask = torch.cat([ids, tokens], 1), torch.cat([mask, torch.ones_like(tokens)], 1)
+    full = torch.cat([ids, tokens], 1)
+    full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
     pos = (full_mask.cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
         logits = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits[:, P - 1:-1]
@@ -82,7 +86,8 @@ def test_fast_greedy_equals_hf(arch):
     free = run(model, "hf", [], greedy=True).tokens  # (B, NEW), no EOS
     assert free.shape == (B, NEW)
     eos = pick_eos(free)
-    hf, fast = run(model, "hf", [eos, V - 1], greedy=True), run(model, "fast", [eos, V - 1], greedy=True)
+    hf = run(model, "hf", [eos, V - 1], greedy=True)
+    fast = run(model, "fast", [eos, V - 1], greedy=True)
     assert torch.equal(hf.tokens, fast.tokens) and torch.equal(hf.mask, fast.mask)
     lengths = fast.mask.sum(1)
     assert (lengths < NEW).any() and (lengths == NEW).any()  # EOS mid-batch and max length both occur
@@ -178,8 +183,14 @@ def test_fast_loop_stops_within_sync_every_steps(qwen3, monkeypatch):
     free = run(qwen3, "hf", [], greedy=True).tokens
     eos = sorted({free[row, 1 + row].item() for row in range(B)})
     T = int(first_hit(free, eos).max()) + 1
-    steps, real_step = [], decode._FastDecoder.run_step
-    monkeypatch.setattr(decode._FastDecoder, "run_step", lambda self, *a: steps.append(1) or real_step(self, *a))
+    steps = []
+    real_step = fastdecode._FastDecoder.run_step
+
+    def counted_step(self, *args):
+        steps.append(1)
+        return real_step(self, *args)
+
+    monkeypatch.setattr(fastdecode._FastDecoder, "run_step", counted_step)
     for every in (1, 4):
         steps.clear()
         out = run(qwen3, "fast", eos, greedy=True, sync_every=every)
@@ -210,11 +221,11 @@ def test_fast_bf16_decode_of_fp32_weights_equals_bf16_model():
     b = run(bf16_copy(model), "fast", [], stats=True, greedy=True)  # "auto" on CPU: the weights' bf16
     for field in ("tokens", "mask", "logp", "entropy"):  # same bf16 weights, same computation
         assert torch.equal(getattr(a, field), getattr(b, field)), field
-    (bf16,) = decode._DECODERS[model]
+    (bf16,) = fastdecode._DECODERS[model]
     assert bf16.cache.dtype == bf16.cos.dtype == bf16.embed.dtype == bf16.layers[0].o.dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == torch.float32  # the masters are not touched
     run(model, "fast", [], greedy=True, dtype="float32")  # another dtype: another decoder, no weight copies
-    f32 = decode._DECODERS[model][-1]
+    f32 = fastdecode._DECODERS[model][-1]
     assert f32 is not bf16 and f32.signature != bf16.signature
     assert f32.layers[0].o is model.model.layers[0].self_attn.o_proj.weight
     assert f32.embed is model.model.embed_tokens.weight
@@ -238,7 +249,8 @@ def test_bf16_decode_sees_in_place_master_updates():
 def prompt_batch(n):
     """n left-padded prompts of P columns, 0 to P - 2 pads each; seeded by n."""
     g = torch.Generator().manual_seed(n)
-    ids, pads = torch.randint(1, V, (n, P), generator=g), torch.randint(0, P - 1, (n, 1), generator=g)
+    ids = torch.randint(1, V, (n, P), generator=g)
+    pads = torch.randint(0, P - 1, (n, 1), generator=g)
     mask = (torch.arange(P) >= pads).long()
     return ids.masked_fill(mask == 0, PAD), mask
 
@@ -254,11 +266,11 @@ def test_decoder_cache_reuses_pads_and_evicts():
         assert all(getattr(out, f).shape == (n, T) for f in ("tokens", "mask", "logp", "entropy"))
         return out
 
-    rows = lambda: [d.batch for d in decode._DECODERS[model]]  # noqa: E731, least recently used first
+    rows = lambda: [d.batch for d in fastdecode._DECODERS[model]]  # noqa: E731, least recently used first
     gen(5)
-    (d8,) = decode._DECODERS[model]
+    (d8,) = fastdecode._DECODERS[model]
     reused = {3: gen(3)}  # the 8-row decoder, 5 padding rows
-    assert decode._DECODERS[model] == [d8]
+    assert fastdecode._DECODERS[model] == [d8]
     reused[11] = gen(11)
     assert rows() == [8, 16]
     gen(20)  # a third decoder evicts the least recently used (8 rows)
@@ -269,7 +281,7 @@ def test_decoder_cache_reuses_pads_and_evicts():
     assert rows() == [16, 32]
     assert not all(out.mask.all() for out in reused.values())  # EOS ends some rows early
     for n, out in reused.items():
-        decode.clear_fast_cache(model)
+        fastdecode.clear_fast_cache(model)
         fresh = gen(n)
         assert rows() == [-(-n // 8) * 8]
         for f in ("tokens", "mask", "logp", "entropy"):
@@ -277,7 +289,7 @@ def test_decoder_cache_reuses_pads_and_evicts():
         hf_cfg = decode.DecodeConfig(max_new_tokens=NEW, backend="hf", greedy=True)
         hf = decode.generate(model, *prompt_batch(n), hf_cfg, eos_ids=[7, 21, 40], pad_id=PAD)
         assert torch.equal(hf.tokens, out.tokens) and torch.equal(hf.mask, out.mask)
-    decode.clear_fast_cache(model)
+    fastdecode.clear_fast_cache(model)
     fresh = gen(2, greedy=False)  # 8-row decoder: a seed gives the same samples whatever decoder is used
     assert rows() == [8] and torch.equal(sampled.tokens, fresh.tokens) and torch.equal(sampled.logp, fresh.logp)
 
@@ -286,7 +298,7 @@ def test_decoder_cache_reuses_pads_and_evicts():
 def test_graph_step_needs_no_host_sync():
     """The CUDA-graph body (decode_step, sampling and bookkeeping included) runs on the meta device,
     where any data-dependent host sync (.item(), bool(), nonzero, boolean indexing) raises."""
-    dec = decode._FastDecoder(tiny("qwen3").to("meta"), B, 64)
+    dec = fastdecode._FastDecoder(tiny("qwen3").to("meta"), B, 64)
     for cfg in (decode.DecodeConfig(greedy=True), decode.DecodeConfig(temperature=0.7, top_k=5, top_p=0.9)):
         for stats in (False, True):
             dec.decode_step(32, cfg, stats)

@@ -1,4 +1,4 @@
-"""decode.py's CUDA-graph path, run on CPU under an emulator with a CUDA graph's semantics:
+"""fastdecode.py's CUDA-graph path, run on CPU under an emulator with a CUDA graph's semantics:
 - capture records the step's ops and changes no tensor that existed before it (it does not execute);
 - replay re-runs the recorded ops on the same tensor objects (static addresses), with every Python value
   (shapes, scalars, config) baked in at capture.
@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decode  # noqa: E402
+import fastdecode  # noqa: E402
 from test_decode import NEW, P, pick_eos, run, tiny  # noqa: E402
 
 
@@ -50,7 +51,11 @@ class Capture(TorchDispatchMode):
 
     def __init__(self, graph):
         super().__init__()
-        self.graph, self.internal, self.shadow, self.original, self.keep = graph, {}, {}, {}, []
+        self.graph = graph
+        self.internal = {}  # id(tensor made during capture) -> its Ref
+        self.shadow = {}  # id(pre-existing tensor) -> the copy the ops run on
+        self.original = {}  # id(shadow) -> the pre-existing tensor
+        self.keep = []  # every op output, alive until capture ends
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -88,7 +93,7 @@ class FakeStream:
 
 @pytest.fixture
 def emulated_graphs(monkeypatch):
-    monkeypatch.setattr(decode, "graphs_available", lambda device: True)
+    monkeypatch.setattr(fastdecode, "graphs_available", lambda device: True)
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -103,7 +108,7 @@ def qwen3():
 
 
 def decoded(model, greedy, eos_ids, graph, kv_bucket=8):
-    decode.clear_fast_cache(model)
+    fastdecode.clear_fast_cache(model)
     g = torch.Generator().manual_seed(3)
     return run(model, "fast", eos_ids, stats=True, generator=g, greedy=greedy, cuda_graph=graph, kv_bucket=kv_bucket)
 
@@ -114,7 +119,7 @@ def test_graph_replay_equals_eager(qwen3, emulated_graphs, greedy):
     eager = decoded(qwen3, greedy, eos, graph=False)
     assert FakeGraph.replays == 0
     graphed = decoded(qwen3, greedy, eos, graph=True)
-    dec = decode._DECODERS[qwen3][-1]
+    dec = fastdecode._DECODERS[qwen3][-1]
     # attended length grows past P + NEW in buckets of 8: one graph per bucket, captured then replayed
     assert len(dec.graphs) == len({-(-(P + t) // 8) * 8 for t in range(1, NEW)}) >= 2
     assert FakeGraph.replays >= NEW - 1 - len(dec.graphs) - 1
@@ -134,7 +139,7 @@ def test_emulator_catches_state_kept_outside_the_graph(qwen3, emulated_graphs, m
         self.tok.copy_(nxt)
         self.step += 1
     eos = [pick_eos(decoded(qwen3, True, [], False).tokens)]
-    monkeypatch.setattr(decode._FastDecoder, "emit", emit)
+    monkeypatch.setattr(fastdecode._FastDecoder, "emit", emit)
     eager = decoded(qwen3, True, eos, graph=False)
     graphed = decoded(qwen3, True, eos, graph=True)
     assert torch.equal(eager.tokens, decoded(qwen3, True, eos, graph=False).tokens)
