@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import time
 import typing
 
 import numpy as np
@@ -175,6 +176,23 @@ def config_diff(old, new, allowed=()):
     return out
 
 
+def refuse_other_config(out, new, ok, ok_stage1):
+    """A run folder never mixes results of two configs: stop if <out>/config.json differs from new outside
+    the `ok` fields (outside `ok_stage1` when that run had no Stage II), naming the fields and the fix."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        old = json.load(open(path))
+    except ValueError as e:
+        raise SystemExit(f"error: {path} is corrupt ({e}); pass a new --out, or delete that folder") from None
+    stage1_only = old.get("run", {}).get("stage") == "1" or old.get("run", {}).get("ablate") in ("I", "II")
+    diff = config_diff(old, new, ok_stage1 if stage1_only else ok)
+    if diff:
+        raise SystemExit(f"error: {out} holds a run with another config ({'; '.join(diff[:6])}). Pass a new --out, "
+                         "or rerun with that folder's flags (add --resume to continue its Stage II)")
+
+
 # ----------------------------------------------------------------------------- files
 def atomic_write(path, write):
     """write(tmp_path) then rename over path: a kill leaves the old file or the new one, never half."""
@@ -281,6 +299,29 @@ def fold_shards(path):
     barrier()
 
 
+def cached_map(path, order, batch, fn, desc):
+    """{i: record} for every index of order, from the JSONL cache at path, computing the missing ones with
+    fn(indices) -> (records, tokens), `batch` at a time, in order, sharded over ranks (each appends to
+    its own <path>.rankR, folded into path by rank 0), one fsync'd append per batch: a kill loses at most
+    the batch in flight, and a rerun computes only what is missing."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fold_shards(path)
+    have = read_cache(path)
+    todo = shard([i for i in order if i not in have])
+    mine = f"{path}.rank{RANK}" if WORLD > 1 else path
+    bar = tqdm(total=len(todo), desc=desc, unit="sample", disable=not MAIN)
+    t0, n_tok = time.time(), 0
+    for b in range(0, len(todo), batch):
+        records, tokens = fn(todo[b:b + batch])
+        append_cache(mine, records)
+        n_tok += tokens
+        bar.update(len(records))
+        bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
+    bar.close()
+    fold_shards(path)
+    return read_cache(path)
+
+
 # ----------------------------------------------------------------------------- frozen-embedding cache
 def load_embeddings(path):
     """(texts, vecs) saved by save_embeddings, or ([], None) when there is none yet."""
@@ -300,6 +341,29 @@ def save_embeddings(path, texts, vecs):
     save_torch(path, {"texts": list(texts), "vecs": vecs.cpu()})
 
 
+EMBED_SAVE_S = 300  # embed_cached writes its progress to disk at least this often (seconds)
+
+
+def embed_cached(path, texts, head, step):
+    """head.encode_frozen over texts, `step` at a time, seeded from and saved to the disk cache at path
+    (atomically, at least every EMBED_SAVE_S seconds), so a killed run loses minutes, not the lot."""
+    known, vecs = load_embeddings(path)
+    head.remember(known, vecs)
+    todo = [t for t in texts if not head.knows(t)]
+
+    def save(done):
+        if done and MAIN:
+            save_embeddings(path, known + done, head.encode_frozen(known + done))
+
+    saved = time.time()
+    for i in tqdm(range(0, len(todo), step), desc="embedding texts (frozen encoder)", disable=not MAIN):
+        head.encode_frozen(todo[i:i + step])
+        if time.time() - saved > EMBED_SAVE_S and i + step < len(todo):
+            save(todo[:i + step])
+            saved = time.time()
+    save(todo)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def _rng_state():
     """Every RNG as tensors and plain numbers, so the file loads with weights_only=True."""
@@ -317,6 +381,19 @@ def _set_rng_state(st):
     torch.set_rng_state(st["torch"])
     if st["cuda"] is not None:
         torch.cuda.set_rng_state(st["cuda"], DEVICE)
+
+
+def save_pretrained(folder, model, tok, info):
+    """folder/: the backbone (save_pretrained) and info.json, written beside and swapped in whole (rank 0)."""
+    if MAIN:
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        save_json(os.path.join(tmp, "info.json"), info)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    barrier()
 
 
 DONE = "COMPLETE"  # written last into ckpt.tmp: its presence marks a whole checkpoint

@@ -9,9 +9,26 @@ form: item ids 1..N in the order of the source's item table (official: meta-file
 only items that occur in the interactions; id 0 = pad with "" title/text. Per user, interactions
 sorted by time (stable) give one sample per position i >= 1 with the previous <= 20 items as
 history; all samples are sorted by target time and cut 8:1:1. No paper equation lives here.
+
+Also the toy models that go with the toy data (offline, built in code): `build_toy_backbone` (a tiny
+random Qwen3) and `build_toy_encoder` (a tiny StaticEmbedding sentence-transformer).
 """
-import argparse, calendar, csv, gzip, hashlib, html, json, os, random, re, sys, urllib.request, zipfile, zlib
-from dataclasses import asdict, dataclass, fields
+import calendar
+import csv
+import gzip
+import hashlib
+import html
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from http.client import HTTPException
 from pathlib import Path
@@ -58,6 +75,9 @@ TOY_GENRES = {  # genre: "series nouns|story hook|story hook"
 TOY_WORDS = ("Silent Crimson Hollow Golden Broken Northern Last Hidden Iron Paper Winter Glass".split(),
              "Mara Elias Nora Tobias Ivy Felix Clara Jonah Lena Arthur Rosa Milo".split(),
              "Quill Hartley Vance Okafor Lindqvist Marsh Delacroix Brennan Sato Whitlock".split())
+TOY_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]  # the toy backbone's first token ids
+TOY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @dataclass
@@ -352,6 +372,72 @@ def _toy(cfg):
     return "book", items, inter, "toy generator"
 
 
+def toy_words(texts, pre_tokenizer):
+    """The sorted lowercase words of texts as pre_tokenizer splits them: a toy model's vocabulary."""
+    return sorted({w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(t.lower())})
+
+
+def build_toy_backbone(texts, out_dir, seed=0):
+    """A 2-layer random Qwen3 with a word-level tokenizer over `texts`, saved as a normal HF folder
+    so that the toy run loads it exactly like a real checkpoint."""
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    import torch  # here, not at the top: `import data` stays light
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    pre = pre_tokenizers.BertPreTokenizer()
+    vocab = {w: i for i, w in enumerate(TOY_SPECIALS + toy_words(texts, pre))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre
+    tk.decoder = decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|im_end|>",
+                                  additional_special_tokens=TOY_SPECIALS[2:], chat_template=TOY_TEMPLATE)
+    tok.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])  # not special: kept when decoding, as Qwen3's
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    with torch.no_grad():  # zero (tied) rows: decoding then emits words, not control tokens
+        model.get_input_embeddings().weight[tok.convert_tokens_to_ids(TOY_SPECIALS)] = 0
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def build_toy_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) -> str:
+    """Write a tiny random StaticEmbedding sentence-transformer with a lowercase word-level vocabulary
+    from `texts` ([PAD], [UNK] first), loadable offline by SentenceTransformer(out_dir). Deterministic
+    for a seed; a no-op if out_dir already holds a model."""
+    if os.path.isfile(os.path.join(out_dir, "modules.json")):
+        return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"{out_dir} exists and holds no sentence-transformer; delete it or pick another out_dir")
+    import torch  # here, not at the top: `import data` stays light
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    pre = pre_tokenizers.Whitespace()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(toy_words(texts, pre))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre
+    weights = torch.randn(len(vocab), dim, generator=torch.Generator().manual_seed(seed))  # (V, dim)
+    model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy_encoder_")
+    try:
+        model.save(tmp)
+        os.replace(tmp, out_dir)  # atomic; replaces an empty out_dir too
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def _build(cfg, name, category, items, inter, src):
     """One sample builder for all sources: stable per-user time sort, every prefix, global time split."""
     if unknown := list(dict.fromkeys(k for _, k, _ in inter if k not in items)):
@@ -489,27 +575,41 @@ def dataset_stats(ds: Dataset) -> dict:
             "mean_history": round(sum(len(s["history"]) for s in samples) / len(samples), 2)}
 
 
+@dataclass
+class CliFlags:
+    json: bool = False  # also print the statistics as one JSON line (also spelled --json)
+
+
+@dataclass
+class DataCli:
+    """The flags of `python data.py`: the data section as in rporec.py, plus this script's own."""
+    data: DataConfig = field(default_factory=DataConfig)
+    cli: CliFlags = field(default_factory=CliFlags)
+
+
 def main(argv=None):
-    """CLI: every DataConfig field is a flag (--data-dir, --raw-dir, --min-items, --force, ...), also spelled as
-    in rporec.py (--data.data_dir, ...) since check_config's errors name that spelling."""
-    p = argparse.ArgumentParser(description="Prepare an RPORec dataset (cached) and print its statistics.")
-    for f in fields(DataConfig):
-        kind = dict(action="store_true") if f.type is bool else \
-            dict(type=str if f.default is None else type(f.default), default=f.default)
-        names = ["--" + f.name.replace("_", "-")] + ([] if f.name == "dataset" else [f"--data.{f.name}"])
-        p.add_argument(*names, help=f"default: {f.default}", **kind)
-    p.add_argument("--json", action="store_true", help="also print the stats as one JSON object on the last line")
-    args = vars(p.parse_args(argv))
-    as_json = args.pop("json")
-    cfg = DataConfig(**args)
+    """CLI: every DataConfig field is a flag, bare (--dataset cds, --raw-dir D, --force) or spelled as in rporec.py
+    (--data.raw_dir D), since check_config's errors name that spelling."""
+    import common  # here, not at the top: common imports torch, and `import data` stays light
+    argv = sys.argv[1:] if argv is None else argv
+    cli = DataCli()
+    if "--help" in argv or "-h" in argv:
+        print("Prepare an RPORec dataset (cached) and print its statistics.")
+        print("Flags (--field VALUE or --data.field VALUE; a bare boolean flag means true):")
+        print(common.help_text(cli, bare="data"))
+        return
+    argv = [re.sub(r"^--json(?=$|=)", "--cli.json", a) for a in argv]  # --json: short for --cli.json
+    for key, value in common.parse_flags(cli, argv, bare="data").items():
+        section, name = key.split(".")
+        setattr(getattr(cli, section), name, value)
     try:
-        check_config(cfg)
-        stats = dataset_stats(load_dataset(cfg))
+        check_config(cli.data)
+        stats = dataset_stats(load_dataset(cli.data))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     for k, v in stats.items():
         print(f"{k:<14} {v:>16,}" if isinstance(v, int) else f"{k:<14} {v:>16}")
-    if as_json:
+    if cli.cli.json:
         print(json.dumps(stats))
 
 

@@ -20,6 +20,12 @@ class EvalConfig:
     mask_history: bool = False  # True = history items (except the target) can't be ranked; paper: False
 
 
+def strict_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The rank rule of full ranking and of r_ndcg alike: 1 + the number of candidates scores (B, M) scoring
+    strictly higher than target (B, 1), so ties favour the target. (B,) long."""
+    return 1 + (scores > target).sum(dim=1)
+
+
 def ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based rank (B,) of each target among items 1..N of scores (B, N+1); pad column 0 is ignored."""
     n = scores.shape[1] - 1
@@ -29,7 +35,7 @@ def ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     t = scores.gather(1, targets[:, None])  # (B, 1)
     if torch.isnan(t).any():
         raise ValueError("a target scored NaN, its rank is undefined; check the model's scores for NaN")
-    return 1 + (scores[:, 1:] > t).sum(dim=1)
+    return strict_rank(scores[:, 1:], t)
 
 
 def metrics(ranks: torch.Tensor, ks=(5, 10, 20)) -> dict:

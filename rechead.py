@@ -20,14 +20,11 @@ text is tokenised once, and a batch gathers only the table rows it touches, so w
 the optimizer step (SparseAdam, see make_optimizer) cover those rows, not the whole vocabulary. item_ids=True
 (beyond the paper) adds a learnable, zero-initialised vector per item to h_v; eq. 5 is `eq5` in every use.
 
-Also: `build_toy_encoder` (a tiny offline StaticEmbedding model for the `toy` preset and the tests) and
-`ground_scores` (the `-I` ablation: answer -> items by cosine of the pre-trained encoder, no Rechead).
+Also: `ground_scores` (the `-I` ablation: answer -> items by cosine of the pre-trained encoder, no Rechead);
+the toy encoder for the `toy` preset and the tests is data.build_toy_encoder.
 The train script owns the training loop; this module gives it the model, the sampler and the loss.
 """
 import copy
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import StaticEmbedding
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from torch import nn
+from tqdm import tqdm
 
 
 @dataclass
@@ -163,6 +160,14 @@ class Rechead(nn.Module):
             for t, e in zip(new, self.item_encoder[0].tokenizer.encode_batch(new, add_special_tokens=False)):
                 ids, counts = np.unique(np.asarray(e.ids, dtype=np.int64), return_counts=True)
                 self._bags[t] = ids, (counts / max(len(e.ids), 1)).astype(np.float32)
+
+    def tokenise_all(self, texts: list[str], chunk: int = 4096):
+        """Trainable static encoders: tokenise every distinct text once, up front, with a progress bar, so no
+        epoch waits on the tokenizer; a no-op for other encoders."""
+        if self.static:
+            texts = list(dict.fromkeys(texts))
+            for i in tqdm(range(0, len(texts), chunk), desc="tokenising texts (static encoder)"):
+                self.tokenise(texts[i:i + chunk])
 
     def bags(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Texts as bags of distinct tokens for the static path: ids (T,), weights (T,), offsets (B,), each
@@ -354,29 +359,3 @@ def ground_scores(answer_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.T
     """`-I` ablation (no Rechead): cosine between the pre-trained encoder's answer vectors (history text
     where the answer did not parse) and every item, (B, N+1); the zero pad row scores 0."""
     return F.normalize(answer_vecs, dim=-1) @ F.normalize(item_vecs, dim=-1).T
-
-
-def build_toy_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) -> str:
-    """Write a tiny random StaticEmbedding sentence-transformer with a lowercase word-level vocabulary
-    from `texts` ([PAD], [UNK] first), loadable offline by SentenceTransformer(out_dir). Deterministic
-    for a seed; a no-op if out_dir already holds a model."""
-    if os.path.isfile(os.path.join(out_dir, "modules.json")):
-        return out_dir
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"{out_dir} exists and holds no sentence-transformer; delete it or pick another out_dir")
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t.lower())})
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre
-    weights = torch.randn(len(vocab), dim, generator=torch.Generator().manual_seed(seed))  # (V, dim)
-    model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy_encoder_")
-    try:
-        model.save(tmp)
-        os.replace(tmp, out_dir)  # atomic; replaces an empty out_dir too
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir

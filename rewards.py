@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from evaluate import strict_rank
+
 TERMS = ("fmt", "clean", "ndcg", "sim", "comp", "ent")  # the reward terms of eq. 7, in order
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 
@@ -145,8 +147,7 @@ def _target_ranks(scores: torch.Tensor) -> torch.Tensor:
     if scores.dim() != 2 or scores.shape[1] < 1:
         raise ValueError(f"scores must be (B, k+1) with the target in column 0, got shape "
                          f"{tuple(scores.shape)}; stack one candidate row per completion")
-    higher = (scores[:, 1:] > scores[:, :1]).sum(1)  # (B,)
-    rank = 1.0 + higher.float()  # (B,)
+    rank = strict_rank(scores[:, 1:], scores[:, :1]).float()  # (B,)
     return rank.masked_fill(~torch.isfinite(scores).all(1), math.nan)
 
 
@@ -221,6 +222,38 @@ def total_reward(parts: dict, weights: dict, gate: bool = True) -> float:
                          f"both need the keys {TERMS}")
     r = sum(weights[k] * parts[k] for k in TERMS)
     return float(parts["fmt"] * r if gate else r)
+
+
+def format_rewards(texts: list[str]) -> torch.Tensor:
+    """r_fmt of a batch of completions, (B,)."""
+    return torch.tensor([format_reward(t) for t in texts])
+
+
+def clean_rewards(texts: list[str], kappa: float) -> torch.Tensor:
+    """r_clean of a batch of completions, (B,)."""
+    return torch.tensor([clean_reward(t, kappa) for t in texts])
+
+
+def similarity_rewards(cos: torch.Tensor, delta: float) -> torch.Tensor:
+    """r_sim of a batch, (B,) from cos(e(y), e(y_hat)) (B,); a row without a summary passes cos = -inf."""
+    return (cos > delta).float()
+
+
+def compression_rewards(summary_lens: torch.Tensor, cot_lens: torch.Tensor) -> torch.Tensor:
+    """r_comp of a batch, (B,) = clip(|y_hat| / |y|, 0, 1) in tokens; 0 where the CoT is empty."""
+    ratio = summary_lens.float() / cot_lens.float().clamp(min=1)
+    return torch.where(cot_lens > 0, ratio.clamp(0, 1), torch.zeros_like(ratio))
+
+
+def entropy_rewards(entropy: torch.Tensor, cot: torch.Tensor, rho: float) -> torch.Tensor:
+    """r_ent (eq. 11) of a batch: per-token entropies (B, T) over each row's CoT tokens cot (B, T) -> (B,)."""
+    return torch.tensor([entropy_reward(entropy[b][cot[b]], rho) for b in range(entropy.shape[0])])
+
+
+def total_rewards(parts: dict, weights: dict, gate: bool = True) -> torch.Tensor:
+    """Eq. 7 for a batch: parts {term: (B,)} -> (B,); NaN terms stay NaN, as in total_reward."""
+    n = len(parts["fmt"])
+    return torch.tensor([total_reward({k: float(v[b]) for k, v in parts.items()}, weights, gate) for b in range(n)])
 
 
 def summary_messages(cot: str) -> list[dict]:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -173,7 +172,9 @@ def resolve(cfg, flags):
         cfg.rechead = rechead.RecheadConfig(**saved)
     if r.resume and common.recover_checkpoint(r.out) is None:
         fail(f"--resume but no checkpoint in {r.out}/ckpt; drop --resume to start afresh")
-    check_run_folder(cfg)
+    ok = set(RERUN_OK)  # a folder that holds only Stage I takes any Stage II settings
+    ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}
+    common.refuse_other_config(r.out, dataclasses.asdict(cfg), RERUN_OK, ok)
     return cfg
 
 
@@ -186,59 +187,7 @@ def load_rechead_file(folder):
     return saved
 
 
-def check_run_folder(cfg):
-    """A run folder never mixes results of two configs: refuse one whose config.json differs, except in
-    RERUN_OK fields, and in the Stage II sections when the folder holds no Stage II yet."""
-    path = os.path.join(cfg.run.out, "config.json")
-    if not os.path.exists(path):
-        return
-    try:
-        old = json.load(open(path))
-    except ValueError as e:
-        fail(f"{path} is corrupt ({e}); pass a new --out, or delete that folder")
-    ok = set(RERUN_OK)
-    if old.get("run", {}).get("stage") == "1" or old.get("run", {}).get("ablate") in ("I", "II"):
-        ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}
-    diff = common.config_diff(old, dataclasses.asdict(cfg), ok)
-    if diff:
-        fail(f"{cfg.run.out} holds a run with another config ({'; '.join(diff[:6])}). Pass a new --out, or rerun "
-             "with that folder's flags (add --resume to continue its Stage II)")
-
-
 # ----------------------------------------------------------------------------- data and backbone
-TOY_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]
-TOY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def build_toy_backbone(texts, out_dir, seed=0):
-    """A 2-layer random Qwen3 with a word-level tokenizer over `texts`, saved as a normal HF folder
-    so that the toy run loads it exactly like a real checkpoint."""
-    if os.path.exists(os.path.join(out_dir, "config.json")):
-        return out_dir
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    pre = pre_tokenizers.BertPreTokenizer()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t.lower())})
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TOY_SPECIALS + words)}, unk_token="[UNK]"))
-    tk.normalizer, tk.pre_tokenizer, tk.decoder = normalizers.Lowercase(), pre, decoders.WordPiece()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|im_end|>",
-                                  additional_special_tokens=TOY_SPECIALS[2:], chat_template=TOY_TEMPLATE)
-    tok.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])  # not special: kept when decoding, as Qwen3's
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id))
-    with torch.no_grad():  # zero (tied) rows: decoding then emits words, not control tokens
-        model.get_input_embeddings().weight[tok.convert_tokens_to_ids(TOY_SPECIALS)] = 0
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
 def load_backbone(cfg, ds):
     """(model, tokenizer) from a hub id or local folder; (None, None) for --model none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,7 +195,8 @@ def load_backbone(cfg, ds):
     if name == "none":
         return None, None
     if name == "toy":
-        name = common.main_first(build_toy_backbone, ds.texts[1:], os.path.join(cfg.data.data_dir, "toy", "backbone"))
+        where = os.path.join(cfg.data.data_dir, "toy", "backbone")
+        name = common.main_first(data.build_toy_backbone, ds.texts[1:], where)
     try:
         tok = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPE).to(DEVICE).eval()
@@ -255,11 +205,6 @@ def load_backbone(cfg, ds):
              "id and the network, or delete a corrupt local copy")
     tok.pad_token = tok.pad_token or tok.eos_token
     return model, tok
-
-
-def eos_ids(model, tok):
-    ids = model.generation_config.eos_token_id
-    return sorted({*([ids] if isinstance(ids, int) else ids or []), tok.eos_token_id} - {None})
 
 
 def sampling(cfg, model):
@@ -271,27 +216,12 @@ def sampling(cfg, model):
                                               if getattr(cfg.decode, k) is None})
 
 
-def encode_prompts(tok, messages, thinking):
-    """Chat-templated, left-padded prompts: (B, P) ids and mask."""
-    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
-             for m in messages]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return enc.input_ids.to(DEVICE), enc.attention_mask.to(DEVICE)
-
-
 def user_messages(cfg, ds, sample):
     """The paper's prompt for one sample (data.build_messages) plus --prompt_suffix."""
     msgs = data.build_messages(ds, sample, cfg.data)
     if cfg.run.prompt_suffix:
         msgs[-1] = {**msgs[-1], "content": f"{msgs[-1]['content']}\n{cfg.run.prompt_suffix}"}
     return msgs
-
-
-def complete(model, tok, messages, dcfg, thinking):
-    """Completion texts and the Rollout for a batch of chat messages, with the one shared decoder."""
-    ids, mask = encode_prompts(tok, messages, thinking)
-    out = decode.generate(model, ids, mask, dcfg, eos_ids(model, tok), tok.pad_token_id)
-    return tok.batch_decode(out.tokens.masked_fill(~out.mask, tok.pad_token_id), skip_special_tokens=True), out
 
 
 # ----------------------------------------------------------------------------- reasoning (Alg. 1, line 1)
@@ -317,32 +247,23 @@ def batch_seed(seed, split, first):
 
 
 def generate_reasoning(cfg, ds, model, tok, split, samples, seed=None):
-    """Sampled reasoning for every sample of a split, appended batch by batch to a JSONL cache, so a killed
-    run resumes where it stopped. Returns ([(y, z)] in sample order, parse rate)."""
+    """Sampled reasoning for every sample of a split, kept in a resumable JSONL cache (common.cached_map).
+    Returns ([(y, z)] in sample order, the parse rate)."""
     if model is None:  # --model none: the history-only Rechead
         return [("", None)] * len(samples), None
     seed = cfg.run.seed if seed is None else seed
-    dcfg, path = sampling(cfg, model), cache_path(cfg, model, split, seed)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    common.fold_shards(path)
-    todo = shard([i for i in range(len(samples)) if i not in common.read_cache(path)])
-    todo.sort(key=lambda i: -len(samples[i]["history"]))  # similar prompt lengths share a batch
-    mine = f"{path}.rank{RANK}" if WORLD > 1 else path
-    bar = tqdm(total=len(todo), desc=f"reasoning {split}", unit="sample", disable=not MAIN)
-    t0, n_tok = time.time(), 0
-    for b in range(0, len(todo), cfg.run.gen_batch):
-        idx = todo[b:b + cfg.run.gen_batch]
+    dcfg = sampling(cfg, model)
+
+    def generate(idx):
         with torch.random.fork_rng(devices=[DEVICE] if DEVICE.type == "cuda" else []):
             torch.manual_seed(batch_seed(seed, split, idx[0]))  # the rest of the run's RNG stays untouched
-            texts, out = complete(model, tok, [user_messages(cfg, ds, samples[i]) for i in idx], dcfg,
+            texts, out = decode.complete(model, tok, [user_messages(cfg, ds, samples[i]) for i in idx], dcfg,
                                   cfg.run.thinking)
-        common.append_cache(mine, [{"i": i, "text": t} for i, t in zip(idx, texts)])
-        n_tok += int(out.mask.sum())
-        bar.update(len(idx))
-        bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
-    bar.close()
-    common.fold_shards(path)
-    done = common.read_cache(path)
+        return [{"i": i, "text": t} for i, t in zip(idx, texts)], int(out.mask.sum())
+
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["history"]))  # similar lengths share a batch
+    done = common.cached_map(cache_path(cfg, model, split, seed), order, cfg.run.gen_batch, generate,
+                             f"reasoning {split}")
     rs = [split_reasoning(done[i]["text"]) for i in range(len(samples))]
     return rs, sum(z is not None for _, z in rs) / max(len(rs), 1)
 
@@ -361,12 +282,9 @@ def make_head(cfg, ds):
     rc = cfg.rechead
     if rc.encoder == "toy":  # built once into the data folder; the config keeps saying "toy"
         where = os.path.join(cfg.data.data_dir, "toy", "encoder")
-        path = common.main_first(rechead.build_toy_encoder, ds.texts[1:], where)
+        path = common.main_first(data.build_toy_encoder, ds.texts[1:], where)
         rc = dataclasses.replace(rc, encoder=path)
     return rechead.Rechead(rc, ds.texts, DEVICE)
-
-
-EMBED_SAVE_S = 300  # embed_frozen writes its progress to disk at least this often (seconds)
 
 
 def embed_frozen(cfg, head, inputs):
@@ -375,32 +293,9 @@ def embed_frozen(cfg, head, inputs):
     if head.cfg.trainable:
         return
     key = f"{common.weights_digest(head.item_encoder)}-{head.cfg.max_seq_length}"
-    path = os.path.join(cfg.data.data_dir, "embeddings", f"{key}.pt")
-    known, vecs = common.load_embeddings(path)
-    head.remember(known, vecs)
-    texts = [t for t in dict.fromkeys(t or "" for x, y, z in inputs for t in (*x, *y, *z)) if not head.knows(t)]
-
-    def save(done):  # atomically, everything embedded so far
-        if done and MAIN:
-            common.save_embeddings(path, known + done, head.encode_frozen(known + done))
-
-    step, saved = 16 * head.cfg.encode_batch, time.time()
-    for i in tqdm(range(0, len(texts), step), desc="embedding texts (frozen encoder)", disable=not MAIN):
-        head.encode_frozen(texts[i:i + step])
-        if time.time() - saved > EMBED_SAVE_S and i + step < len(texts):  # a kill loses minutes, not the lot
-            save(texts[:i + step])
-            saved = time.time()
-    save(texts)
-
-
-def tokenise_static(head, inputs, chunk=4096):
-    """Trainable StaticEmbedding encoders: tokenise every distinct text once, up front, so no epoch waits on
-    the tokenizer (rechead.Rechead.tokenise)."""
-    if not head.static:
-        return
     texts = list(dict.fromkeys(t or "" for x, y, z in inputs for t in (*x, *y, *z)))
-    for i in tqdm(range(0, len(texts), chunk), desc="tokenising texts (static encoder)", disable=not MAIN):
-        head.tokenise(texts[i:i + chunk])
+    common.embed_cached(os.path.join(cfg.data.data_dir, "embeddings", f"{key}.pt"), texts, head,
+                        16 * head.cfg.encode_batch)
 
 
 def rechead_step(net, head, opt, inputs, targets, idx, neg):
@@ -476,38 +371,43 @@ def reward_parts(cfg, ds, head, ref, tok, samples, texts, ro):
     rw, B = cfg.rewards, len(texts)
     owner = [samples[b // cfg.grpo.group_size] for b in range(B)]
     x, y, z = rechead_inputs(cfg, ds, owner, [split_reasoning(t) for t in texts])
-    parts = {"fmt": torch.tensor([rewards.format_reward(t) for t in texts]),
-             "clean": torch.tensor([rewards.clean_reward(t, rw.kappa) for t in texts]),
-             "sim": torch.zeros(B), "comp": torch.zeros(B)}
-    with torch.no_grad():  # r_ndcg: the target among k fixed negatives, scored by the frozen Rechead
-        cand = torch.stack([rewards.candidates(s["i"], s["target"], ds.n_items, rw.negatives, rw.seed)
-                            for s in samples]).repeat_interleave(cfg.grpo.group_size, 0)  # (B, k+1), one set per group
-        h = head.user_vecs(x, y, z)                                                         # (B, d)
-        parts["ndcg"] = rewards.ndcg_rewards(head.candidate_scores(h, cand.to(DEVICE)).cpu())  # (B,)
     cot = torch.stack([rewards.cot_token_mask(ro.tokens[b], ro.mask[b], tok) for b in range(B)])  # (B, T)
-    parts["ent"] = torch.tensor([rewards.entropy_reward(ro.entropy[b][cot[b]].float().cpu(), rw.rho) for b in range(B)])
-    # r_sim, r_comp: greedy summaries of y by the frozen reference model in one batched call, only
-    # where the total can be non-zero (eq. 7 multiplies everything by r_fmt)
-    todo = [b for b in range(B) if y[b] and (parts["fmt"][b] > 0 or not rw.gate)]
-    summaries = [""] * B
-    if todo:
-        scfg = dataclasses.replace(cfg.decode, greedy=True, max_new_tokens=rw.summary_max_new_tokens,
-                                   temperature=1.0, top_p=1.0, top_k=0)
-        outs, _ = complete(ref, tok, [rewards.summary_messages(y[b]) for b in todo], scfg, thinking=False)
-        cos = torch.nn.functional.cosine_similarity(head.encode_frozen([y[b] for b in todo]),
-                                                    head.encode_frozen([o.strip() for o in outs]), dim=-1)
-        for j, b in enumerate(todo):
-            summaries[b] = outs[j].strip()
-            parts["sim"][b] = rewards.similarity_reward(float(cos[j]), rw.delta)
-            parts["comp"][b] = rewards.compression_reward(n_tokens(tok, summaries[b]), n_tokens(tok, y[b]))
-    weights = rw.weights()
-    r = torch.tensor([rewards.total_reward({k: float(v[b]) for k, v in parts.items()}, weights, rw.gate)
-                      for b in range(B)])
-    return r, {k: parts[k] for k in rewards.TERMS}, cot.sum(1).float(), summaries
+    cand = torch.stack([rewards.candidates(s["i"], s["target"], ds.n_items, rw.negatives, rw.seed)
+                        for s in samples]).repeat_interleave(cfg.grpo.group_size, 0)  # (B, k+1), one set per group
+    with torch.no_grad():  # the target among k fixed negatives, scored by the frozen Rechead (eq. 5)
+        scores = head.candidate_scores(head.user_vecs(x, y, z), cand.to(DEVICE)).cpu()  # (B, k+1)
+    fmt = rewards.format_rewards(texts)
+    # r_sim, r_comp need a summary: only where the total can be non-zero (eq. 7 multiplies by r_fmt)
+    todo = [b for b in range(B) if y[b] and (fmt[b] > 0 or not rw.gate)]
+    summaries, cos, lens = summarise(cfg, head, ref, tok, y, todo)
+    parts = {"fmt": fmt,
+             "clean": rewards.clean_rewards(texts, rw.kappa),
+             "ndcg": rewards.ndcg_rewards(scores),
+             "sim": rewards.similarity_rewards(cos, rw.delta),
+             "comp": rewards.compression_rewards(*lens),
+             "ent": rewards.entropy_rewards(ro.entropy.float().cpu(), cot, rw.rho)}
+    return rewards.total_rewards(parts, rw.weights(), rw.gate), parts, cot.sum(1).float(), summaries
 
 
-def n_tokens(tok, text):
-    return len(tok(text, add_special_tokens=False).input_ids)
+def summarise(cfg, head, ref, tok, y, todo):
+    """The frozen reference model's greedy summaries y_hat of the CoTs y[b], b in todo, in one batched call:
+    (summaries [B], cos(e(y), e(y_hat)) (B,) (-inf where none), (|y_hat|, |y|) in tokens, each (B,))."""
+    B = len(y)
+    summaries, cos = [""] * B, torch.full((B,), -math.inf)
+    summary_lens, cot_lens = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    if not todo:
+        return summaries, cos, (summary_lens, cot_lens)
+    scfg = dataclasses.replace(cfg.decode, greedy=True, max_new_tokens=cfg.rewards.summary_max_new_tokens,
+                               temperature=1.0, top_p=1.0, top_k=0)
+    outs, _ = decode.complete(ref, tok, [rewards.summary_messages(y[b]) for b in todo], scfg, thinking=False)
+    outs = [o.strip() for o in outs]
+    cos[todo] = torch.nn.functional.cosine_similarity(head.encode_frozen([y[b] for b in todo]),
+                                                      head.encode_frozen(outs), dim=-1).float().cpu()
+    for j, b in enumerate(todo):
+        summaries[b] = outs[j]
+        summary_lens[b] = len(tok(outs[j], add_special_tokens=False).input_ids)
+        cot_lens[b] = len(tok(y[b], add_special_tokens=False).input_ids)
+    return summaries, cos, (summary_lens, cot_lens)
 
 
 @functools.lru_cache(maxsize=4)
@@ -526,19 +426,6 @@ def eval_subset(valid, n, seed):
     """The fixed, seeded valid subset that Stage II's model selection scores."""
     idx = sorted(torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed))[:n].tolist())
     return [valid[i] for i in idx]
-
-
-def save_best(out, model, tok, step, score):
-    """<out>/best: the best valid step's backbone (save_pretrained), swapped in whole."""
-    if MAIN:
-        tmp, final = os.path.join(out, "best.tmp"), os.path.join(out, "best")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        common.save_json(os.path.join(tmp, "best.json"), {"step": step, "valid_ndcg@10": score})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    common.barrier()
 
 
 def stage2(cfg, ds, head, model, tok, splits, log, out):
@@ -571,7 +458,7 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
         m = evaluate_split(cfg, head, rechead_inputs(cfg, ds, subset, rs), subset)
         if m["ndcg@10"] > st["best"]:
             st.update(best=m["ndcg@10"], best_step=step, bad=0)
-            save_best(out, model, tok, step, m["ndcg@10"])
+            common.save_pretrained(os.path.join(out, "best"), model, tok, {"step": step, "valid_ndcg@10": m["ndcg@10"]})
         else:
             st["bad"] += 1
         log({"stage": 2, "step": step, "valid_hr@10": m["hr@10"], "valid_ndcg@10": m["ndcg@10"], "parse_rate": parsed,
@@ -585,9 +472,10 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
             break
         t0 = time.time()
         samples = [dict(train[i], i=i) for i in shard(step_batch(step, len(train), g.prompts_per_step, cfg.run.seed))]
-        p_ids, p_mask = encode_prompts(tok, [user_messages(cfg, ds, s) for s in samples], cfg.run.thinking)
+        p_ids, p_mask = decode.encode_prompts(tok, [user_messages(cfg, ds, s) for s in samples], cfg.run.thinking,
+                                              DEVICE)
         model.eval()
-        ro = grpo.rollout(model, p_ids, p_mask, g.group_size, roll, eos_ids(model, tok), tok.pad_token_id)
+        ro = grpo.rollout(model, p_ids, p_mask, g.group_size, roll, decode.eos_ids(model, tok), tok.pad_token_id)
         texts = tok.batch_decode(ro.tokens.masked_fill(~ro.mask, tok.pad_token_id), skip_special_tokens=True)
         r, parts, cot_len, summaries = reward_parts(cfg, ds, head, ref, tok, samples, texts, ro)
         head.forget()  # every step brings new CoTs: keep the frozen-embedding cache bounded
@@ -671,7 +559,7 @@ def main(argv):
         if model is not None:
             log({"stage": 1, **{f"parse_rate_{k}": p for k, (_, p) in reasoning.items()}})
         embed_frozen(cfg, head, inputs.values())
-        tokenise_static(head, inputs.values())
+        head.tokenise_all([t or "" for x, y, z in inputs.values() for t in (*x, *y, *z)])
         if cfg.run.ablate != "I":
             head = train_rechead(cfg, ds, head, inputs, splits, log, out)
         metrics["stage1"] = {k: evaluate_split(cfg, head, inputs[k], splits[k], cfg.run.ablate == "I")

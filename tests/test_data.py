@@ -1,9 +1,11 @@
 """data.py: Amazon 2023 processing, MovieLens, bring-your-own tables, toy set, cache, prompts, errors."""
 import collections
 import csv
+import dataclasses
 import gzip
 import hashlib
 import json
+import os
 import re
 import time
 import zipfile
@@ -642,3 +644,71 @@ def test_cli_rejects_bad_flags_with_the_named_spelling(tmp_path):
         D.main(["--data.window", "0"])  # the spelling the error names works here too
     with pytest.raises(SystemExit, match="--data.interactions is read only with --dataset custom"):
         D.main(["--interactions", write_table(tmp_path / "i.tsv", RATINGS)])
+
+
+def test_cli_spellings_of_readme_and_rporec(tmp_path, capsys):
+    """Bare flags (--raw-dir, --raw_dir), rporec's --data.field (also =VALUE), --force and --json all parse."""
+    write_ml100k(tmp_path / "ml-100k.zip")
+    inter, items = write_table(tmp_path / "i.tsv", RATINGS), write_table(tmp_path / "v.tsv", MOVIES)
+    runs = [["--dataset", "ml-100k", "--raw-dir", str(tmp_path), "--data-dir", str(tmp_path / "a"), "--json"],
+            ["--data.dataset=ml-100k", "--data.raw_dir", str(tmp_path), "--data_dir", str(tmp_path / "a"), "--force",
+             "--cli.json"],
+            ["--dataset", "custom", "--interactions", inter, "--items", items, "--data.data-dir", str(tmp_path / "b"),
+             "--json=true"]]
+    for argv, name in zip(runs, ("ml-100k-", "ml-100k-", "custom-")):
+        D.main(argv)
+        stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert stats["dataset"].startswith(name) and stats["samples"] == 12
+    D.main(["--dataset", "toy", "--json", "false"])
+    assert not capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
+    with pytest.raises(SystemExit, match="unknown flag --bogus"):
+        D.main(["--bogus", "1"])
+    with pytest.raises(SystemExit, match="--window takes a int, got 'x'"):
+        D.main(["--window", "x"])
+
+
+def test_cli_help_lists_every_field_with_its_comment(capsys):
+    D.main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(D.DataConfig):
+        assert f"  --{f.name} {f.default!r}\n" in out
+    assert "processed caches live in <data_dir>/<dataset>-<hash>/" in out
+    assert "--cli.json False\n      also print the statistics as one JSON line (also spelled --json)" in out
+
+
+# ---------------------------------------------------------------- toy models
+
+
+def test_toy_words_follow_the_given_pre_tokenizer():
+    from tokenizers import pre_tokenizers
+    texts = ["Wait... The END", "the end"]
+    assert D.toy_words(texts, pre_tokenizers.Whitespace()) == ["...", "end", "the", "wait"]
+    assert D.toy_words(texts, pre_tokenizers.BertPreTokenizer()) == [".", "end", "the", "wait"]
+
+
+def test_toy_builders_load_are_seeded_and_build_once(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    texts = ["A red Jazz album...", "blue rock, live"]
+    for build, kw in ((D.build_toy_backbone, {}), (D.build_toy_encoder, {"dim": 8})):
+        a, b, c = (build(texts, str(tmp_path / f"{build.__name__}{n}"), seed=s, **kw) for n, s in enumerate((0, 0, 1)))
+        wa, wb, wc = (load_file(f"{p}/model.safetensors") for p in (a, b, c))
+        assert all((wa[k] == wb[k]).all() for k in wa) and any((wa[k] != wc[k]).any() for k in wa)
+        files = {f: (tmp_path / a / f).read_bytes() for f in sorted(os.listdir(a))}
+        assert build(["other words"], a, seed=5, **kw) == a  # already there: nothing rebuilt
+        assert {f: (tmp_path / a / f).read_bytes() for f in sorted(os.listdir(a))} == files
+    tok = AutoTokenizer.from_pretrained(tmp_path / "build_toy_backbone0")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "build_toy_backbone0")
+    ids = tok("RED jazz, live")["input_ids"]  # (T,)
+    assert tok.unk_token_id not in ids and tok.decode(ids) == "red jazz, live"  # lowercased words, not [UNK]
+    assert model(input_ids=torch.tensor([ids])).logits.shape == (1, len(ids), len(tok))
+    assert "..." not in tok.get_vocab() and "." in tok.get_vocab()  # BertPreTokenizer: one token per mark
+    enc = SentenceTransformer(str(tmp_path / "build_toy_encoder0"), device="cpu")
+    assert enc.encode(["red jazz", "never seen"]).shape == (2, 8)
+    assert "..." in enc[0].tokenizer.get_vocab()  # Whitespace: a run of marks is one word
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "f.txt").write_text("x")
+    with pytest.raises(ValueError, match="delete it"):
+        D.build_toy_encoder(texts, str(tmp_path / "junk"))

@@ -27,7 +27,7 @@ def one_thread():
 
 
 def toy_policy(seed):
-    """The architecture of rporec.build_toy_backbone (2 layers, hidden 64, tied embeddings)."""
+    """The architecture of data.build_toy_backbone (2 layers, hidden 64, tied embeddings)."""
     torch.manual_seed(seed)
     cfg = transformers.Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,

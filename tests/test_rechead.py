@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rechead import (Rechead, RecheadConfig, build_toy_encoder, ground_scores, make_optimizer, rec_loss,  # noqa: E402
+from data import build_toy_encoder  # noqa: E402
+from rechead import (Rechead, RecheadConfig, ground_scores, make_optimizer, rec_loss,  # noqa: E402
                      sample_negatives)
 
 COLOURS = ["red", "blue", "green", "black", "white", "golden", "silver", "purple"]

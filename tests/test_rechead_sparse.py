@@ -14,7 +14,8 @@ from sentence_transformers.sentence_transformer.modules import Normalize, Poolin
 from sentence_transformers.sentence_transformer.modules.tokenizer import WhitespaceTokenizer  # noqa: E402
 
 import rechead  # noqa: E402
-from rechead import Rechead, RecheadConfig, build_toy_encoder, encode, rec_loss, sample_negatives  # noqa: E402
+from data import build_toy_encoder  # noqa: E402
+from rechead import Rechead, RecheadConfig, encode, rec_loss, sample_negatives  # noqa: E402
 
 ITEMS = [""] + [f"{c} {g} album number {i}" for i, (c, g) in
                 enumerate((c, g) for c in ["red", "blue", "green", "black", "white"] for g in ["jazz", "rock", "folk"])]

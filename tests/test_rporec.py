@@ -192,7 +192,7 @@ def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
     inputs = rporec.rechead_inputs(cfg, ds, samples, [("", None)] * len(samples))
     n_texts = len({t or "" for part in inputs for t in part})
     assert n_texts > 2 * 16
-    monkeypatch.setattr(rporec, "EMBED_SAVE_S", 0)  # save after every chunk
+    monkeypatch.setattr(common, "EMBED_SAVE_S", 0)  # save after every chunk
     encoded = []
 
     def encode(enc, texts, device, die_at=None):

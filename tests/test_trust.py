@@ -182,7 +182,7 @@ def test_stage2_keeps_its_best_valid_step(tmp_path, monkeypatch):
     m = rporec.main(small(tmp_path, "--grpo.steps", "6", "--grpo.eval_every", "1", "--grpo.eval_samples", "5",
                           "--grpo.patience", "2"))
     run = tmp_path / "run"
-    assert m["stage2"]["step"] == 1 == json.load(open(run / "best" / "best.json"))["step"]
+    assert m["stage2"]["step"] == 1 == json.load(open(run / "best" / "info.json"))["step"]
     recs = [json.loads(line) for line in open(run / "log.jsonl")]
     assert [r["step"] for r in recs if "valid_ndcg@10" in r and r["stage"] == 2] == [0, 1, 2, 3]
     assert [r["step"] for r in recs if "reward" in r] == [1, 2, 3]
