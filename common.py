@@ -29,6 +29,11 @@ DEVICE = torch.device("cuda", LOCAL_RANK) if torch.cuda.is_available() else torc
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # backbone weights and autocast
 
 
+def fail(msg):
+    """Stop with a one-line error for the user (no traceback): what is wrong and the fix."""
+    raise SystemExit(f"error: {msg}")
+
+
 def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)

@@ -29,13 +29,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
+import config
 import data
 import decode
 import evaluate
 import grpo
 import rechead
 import rewards
-from common import DEVICE, DTYPE, MAIN, RANK, WORLD, shard
+from common import DEVICE, DTYPE, MAIN, RANK, WORLD, fail, shard
 
 
 # ----------------------------------------------------------------------------- config
@@ -82,109 +83,9 @@ PRESETS = {
             "grpo.eval_samples": 64, "rewards.summary_max_new_tokens": 12},
     "cds": QWEN, "instruments": QWEN, "games": QWEN, "ml-100k": QWEN, "ml-1m": QWEN, "custom": QWEN,
 }
-# may differ between runs sharing a folder: how far Stage II goes, where Stage I came from, speed knobs
-RERUN_OK = {"run.stage", "run.init", "run.resume", "run.gen_batch", "run.dist_backend", "grpo.steps", "grpo.epochs",
-            "grpo.save_every", "grpo.sample_every", "grpo.micro_batch", "grpo.logit_chunk", "eval.chunk",
-            "rechead.encode_batch", "decode.backend", "decode.cuda_graph", "decode.kv_bucket", "decode.sync_every",
-            "decode.prefill_rows"}
-
-
-LOWER_BOUNDS = {"run.gen_batch": 1, "grpo.group_size": 2, "grpo.prompts_per_step": 1, "grpo.micro_batch": 1,
-                "grpo.iterations": 1, "grpo.eval_every": 1, "grpo.eval_samples": 1, "grpo.patience": 1,
-                "grpo.epochs": 1, "grpo.steps": 0, "grpo.save_every": 0, "grpo.max_new_tokens": 1, "grpo.max_skips": 1,
-                "rechead.batch_size": 1, "rechead.epochs": 1, "rechead.negatives": 1, "rechead.history_items": 0,
-                "rewards.negatives": 1, "decode.max_new_tokens": 1, "eval.chunk": 1}
-
-
 def parse_config(argv):
-    """Defaults < PRESETS[dataset] < flags, then the derived fields and every check (resolve)."""
-    cfg = Config()
-    if "--help" in argv or "-h" in argv:
-        print(__doc__ + "\nFlags (--section.field VALUE; run fields also bare; a bare boolean flag means true):")
-        print(common.help_text(cfg))
-        raise SystemExit(0)
-    flags = common.parse_flags(cfg, argv)
-    dataset = flags.get("run.dataset", cfg.run.dataset)
-    if dataset not in PRESETS:
-        raise SystemExit(f"error: unknown dataset {dataset!r}; choose one of {sorted(PRESETS)}")
-    for key, value in {**PRESETS[dataset], **flags}.items():
-        sec, name = key.split(".")
-        setattr(getattr(cfg, sec), name, value)
-    return resolve(cfg, flags)
-
-
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
-
-
-def resolve(cfg, flags):
-    """Derived fields, from this one place, and every check that can fail before any work or write.
-    A flag that contradicts another is an error, never silently overwritten."""
-    r, g = cfg.run, cfg.grpo
-    for key, derived in (("data.dataset", r.dataset), ("rechead.use_cot", r.ablate != "cot")):
-        if key in flags and flags[key] != derived:
-            fail(f"--{key} {flags[key]} contradicts --dataset {r.dataset} --ablate {r.ablate!r}; drop --{key}")
-    cfg.data.dataset, cfg.rechead.use_cot = r.dataset, r.ablate != "cot"
-    if WORLD > 1 and cfg.rechead.sparse:  # DistributedDataParallel averages dense gradients only
-        if "rechead.sparse" in flags:
-            fail("--rechead.sparse true does not work under torchrun (DDP); drop it")
-        cfg.rechead.sparse = False
-    for name, value, choices in (("stage", r.stage, ("1", "2", "both")), ("ablate", r.ablate, ("", "cot", "I", "II")),
-                                 ("grpo.old_logp", g.old_logp, ("policy", "rollout"))):
-        if value not in choices:
-            fail(f"--{name} must be one of {choices}, got {value!r}")
-    if 10 not in cfg.eval.ks:
-        fail(f"--eval.ks {cfg.eval.ks} must include 10: model selection uses valid NDCG@10")
-    for key, low in LOWER_BOUNDS.items():
-        sec, name = key.split(".")
-        if getattr(getattr(cfg, sec), name) < low:
-            fail(f"--{key} must be >= {low}, got {getattr(getattr(cfg, sec), name)}")
-    for name, value in (("grpo.rho", g.rho), ("rewards.rho", cfg.rewards.rho)):
-        if not 0 < value <= 1:
-            fail(f"--{name} must be in (0, 1], got {value}; 0.2 keeps the top 20%")
-    if g.temperature <= 0 or g.lr <= 0 or g.beta < 0 or g.eps <= 0:
-        fail("--grpo.temperature, --grpo.lr and --grpo.eps must be > 0 and --grpo.beta >= 0")
-    try:
-        cfg.rewards.dropped()
-        data.check_config(cfg.data)
-    except ValueError as e:
-        fail(str(e))
-    if r.model == "none" and r.ablate != "cot":
-        fail("--model none has no reasoning to read; add --ablate cot (the history-only Rechead)")
-    stage2 = r.stage != "1" and r.ablate not in ("I", "II")
-    if r.stage == "2" and r.ablate in ("I", "II", "cot"):
-        fail(f"--ablate {r.ablate} does not apply to --stage 2: -I and -II have no Stage II, and -cot is the "
-             "Stage I run's choice (run Stage I with it and pass that folder to --init)")
-    if stage2 and r.model == "none":
-        fail("Stage II trains the backbone; pass --model (not none), or run --stage 1")
-    if r.resume and not stage2:
-        fail("--resume continues Stage II; this run has none (see --stage and --ablate)")
-    r.out = r.out or f"runs/{r.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if r.stage == "2":
-        if not r.init:
-            fail("--stage 2 needs --init RUN_FOLDER, the Stage I run whose rechead.pt it uses")
-        saved = load_rechead_file(r.init)["config"]["rechead"]
-        clash = [f"--{k} {v!r} (the Rechead has {saved.get(k[8:])!r})" for k, v in flags.items()
-                 if k.startswith("rechead.") and saved.get(k[8:]) != v]
-        if clash:
-            fail(f"--rechead.* flags do not apply to --stage 2: the Rechead and its config come from --init: "
-                 f"{', '.join(clash)}")
-        cfg.rechead = rechead.RecheadConfig(**saved)
-    if r.resume and common.recover_checkpoint(r.out) is None:
-        fail(f"--resume but no checkpoint in {r.out}/ckpt; drop --resume to start afresh")
-    ok = set(RERUN_OK)  # a folder that holds only Stage I takes any Stage II settings
-    ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}
-    common.refuse_other_config(r.out, dataclasses.asdict(cfg), RERUN_OK, ok)
-    return cfg
-
-
-def load_rechead_file(folder):
-    path = os.path.join(folder, "rechead.pt")
-    saved = common.load_torch(path, "Rechead checkpoint (rechead.pt of a Stage I run)",
-                              f"Pass --init a Stage I run folder, or rerun Stage I into {folder}.")
-    if not isinstance(saved, dict) or not {"state", "config"} <= set(saved):
-        fail(f"{path} lacks the Rechead state or its config; rerun Stage I into {folder}")
-    return saved
+    """Defaults < PRESETS[dataset] < flags, then the derived fields and every check (config.resolve)."""
+    return config.parse(Config(), PRESETS, argv, __doc__)
 
 
 # ----------------------------------------------------------------------------- data and backbone
@@ -331,8 +232,6 @@ def evaluate_split(cfg, head, inputs, samples, ground=False):
 def train_rechead(cfg, ds, head, inputs, splits, log, out):
     """Algorithm 1 lines 2-12: fresh uniform negatives per batch; keep the best valid NDCG@10."""
     rc = cfg.rechead
-    if rc.batch_size % WORLD:
-        fail(f"--rechead.batch_size {rc.batch_size} does not divide by {WORLD} processes")
     gen = torch.Generator().manual_seed(cfg.run.seed)  # identical on every rank: same batches, same negatives
     opt = rechead.make_optimizer(head, rc.lr)  # Adam; SparseAdam for the row-sparse tables
     net = torch.nn.parallel.DistributedDataParallel(head, broadcast_buffers=False) if WORLD > 1 else head
@@ -432,8 +331,6 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
     """Algorithm 1 lines 13-21: G rollouts per prompt, rewards from the frozen Rechead, GRPO updates, epochs
     over train until the valid curve stops improving. Step 0 (the Stage I backbone) is a candidate."""
     g, train = cfg.grpo, splits["train"]
-    if g.prompts_per_step % WORLD:
-        fail(f"--grpo.prompts_per_step {g.prompts_per_step} does not divide by {WORLD} processes")
     head.eval().requires_grad_(False)
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref (KL) and the summarizer of r_sim, r_comp
     model.float()  # fp32 master weights: a bf16 weight would round every lr=1e-6 update away; autocast computes in bf16
@@ -532,7 +429,8 @@ def official_valid(cfg, ds, head, model, tok, valid, n=4):
 
 
 def main(argv):
-    t_start, cfg = time.time(), parse_config(argv)  # every check runs before any work or write
+    t_start = time.time()
+    cfg = parse_config(argv)  # every check runs before any work or write
     common.init_distributed(cfg.run.dist_backend)
     common.seed_all(cfg.run.seed)
     out, log = cfg.run.out, common.Logger(cfg.run.out)
@@ -575,7 +473,7 @@ def main(argv):
         if MAIN:
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
     else:
-        head.load_state_dict(load_rechead_file(cfg.run.init)["state"])
+        head.load_state_dict(config.load_rechead_file(cfg.run.init)["state"])
     if MAIN:
         common.save_json(mpath, metrics)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):

@@ -5,8 +5,8 @@ import sys
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import grpo as G
-import rechead as R
+import grpo
+import rechead
 import rporec
 
 out_file, data_dir = sys.argv[1], sys.argv[2]
@@ -25,7 +25,7 @@ opt = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=1.0)
 net = torch.nn.parallel.DistributedDataParallel(head, broadcast_buffers=False) if rporec.WORLD > 1 else head
 targets = torch.tensor([s["target"] for s in train])
 idx = torch.arange(32)
-neg = R.sample_negatives(targets[idx], ds.n_items, 9, torch.Generator().manual_seed(1))
+neg = rechead.sample_negatives(targets[idx], ds.n_items, 9, torch.Generator().manual_seed(1))
 rporec.rechead_step(net, head, opt, inputs, targets, idx, neg)
 metrics = rporec.evaluate_split(cfg, head, rporec.rechead_inputs(cfg, ds, valid, reasoning[:7]), valid)
 
@@ -43,18 +43,20 @@ tokens = torch.randint(1, 64, (N * Gs, T), generator=g)                 # (N*G, 
 mask = torch.arange(T) < torch.tensor([6, 3, 5, 2, 6, 4, 1, 6])[:, None]
 ro = rporec.decode.Rollout
 with torch.no_grad():
-    old = G.sequence_logprobs(model, torch.cat([p_ids.repeat_interleave(Gs, 0), tokens], 1),
+    old = grpo.sequence_logprobs(model, torch.cat([p_ids.repeat_interleave(Gs, 0), tokens], 1),
                               torch.cat([p_mask.repeat_interleave(Gs, 0), mask.long()], 1), T)
 ent = torch.rand(N * Gs, T, generator=g)
 adv = torch.randn(N * Gs, generator=g)
 mine = [p for p in range(N) if p % rporec.WORLD == rporec.RANK]  # the same prompt split as rporec.shard
 rows = [p * Gs + j for p in mine for j in range(Gs)]
-batch = G.make_batch(p_ids[mine], p_mask[mine], ro(tokens[rows], mask[rows], old[rows] + 0.05, ent[rows]), adv[rows], Gs)
-gcfg = G.GRPOConfig(group_size=Gs, micro_batch=3, beta=0.01, rho=0.5, old_logp="rollout")  # w != 1: the ratio counts
-G.update(model, ref, torch.optim.SGD(model.parameters(), lr=0.1), batch, gcfg)
+rollout = ro(tokens[rows], mask[rows], old[rows] + 0.05, ent[rows])
+batch = grpo.make_batch(p_ids[mine], p_mask[mine], rollout, adv[rows], Gs)
+gcfg = grpo.GRPOConfig(group_size=Gs, micro_batch=3, beta=0.01, rho=0.5, old_logp="rollout")  # w != 1: the ratio counts
+grpo.update(model, ref, torch.optim.SGD(model.parameters(), lr=0.1), batch, gcfg)
 
 # --- sharded, cached reasoning generation (greedy, so 1 and 2 processes must agree token for token)
-cfg.decode.greedy, cfg.decode.max_new_tokens = True, 6
+cfg.decode.greedy = True
+cfg.decode.max_new_tokens = 6
 llm, tok = rporec.load_backbone(cfg, ds)
 texts = rporec.generate_reasoning(cfg, ds, llm, tok, "valid", ds.splits["valid"][:9])[0]
 

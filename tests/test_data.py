@@ -573,9 +573,9 @@ def test_check_config_accepts_valid_settings(tmp_path):
 
 
 def test_toy_builds_fast_deterministic_and_realistic():
-    t = time.perf_counter()
+    t = time.process_time()  # this process's CPU seconds: a loaded machine cannot fail it, a slow build can
     ds = D.load_dataset(D.DataConfig())
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < 1.0
     assert 150 <= ds.n_items <= 250 and 2000 <= len(all_samples(ds)) <= 4000 and ds.category == "book"
     assert D.load_dataset(D.DataConfig()) == ds and D.load_dataset(D.DataConfig(seed=1)) != ds
     assert all(re.fullmatch(r"The \w+ \w+, Book \d", t) for t in ds.titles[1:])

@@ -99,7 +99,7 @@ def test_crafted_rechead_cannot_run_code(both_run, tmp_path):
     with pytest.raises(SystemExit, match="rechead.pt is not a valid Rechead"):
         rporec.parse_config(small(tmp_path, "--stage", "2", "--init", str(init)))
     assert not os.path.exists(EVIL_MARK)
-    assert rporec.load_rechead_file(str(both_run / "run"))["state"]  # the real one still loads
+    assert rporec.config.load_rechead_file(str(both_run / "run"))["state"]  # the real one still loads
 
 
 @pytest.mark.parametrize("name", ["trainer_state.pt", "rng0.pt", "model.safetensors"])
@@ -118,7 +118,7 @@ def test_corrupt_rechead_and_embeddings_are_named(both_run, tmp_path):
     init.mkdir()
     (init / "rechead.pt").write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="rechead.pt is not a valid"):
-        rporec.load_rechead_file(str(init))
+        rporec.config.load_rechead_file(str(init))
     emb = tmp_path / "e.pt"
     torch.save({"texts": ["a", "b"], "vecs": torch.zeros(3, 4)}, emb)
     with pytest.raises(SystemExit, match="2 texts but vectors of shape \\(3, 4\\)"):
