@@ -9,6 +9,7 @@ import inspect
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -233,7 +234,13 @@ def load_torch(path, what, fix):
         raise SystemExit(f"error: {path} not found; it should hold {what}. {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused, truncated zip, garbage bytes: all the same to the user
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # garbage bytes, not a refused object (torch: "unsupported GLOBAL ...")
+            raise SystemExit(f"error: {path} is not a valid {what} (it does not unpickle). {fix}") from None
+        # a refused object: do not pass on torch's advice to retry with weights_only=False
+        raise SystemExit(f"error: {path} is not a valid {what}: it holds Python objects other than tensors and plain "
+                         f"values, which could run code when loaded, so it was refused. {fix}") from None
+    except Exception as e:  # truncated zip, garbage bytes: all the same to the user
         raise SystemExit(f"error: {path} is not a valid {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
                          f"{fix}") from None
 

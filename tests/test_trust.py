@@ -96,7 +96,7 @@ def test_crafted_rechead_cannot_run_code(both_run, tmp_path):
     init = tmp_path / "init"
     init.mkdir()
     torch.save({"state": Evil(), "config": {}}, init / "rechead.pt")
-    with pytest.raises(SystemExit, match="rechead.pt is not a valid Rechead"):
+    with pytest.raises(SystemExit, match="rechead.pt is not a valid Rechead.*could run code.*refused"):
         rporec.parse_config(small(tmp_path, "--stage", "2", "--init", str(init)))
     assert not os.path.exists(EVIL_MARK)
     assert rporec.config.load_rechead_file(str(both_run / "run"))["state"]  # the real one still loads
