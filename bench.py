@@ -133,7 +133,8 @@ def decode_ms_per_step(model, ids, mask, backend, bc):
             times[n] = min(times[n], time.perf_counter() - start)
             if out.tokens.shape[1] != n:
                 raise RuntimeError(f"{backend} produced {out.tokens.shape[1]} tokens, expected {n}")
-    return 1e3 * (times[bc.new_tokens] - times[1]) / (bc.new_tokens - 1), peak_gib()
+    per_step = 1e3 * (times[bc.new_tokens] - times[1]) / (bc.new_tokens - 1)
+    return (per_step if per_step > 0 else None), peak_gib()  # None: noise beat the signal, never a negative time
 
 
 def decode_speed(model, bc):
@@ -143,7 +144,8 @@ def decode_speed(model, bc):
         ours, ours_mem = decode_ms_per_step(model, ids, mask, "fast", bc)
         fastdecode.clear_fast_cache(model)  # so HF's peak does not include our KV cache
         hf, hf_mem = decode_ms_per_step(model, ids, mask, "hf", bc)
-        rows.append({"batch": batch, "fast_ms_per_step": ours, "hf_ms_per_step": hf, "speedup": hf / ours,
+        rows.append({"batch": batch, "fast_ms_per_step": ours, "hf_ms_per_step": hf,
+                     "speedup": hf / ours if ours and hf else None,
                      "fast_peak_gib": ours_mem, "hf_peak_gib": hf_mem})
     return rows
 
@@ -307,8 +309,10 @@ def report(res):
         print("| batch | fast ms/step | hf ms/step | speedup | fast peak GiB | hf peak GiB |")
         print("|---:|---:|---:|---:|---:|---:|")
         for r in res["decode"]:
-            print(f"| {r['batch']} | {r['fast_ms_per_step']:.2f} | {r['hf_ms_per_step']:.2f} | {r['speedup']:.1f}x "
-                  f"| {gib(r['fast_peak_gib'])} | {gib(r['hf_peak_gib'])} |")
+            ms = [f"{r[k]:.2f}" if r[k] else "too noisy" for k in ("fast_ms_per_step", "hf_ms_per_step")]
+            speedup = f"{r['speedup']:.1f}x" if r["speedup"] else "n/a"
+            peaks = f"{gib(r['fast_peak_gib'])} | {gib(r['hf_peak_gib'])}"
+            print(f"| {r['batch']} | {ms[0]} | {ms[1]} | {speedup} | {peaks} |")
     for k, v in res.get("equiv", {}).items():
         if isinstance(v, dict) and "rows" in v:
             print(f"greedy {k}: {v['rows_identical']}/{v['rows']} rows identical over {res['equiv']['tokens_per_row']} "

@@ -18,7 +18,10 @@ def test_bench_sections_write_results(tmp_path):
     res = bench.main(bench.BenchConfig(out=str(out), sections="decode,equiv,grpo", **SMALL))
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert [r["batch"] for r in res["decode"]] == [1, 8]
-    assert all(r["fast_ms_per_step"] > 0 and r["hf_ms_per_step"] > 0 for r in res["decode"])
+    # a per-step time is positive, or None when a loaded machine's noise beat the signal: never negative
+    times = [r[k] for r in res["decode"] for k in ("fast_ms_per_step", "hf_ms_per_step")]
+    assert all(t is None or t > 0 for t in times)
+    assert all(r["speedup"] is None or r["speedup"] > 0 for r in res["decode"])
     for name in ("float32_no_eos", "float32_eos_mid_batch"):
         eq = res["equiv"][name]
         assert eq["rows_identical"] == eq["rows"] == 8, eq
