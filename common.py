@@ -249,8 +249,9 @@ def weights_digest(module):
     """A short hash of a module's parameters and buffers: caches keyed on it cannot outlive the weights."""
     h = hashlib.blake2b(digest_size=8)
     for name, t in module.state_dict().items():
+        t = t.detach().float() if t.is_floating_point() else t.detach()  # bf16 weights == their fp32 masters
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

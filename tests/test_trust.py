@@ -238,3 +238,14 @@ def test_sampled_reasoning_is_seeded_and_keyed(tmp_path):
     cfg.decode.greedy = True
     assert rporec.cache_path(cfg, model, "valid", cfg.run.seed) != path
     assert 0.0 <= rate <= 1.0
+
+
+def test_weights_digest_sees_values_not_dtype():
+    """A bf16 backbone and its fp32 master copy (Stage II's step 0) share caches; any changed weight does not."""
+    model = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    master = torch.nn.Linear(8, 8)
+    master.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    assert common.weights_digest(model) == common.weights_digest(master)
+    with torch.no_grad():
+        master.weight[0, 0] += 1e-3
+    assert common.weights_digest(model) != common.weights_digest(master)
