@@ -215,3 +215,17 @@ def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
     texts, vecs = common.load_embeddings(str(emb))
     assert len(texts) == n_texts
     assert torch.allclose(vecs, torch.stack([real_encode(head.item_encoder, [t], "cpu")[0] for t in texts]), atol=1e-5)
+
+
+def test_history_window_keeps_the_newest_items(tmp_path):
+    """--rechead.history_items N builds x from the newest N history items; the prompt keeps all of them."""
+    cfg = rporec.parse_config(small(tmp_path, "--rechead.history_items", "2"))
+    ds = rporec.data.load_dataset(cfg.data)
+    sample = next(s for s in ds.splits["train"] if len(s["history"]) >= 4)
+    (x,), _, _ = rporec.rechead_inputs(cfg, ds, [sample], [("", None)])
+    assert x == rporec.data.history_text(ds, sample["history"][-2:], cfg.data.max_history_chars)
+    prompt = rporec.user_messages(cfg, ds, sample)[-1]["content"]
+    assert all(ds.titles[h] in prompt for h in sample["history"])
+    cfg.rechead.history_items = 0
+    (full,), _, _ = rporec.rechead_inputs(cfg, ds, [sample], [("", None)])
+    assert full == rporec.data.history_text(ds, sample["history"], cfg.data.max_history_chars) != x
