@@ -7,8 +7,9 @@
 
 Top to bottom: config, data and backbone, sampled reasoning (Alg. 1 line 1), Stage I (Rechead,
 eq. 1-6, lines 2-12), Stage II (GRPO with Rechead rewards, eq. 7-11, lines 13-21, keeping the best
-valid step), evaluation and main. Processes, files, caches and checkpoints live in common.py. Each run
-folder holds config.json, log.jsonl, rechead.pt, ckpt/, best/, metrics.json and stage2.png.
+valid step), evaluation and main. Flag parsing and checks live in config.py; processes, files, caches and
+checkpoints in common.py. Each run folder holds config.json, log.jsonl, rechead.pt, ckpt/, best/,
+metrics.json and stage2.png.
 """
 from __future__ import annotations
 
