@@ -29,6 +29,7 @@ import torch
 import transformers
 
 import common
+import flags as flags_lib  # `flags` is the parsed config below
 import decode
 import fastdecode
 import grpo
@@ -57,7 +58,7 @@ class BenchConfig:
 
 @dataclass
 class Flags:
-    bench: BenchConfig = field(default_factory=BenchConfig)  # common.parse_flags reads sections; bench has one
+    bench: BenchConfig = field(default_factory=BenchConfig)  # flags.parse_flags reads sections; bench has one
 
 
 # CPU sizes, so the whole run takes < 1 minute on 2 cores
@@ -356,12 +357,12 @@ def parse_config(argv):
     flags = Flags(BenchConfig(**({} if GPU else CPU_SCALE)))
     if "--help" in argv or "-h" in argv:
         print(__doc__ + "\nFlags (defaults on this machine; lists are comma-separated):")
-        print(common.help_text(flags, bare="bench"))
+        print(flags_lib.help_text(flags, bare="bench"))
         raise SystemExit(0)
     for before, arg in zip(argv, argv[1:]):
         if not before.startswith("--") and not arg.startswith("--"):
             raise SystemExit(f"error: unexpected argument {arg!r}; lists are comma-separated: --sections decode,equiv")
-    for key, value in common.parse_flags(flags, argv, bare="bench").items():
+    for key, value in flags_lib.parse_flags(flags, argv, bare="bench").items():
         setattr(flags.bench, key.split(".", 1)[1], value)
     bc = flags.bench
     if bc.model not in ("auto", "tiny", "0.6b"):

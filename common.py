@@ -1,23 +1,22 @@
 """Infrastructure shared by the scripts, kept out of rporec.py so the train script shows only the method
-(as nanochat keeps compute_init and checkpointing in common.py): processes, flags, atomic files, safe
-loading, the logger, the resumable JSONL cache, the frozen-embedding cache, checkpoints and the plot.
+(as nanochat keeps compute_init and checkpointing in common.py): processes, atomic files, safe loading,
+the logger, the resumable JSONL cache, the frozen-embedding cache, checkpoints and the plot. Flags live in
+flags.py.
 """
-import dataclasses
 import glob
 import hashlib
-import inspect
 import io
 import json
 import os
 import pickle
 import random
-import re
 import shutil
 import time
-import typing
 
 import numpy as np
 import torch
+
+import flags
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -98,90 +97,6 @@ def main_first(fn, *args):
     return out if MAIN else fn(*args)
 
 
-# ----------------------------------------------------------------------------- flags
-def field_comments(cls):
-    """{field: its '# comment'} read from the dataclass source, continuation lines joined."""
-    out, last = {}, None
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s?(.*)", line)
-        if m:
-            last = m.group(1)
-            out[last] = m.group(2).strip()
-        elif last and re.match(r"\s+#", line):
-            out[last] += " " + line.strip().lstrip("#").strip()
-        elif not line.strip().startswith("#"):
-            last = None
-    return out
-
-
-def _convert(text, kind, flag):
-    """A flag's text as the field's annotated type (bool, int, float, str, tuple[int, ...], X | None)."""
-    args = typing.get_args(kind)
-    if type(None) in args:
-        if text.lower() == "none":
-            return None
-        kind = next(a for a in args if a is not type(None))
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if typing.get_origin(kind) is tuple:
-            return tuple(int(v) for v in text.split(","))
-        return kind(text)
-    except ValueError:
-        name = "true/false" if kind is bool else f"a {getattr(kind, '__name__', kind)}"
-        raise SystemExit(f"error: --{flag} takes {name}, got {text!r}") from None
-
-
-def parse_flags(cfg, argv, bare="run"):
-    """{"section.field": value} from --section.field VALUE (or =VALUE) over the dataclass sections of cfg.
-    Fields of section `bare` also work bare (--model). A bare boolean flag means true."""
-    args = [p for a in argv for p in (a.split("=", 1) if "=" in a else [a])]
-    flags = {}
-    while args:
-        key = args.pop(0)
-        if not key.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {key!r}; flags look like --grpo.beta 0.001")
-        key = key[2:].replace("-", "_")
-        sec, _, name = (key if "." in key else f"{bare}.{key}").partition(".")
-        section = getattr(cfg, sec, None)
-        if not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
-            raise SystemExit(f"error: unknown flag --{key}; --help lists every flag")
-        kind = typing.get_type_hints(type(section))[name]
-        if kind is bool and (not args or args[0].startswith("--")):
-            flags[f"{sec}.{name}"] = True
-            continue
-        if not args:
-            raise SystemExit(f"error: --{key} needs a value")
-        flags[f"{sec}.{name}"] = _convert(args.pop(0), kind, key)
-    return flags
-
-
-def help_text(cfg, bare="run"):
-    """Every flag with its default and its field comment, grouped by section."""
-    lines = []
-    for section in dataclasses.fields(cfg):
-        obj = getattr(cfg, section.name)
-        notes = field_comments(type(obj))
-        lines.append(f"\n[{section.name}]")
-        for f in dataclasses.fields(obj):
-            flag = f"--{f.name}" if section.name == bare else f"--{section.name}.{f.name}"
-            lines.append(f"  {flag} {getattr(obj, f.name)!r}\n      {notes.get(f.name, '')}")
-    return "\n".join(lines)
-
-
-def config_diff(old, new, allowed=()):
-    """["section.field: old -> new"] over two config dicts, leaving out the `allowed` keys."""
-    out = []
-    for sec in sorted(set(old) | set(new)):
-        for name in sorted(set(old.get(sec, {})) | set(new.get(sec, {}))):
-            a, b = old.get(sec, {}).get(name), new.get(sec, {}).get(name)
-            if f"{sec}.{name}" not in allowed and json.dumps(a) != json.dumps(b):
-                out.append(f"{sec}.{name}: {a!r} -> {b!r}")
-    return out
-
-
 def refuse_other_config(out, new, ok, ok_stage1):
     """A run folder never mixes results of two configs: stop if <out>/config.json differs from new outside
     the `ok` fields (outside `ok_stage1` when that run had no Stage II), naming the fields and the fix."""
@@ -193,7 +108,7 @@ def refuse_other_config(out, new, ok, ok_stage1):
     except ValueError as e:
         raise SystemExit(f"error: {path} is corrupt ({e}); pass a new --out, or delete that folder") from None
     stage1_only = old.get("run", {}).get("stage") == "1" or old.get("run", {}).get("ablate") in ("I", "II")
-    diff = config_diff(old, new, ok_stage1 if stage1_only else ok)
+    diff = flags.config_diff(old, new, ok_stage1 if stage1_only else ok)
     if diff:
         raise SystemExit(f"error: {out} holds a run with another config ({'; '.join(diff[:6])}). Pass a new --out, "
                          "or rerun with that folder's flags (add --resume to continue its Stage II)")

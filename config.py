@@ -1,4 +1,4 @@
-"""The run config's one story: flags over presets over defaults (common.parse_flags), the derived fields, and
+"""The run config's one story: flags over presets over defaults (flags.parse_flags), the derived fields, and
 every check that can fail, before any work or any write. A flag that contradicts another is an error; the
 Stage II Rechead config comes from its --init folder; a run folder refuses another config (common)."""
 import dataclasses
@@ -7,6 +7,7 @@ import time
 
 import common
 import data
+import flags as flags_lib  # `flags` names the parsed {key: value} below
 import rechead
 from common import WORLD, fail
 
@@ -28,9 +29,9 @@ def parse(cfg, presets, argv, doc):
     """Defaults (cfg) < presets[dataset] < flags, then the derived fields and every check (resolve)."""
     if "--help" in argv or "-h" in argv:
         print(doc + "\nFlags (--section.field VALUE; run fields also bare; a bare boolean flag means true):")
-        print(common.help_text(cfg))
+        print(flags_lib.help_text(cfg))
         raise SystemExit(0)
-    flags = common.parse_flags(cfg, argv)
+    flags = flags_lib.parse_flags(cfg, argv)
     dataset = flags.get("run.dataset", cfg.run.dataset)
     if dataset not in presets:
         raise SystemExit(f"error: unknown dataset {dataset!r}; choose one of {sorted(presets)}")

@@ -590,16 +590,16 @@ class DataCli:
 def main(argv=None):
     """CLI: every DataConfig field is a flag, bare (--dataset cds, --raw-dir D, --force) or spelled as in rporec.py
     (--data.raw_dir D), since check_config's errors name that spelling."""
-    import common  # here, not at the top: common imports torch, and `import data` stays light
+    import flags  # here, not at the top: only the CLI needs it
     argv = sys.argv[1:] if argv is None else argv
     cli = DataCli()
     if "--help" in argv or "-h" in argv:
         print("Prepare an RPORec dataset (cached) and print its statistics.")
         print("Flags (--field VALUE or --data.field VALUE; a bare boolean flag means true):")
-        print(common.help_text(cli, bare="data"))
+        print(flags.help_text(cli, bare="data"))
         return
     argv = [re.sub(r"^--json(?=$|=)", "--cli.json", a) for a in argv]  # --json: short for --cli.json
-    for key, value in common.parse_flags(cli, argv, bare="data").items():
+    for key, value in flags.parse_flags(cli, argv, bare="data").items():
         section, name = key.split(".")
         setattr(getattr(cli, section), name, value)
     try:
