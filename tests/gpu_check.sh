@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one GPU check of issue 14, for a lent card: `OUT=/some/dir bash tests/gpu_check.sh`. Each part writes
+# its result under $OUT as soon as it ends, so a timeout still leaves the parts that finished.
+# TRL is not in the GPU image: put its wheels in .whl/ first (pip download --no-deps trl==1.16.0
+# datasets==5.2.0 dill multiprocess xxhash -d .whl) and carry .whl; they are installed with --no-deps.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available())" \
+  > "$OUT/versions.txt" 2>&1
+if ls .whl/*.whl > /dev/null 2>&1; then
+  pip install -q --no-deps .whl/*.whl > "$OUT/pip.txt" 2>&1
+fi
+# 1. the decode tests and the graph-replay test, on CUDA
+python -m pytest -q tests/test_decode.py tests/test_graph_replay.py > "$OUT/tests.txt" 2>&1
+echo "exit $?" >> "$OUT/tests.txt"
+# 2-5. ms/step at batch 1, 64, 128 against HF generate; the bf16 greedy prefix; one GRPO step as rporec runs it
+# (G 8, 8 prompts, 512 tokens) with s/step, completions/s and peak memory; TRL's GRPOTrainer at the same setting
+python bench.py --out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+echo "exit $?" >> "$OUT/bench.txt"
