@@ -159,8 +159,8 @@ def generate_reasoning(cfg, ds, model, tok, split, samples, seed=None):
     def generate(idx):
         with torch.random.fork_rng(devices=[DEVICE] if DEVICE.type == "cuda" else []):
             torch.manual_seed(batch_seed(seed, split, idx[0]))  # the rest of the run's RNG stays untouched
-            texts, out = decode.complete(model, tok, [user_messages(cfg, ds, samples[i]) for i in idx], dcfg,
-                                  cfg.run.thinking)
+            messages = [user_messages(cfg, ds, samples[i]) for i in idx]
+            texts, out = decode.complete(model, tok, messages, dcfg, cfg.run.thinking)
         return [{"i": i, "text": t} for i, t in zip(idx, texts)], int(out.mask.sum())
 
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["history"]))  # similar lengths share a batch
