@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 import torch
-
-import flags
 import torch.distributed as dist
 from tqdm import tqdm
+
+import flags
 
 # ----------------------------------------------------------------------------- processes, decided once
 RANK = int(os.environ.get("RANK", 0))
@@ -311,6 +311,35 @@ def _set_rng_state(st):
         torch.cuda.set_rng_state(st["cuda"], DEVICE)
 
 
+DONE = "COMPLETE"  # written last into a <folder>.tmp: its presence marks a whole folder
+
+
+def swap_in(tmp, final):
+    """Mark tmp whole, then put it in final's place (the old one renamed aside first, removed last): a kill
+    at any moment leaves a whole folder among final, final.tmp and final.old, which recover_dir finds."""
+    open(os.path.join(tmp, DONE), "w").close()
+    if os.path.exists(final):
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+
+def recover_dir(final, marker):
+    """final, or None when no whole copy exists. final is whole when it holds `marker`; a kill between
+    swap_in's two renames leaves final.old and a complete final.tmp, and the newer one is promoted."""
+    if os.path.exists(os.path.join(final, marker)):
+        return final
+    for cand in (final + ".tmp", final + ".old"):
+        if os.path.exists(os.path.join(cand, DONE)):
+            if MAIN:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(cand, final)
+                shutil.rmtree(final + ".old", ignore_errors=True)
+            barrier()
+            return final
+    return None
+
+
 def save_pretrained(folder, model, tok, info):
     """folder/: the backbone (save_pretrained) and info.json, written beside and swapped in whole (rank 0)."""
     if MAIN:
@@ -319,12 +348,8 @@ def save_pretrained(folder, model, tok, info):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         save_json(os.path.join(tmp, "info.json"), info)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        swap_in(tmp, folder)
     barrier()
-
-
-DONE = "COMPLETE"  # written last into ckpt.tmp: its presence marks a whole checkpoint
 
 
 def save_checkpoint(out, model, tok, opt, state):
@@ -343,29 +368,13 @@ def save_checkpoint(out, model, tok, opt, state):
         torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
     barrier()
     if MAIN:
-        open(os.path.join(tmp, DONE), "w").close()
-        if os.path.exists(final):
-            os.replace(final, final + ".old")
-        os.replace(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
+        swap_in(tmp, final)
     barrier()
 
 
 def recover_checkpoint(out):
-    """The path of the newest whole checkpoint in <out>, or None. A kill between save_checkpoint's two
-    renames leaves ckpt.old and a complete ckpt.tmp: the newer one is promoted to ckpt."""
-    final = os.path.join(out, "ckpt")
-    if os.path.exists(os.path.join(final, "trainer_state.pt")):
-        return final
-    for cand in (final + ".tmp", final + ".old"):
-        if os.path.exists(os.path.join(cand, DONE)):
-            if MAIN:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(cand, final)
-                shutil.rmtree(final + ".old", ignore_errors=True)
-            barrier()
-            return final
-    return None
+    """The path of the whole checkpoint in <out> (recover_dir), or None."""
+    return recover_dir(os.path.join(out, "ckpt"), "trainer_state.pt")
 
 
 def load_checkpoint(out, model, opt):

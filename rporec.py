@@ -480,8 +480,10 @@ def main(argv):
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
         st = stage2(cfg, ds, head, model, tok, splits, log, out)
         from transformers import AutoModelForCausalLM  # the best valid step's backbone reasons again
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(os.path.join(out, "best"), dtype=torch.float32)
-                              .state_dict())
+        best = common.recover_dir(os.path.join(out, "best"), "info.json")
+        if best is None:
+            fail(f"{out}/best is missing; rerun Stage II (without --resume) to choose the best step again")
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32).state_dict())
         metrics["stage2"] = {k: score_split(cfg, ds, head, model.eval(), tok, k, splits[k]) for k in ("valid", "test")}
         metrics["stage2"]["step"] = st["best_step"]
         if MAIN:

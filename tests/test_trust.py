@@ -140,6 +140,10 @@ def test_kill_between_the_two_renames_recovers(both_run, tmp_path):
     assert common.recover_checkpoint(str(run)) == str(run / "ckpt") and (run / "ckpt" / "trainer_state.pt").exists()
     shutil.rmtree(run / "ckpt")
     assert (run / "ckpt.tmp").exists() and common.recover_checkpoint(str(run)) is None
+    os.replace(run / "best", run / "best.old")  # best/ is swapped in the same way
+    shutil.copytree(run / "best.old", run / "best.tmp")
+    assert common.recover_dir(str(run / "best"), "info.json") == str(run / "best")
+    assert (run / "best" / "info.json").exists() and not (run / "best.old").exists()
 
 
 def test_save_every_zero_saves_only_at_the_end(tmp_path, monkeypatch):
