@@ -148,7 +148,7 @@ def load_torch(path, what, fix):
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found; it should hold {what}. {fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # lazy: reading the config is cheap
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # garbage bytes, not a refused object (torch: "unsupported GLOBAL ...")
             raise SystemExit(f"error: {path} is not a valid {what} (it does not unpickle). {fix}") from None
