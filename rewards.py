@@ -105,6 +105,13 @@ def parse_completion(text: str) -> tuple[str | None, str | None]:
             text[answer[2]:answer[3]].strip() if answer else None)
 
 
+def split_reasoning(text: str) -> tuple[str, str | None]:
+    """(y, z) of one completion: the CoT, and the answer or None when it did not parse (eq. 2 then falls back
+    to the history)."""
+    think, answer = parse_completion(text)
+    return (think if think is not None else text.split("<answer>")[0].strip()), (answer or None)
+
+
 def format_reward(text: str) -> float:
     """r_fmt (§2.2.1): 1.0 iff <think>, </think>, <answer>, </answer> occur in this order with a
     non-empty (after strip) y and z as parse_completion reads them: y from the first <think> to the
@@ -130,33 +137,17 @@ def clean_reward(text: str, kappa: float = 100.0) -> float:
     return max(0.0, 1.0 - l_out / kappa)
 
 
-def ndcg_reward(rank: float) -> float:
-    """r_ndcg (§2.2.2) = 1 / log2(rank + 1), rank 1-based within the candidate set; a NaN rank
-    (candidate_rank of non-finite scores) gives NaN."""
-    if math.isnan(rank):
-        return math.nan
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1 (1-based), got {rank}; use candidate_rank()")
-    return 1.0 / math.log2(rank + 1)
-
-
-def _target_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """(B,) float 1-based rank of column 0 (the target) in each row of scores (B, k+1): 1 + number
-    of candidates scoring strictly higher, NaN for a row with any non-finite score (NaN compares
-    False, so the target would otherwise rank first)."""
+def ndcg_rewards(scores: torch.Tensor) -> torch.Tensor:
+    """r_ndcg (§2.2.2) for a batch: scores (B, k+1), the target in column 0 -> (B,) float32
+    1 / log2(rank + 1), rank = 1 + number of candidates scoring strictly higher (ties count in the
+    target's favour). A row with any non-finite score gets NaN instead of a reward (NaN compares
+    False, so its target would otherwise rank first), so the caller's non-finite check skips the step."""
     if scores.dim() != 2 or scores.shape[1] < 1:
         raise ValueError(f"scores must be (B, k+1) with the target in column 0, got shape "
                          f"{tuple(scores.shape)}; stack one candidate row per completion")
     rank = strict_rank(scores[:, 1:], scores[:, :1]).float()  # (B,)
-    return rank.masked_fill(~torch.isfinite(scores).all(1), math.nan)
-
-
-def ndcg_rewards(scores: torch.Tensor) -> torch.Tensor:
-    """r_ndcg (§2.2.2) for a batch: scores (B, k+1), the target in column 0 -> (B,) float32
-    1 / log2(rank + 1), rank = 1 + number of candidates scoring strictly higher (ties count in the
-    target's favour). A row with any non-finite score gets NaN instead of a reward, so the
-    caller's non-finite check skips the step."""
-    return 1.0 / torch.log2(_target_ranks(scores) + 1.0)  # (B,)
+    rank = rank.masked_fill(~torch.isfinite(scores).all(1), math.nan)
+    return 1.0 / torch.log2(rank + 1.0)  # (B,)
 
 
 def candidates(index: int, target: int, n_items: int, k: int, seed: int) -> torch.Tensor:
@@ -175,28 +166,6 @@ def candidates(index: int, target: int, n_items: int, k: int, seed: int) -> torc
     return torch.cat([torch.tensor([target]), neg])
 
 
-def candidate_rank(scores: torch.Tensor) -> int | float:
-    """1-based rank of column 0 (the target) of scores (k+1,): 1 + number of candidates scoring
-    strictly higher; math.nan when any score is not finite (ndcg_reward passes it on)."""
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be one candidate row (k+1,), got shape {tuple(scores.shape)}; "
-                         "use ndcg_rewards for a batch")
-    rank = float(_target_ranks(scores[None])[0])
-    return rank if math.isnan(rank) else int(rank)
-
-
-def similarity_reward(cos: float, delta: float = 0.5) -> float:
-    """r_sim (§2.2.3) = 1{cos(e(y), e(y_hat)) > delta}; cos == delta gives 0."""
-    return 1.0 if cos > delta else 0.0
-
-
-def compression_reward(summary_len: int, cot_len: int) -> float:
-    """r_comp (§2.2.3) = clip(|y_hat| / |y|, 0, 1), lengths in tokens; an empty CoT gives 0."""
-    if cot_len <= 0:
-        return 0.0
-    return min(1.0, max(0.0, summary_len / cot_len))
-
-
 def entropy_reward(entropies: torch.Tensor, rho: float = 0.2) -> float:
     """r_ent (§2.2.3, eq. 11) = mean of the ceil(rho * n) largest CoT token entropies minus the
     mean of all n; 0 for an empty CoT, NaN when any entropy is not finite (the caller's non-finite
@@ -211,19 +180,6 @@ def entropy_reward(entropies: torch.Tensor, rho: float = 0.2) -> float:
     return float(e.topk(k).values.mean() - e.mean())
 
 
-def total_reward(parts: dict, weights: dict, gate: bool = True) -> float:
-    """Eq. 7: r = r_fmt * sum_k a_k r_k over fmt, clean, ndcg, sim, comp, ent. gate=False (the
-    -fmt ablation, RewardConfig.gate) drops the leading r_fmt factor. A NaN term (r_ndcg of
-    non-finite Rechead scores, r_ent of non-finite entropies) gives a NaN total even under r_fmt = 0
-    or a zero weight (0 * NaN = NaN), so broken scores always reach the caller's non-finite check."""
-    missing = [k for k in TERMS if k not in parts or k not in weights]
-    if missing:
-        raise ValueError(f"reward terms {missing} missing from parts or weights; "
-                         f"both need the keys {TERMS}")
-    r = sum(weights[k] * parts[k] for k in TERMS)
-    return float(parts["fmt"] * r if gate else r)
-
-
 def format_rewards(texts: list[str]) -> torch.Tensor:
     """r_fmt of a batch of completions, (B,)."""
     return torch.tensor([format_reward(t) for t in texts])
@@ -235,25 +191,44 @@ def clean_rewards(texts: list[str], kappa: float) -> torch.Tensor:
 
 
 def similarity_rewards(cos: torch.Tensor, delta: float) -> torch.Tensor:
-    """r_sim of a batch, (B,) from cos(e(y), e(y_hat)) (B,); a row without a summary passes cos = -inf."""
+    """r_sim (§2.2.3) = 1{cos(e(y), e(y_hat)) > delta} for a batch: cos (B,) -> (B,) float32; strict, so
+    cos == delta gives 0. A row without a summary passes cos = -inf."""
     return (cos > delta).float()
 
 
 def compression_rewards(summary_lens: torch.Tensor, cot_lens: torch.Tensor) -> torch.Tensor:
-    """r_comp of a batch, (B,) = clip(|y_hat| / |y|, 0, 1) in tokens; 0 where the CoT is empty."""
+    """r_comp (§2.2.3) = clip(|y_hat| / |y|, 0, 1) for a batch: lengths in tokens (B,) -> (B,) float32;
+    0 where the CoT is empty."""
     ratio = summary_lens.float() / cot_lens.float().clamp(min=1)
     return torch.where(cot_lens > 0, ratio.clamp(0, 1), torch.zeros_like(ratio))
 
 
 def entropy_rewards(entropy: torch.Tensor, cot: torch.Tensor, rho: float) -> torch.Tensor:
-    """r_ent (eq. 11) of a batch: per-token entropies (B, T) over each row's CoT tokens cot (B, T) -> (B,)."""
+    """r_ent (eq. 11) of a batch: per-token entropies (B, T) over each row's CoT tokens cot (B, T) -> (B,).
+    A loop over entropy_reward: a masked sort-and-cumsum form would sum in another order and move float32 bits."""
     return torch.tensor([entropy_reward(entropy[b][cot[b]], rho) for b in range(entropy.shape[0])])
 
 
 def total_rewards(parts: dict, weights: dict, gate: bool = True) -> torch.Tensor:
-    """Eq. 7 for a batch: parts {term: (B,)} -> (B,); NaN terms stay NaN, as in total_reward."""
-    n = len(parts["fmt"])
-    return torch.tensor([total_reward({k: float(v[b]) for k, v in parts.items()}, weights, gate) for b in range(n)])
+    """Eq. 7 for a batch: r = r_fmt * sum_k a_k r_k over fmt, clean, ndcg, sim, comp, ent, parts {term: (B,)}
+    -> (B,) float32. gate=False (the -fmt ablation, RewardConfig.gate) drops the leading r_fmt factor.
+    A NaN term (r_ndcg of non-finite Rechead scores, r_ent of non-finite entropies) gives a NaN total even
+    under r_fmt = 0 or a zero weight (0 * NaN = NaN), so broken scores always reach the caller's non-finite
+    check. Summed in float64 in the order of TERMS and rounded once to float32, so each total is bit for bit
+    the plain Python-float sum of eq. 7."""
+    missing = [k for k in TERMS if k not in parts or k not in weights]
+    if missing:
+        raise ValueError(f"reward terms {missing} missing from parts or weights; "
+                         f"both need the keys {TERMS}")
+    r = {k: torch.as_tensor(parts[k], dtype=torch.float64) for k in TERMS}  # each (B,)
+    shapes = {k: tuple(v.shape) for k, v in r.items()}
+    if len(set(shapes.values())) > 1 or r["fmt"].dim() != 1:
+        raise ValueError(f"reward terms must all be (B,) tensors of one length, got shapes {shapes}; "
+                         "pass one value per completion for every term")
+    total = torch.zeros_like(r["fmt"])  # (B,)
+    for k in TERMS:
+        total = total + weights[k] * r[k]
+    return (r["fmt"] * total if gate else total).float()
 
 
 def summary_messages(cot: str) -> list[dict]:
@@ -271,7 +246,7 @@ def cot_token_mask(token_ids: torch.Tensor, mask: torch.Tensor, tokenizer) -> to
     and in multi-byte characters split across tokens; the tags are ASCII, so their positions, and
     hence which tokens lie between them, are unaffected. A token that straddles a tag and CoT text
     counts as CoT. Without a complete think block the CoT is the text before <answer> (all of it
-    when there is no answer), as in rporec.split_reasoning.
+    when there is no answer), as in split_reasoning.
     """
     ids = token_ids[mask.bool()].tolist()
     pieces = tokenizer.batch_decode([[t] for t in ids])
@@ -281,7 +256,7 @@ def cot_token_mask(token_ids: torch.Tensor, mask: torch.Tensor, tokenizer) -> to
         return out
     text = "".join(pieces)
     think, _ = _blocks(text)
-    if think is None:  # no think block: y is the text before <answer> (rporec.split_reasoning)
+    if think is None:  # no think block: y is the text before <answer> (split_reasoning)
         cut = text.find(ANSWER_OPEN)
         think = (0, 0, 0, len(text) if cut < 0 else cut)
     starts = ends - torch.tensor([len(p) for p in pieces])
