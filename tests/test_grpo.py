@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
 
-import grpo as G
+import grpo
 
 V = 64  # tiny vocabulary
 
@@ -36,7 +36,7 @@ def toy_batch(model, temperature=1.0, seed=0):
     ids = torch.cat([prompt_ids, tokens], 1)
     am = torch.cat([prompt_mask, mask], 1).long()
     with torch.no_grad():
-        logp, ent = G.sequence_logprobs(model, ids, am, 6, temperature, with_entropy=True)
+        logp, ent = grpo.sequence_logprobs(model, ids, am, 6, temperature, with_entropy=True)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask,
             "old_logp": logp, "entropy": ent, "advantages": torch.tensor([1.0, -1.0])}
 
@@ -45,7 +45,7 @@ def mean_logp(model, batch):
     ids = torch.cat([batch["prompt_ids"], batch["tokens"]], 1)
     am = torch.cat([batch["prompt_mask"], batch["mask"]], 1).long()
     with torch.no_grad():
-        logp = G.sequence_logprobs(model, ids, am, batch["tokens"].shape[1])
+        logp = grpo.sequence_logprobs(model, ids, am, batch["tokens"].shape[1])
     m = batch["mask"].float()
     return (logp * m).sum(1) / m.sum(1)  # (B,)
 
@@ -54,7 +54,7 @@ def mean_logp(model, batch):
 
 def test_group_advantages():
     r = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.9])
-    adv = G.group_advantages(r, 4, eps=1e-4)
+    adv = grpo.group_advantages(r, 4, eps=1e-4)
     groups = r.view(3, 4)
     assert torch.allclose(adv.view(3, 4).sum(1), torch.zeros(3), atol=1e-6)  # zero mean per group
     assert torch.equal(adv[4:8], torch.zeros(4))  # constant group: exactly 0
@@ -63,18 +63,18 @@ def test_group_advantages():
         mean = x.sum() / 4
         std = ((x - mean).pow(2).sum() / 3).sqrt()  # unbiased
         assert torch.allclose(adv.view(3, 4)[i], (x - mean) / (std + 1e-4), atol=1e-6)
-    assert G.zero_spread_groups(r, 4) == 1
-    assert torch.equal(G.group_advantages(torch.full((4,), 0.1), 4), torch.zeros(4))
+    assert grpo.zero_spread_groups(r, 4) == 1
+    assert torch.equal(grpo.group_advantages(torch.full((4,), 0.1), 4), torch.zeros(4))
     with pytest.raises(ValueError, match="group_size"):
-        G.group_advantages(r, 5)
+        grpo.group_advantages(r, 5)
     with pytest.raises(ValueError, match="group_size"):
-        G.group_advantages(r, 1)
+        grpo.group_advantages(r, 1)
 
 
 def test_kl_k3():
     a = torch.tensor([-1.0, -2.0, -0.1])
-    assert torch.equal(G.kl_k3(a, a), torch.zeros(3))
-    kl = G.kl_k3(a, a + torch.tensor([0.3, -0.5, 1.0]))
+    assert torch.equal(grpo.kl_k3(a, a), torch.zeros(3))
+    kl = grpo.kl_k3(a, a + torch.tensor([0.3, -0.5, 1.0]))
     assert (kl > 0).all()
     d = torch.tensor(0.3)
     assert kl[0] == pytest.approx(float(d.exp() - d - 1))
@@ -84,9 +84,9 @@ def test_kl_k3_stays_finite_at_large_log_prob_gaps():
     """A gap of 100 overflows exp in fp32; the clamp at KL_LOG_RATIO_MAX keeps value and gradient finite."""
     logp = torch.tensor([-101.0, -1.0, -1.0]).requires_grad_(True)
     ref = torch.tensor([-1.0, -101.0, -1.5])
-    kl = G.kl_k3(logp, ref)
+    kl = grpo.kl_k3(logp, ref)
     assert torch.isfinite(kl).all()
-    d = torch.tensor(G.KL_LOG_RATIO_MAX)
+    d = torch.tensor(grpo.KL_LOG_RATIO_MAX)
     assert float(kl[0].detach()) == pytest.approx(float(d.exp() - d - 1))  # clamped at +20
     assert float(kl[1].detach()) == pytest.approx(float((-d).exp() + d - 1))  # clamped at -20
     kl.sum().backward()
@@ -99,24 +99,24 @@ def test_entropy_mask_counts_valid_tokens_only():
     ent = torch.rand(4, 10)
     mask = torch.arange(10)[None] < torch.tensor([10, 7, 3, 5])[:, None]  # (4, 10)
     ent[~mask] = 100.0  # huge padding entropies must not move the threshold or be kept
-    got = G.entropy_mask(ent, mask, rho=0.2)
+    got = grpo.entropy_mask(ent, mask, rho=0.2)
     valid = ent[mask]
     tau = torch.quantile(valid, 0.8)
     assert int(got.sum()) == int((valid >= tau).sum())
     assert not (got & ~mask).any()
     assert int(got.sum()) == 5  # 25 valid tokens, linear interpolation between distinct values
-    assert torch.equal(G.entropy_mask(ent, mask, rho=1.0), mask)  # rho = 1 keeps everything
-    assert not G.entropy_mask(ent, torch.zeros_like(mask), 0.2).any()
+    assert torch.equal(grpo.entropy_mask(ent, mask, rho=1.0), mask)  # rho = 1 keeps everything
+    assert not grpo.entropy_mask(ent, torch.zeros_like(mask), 0.2).any()
     with pytest.raises(ValueError, match="rho"):
-        G.entropy_mask(ent, mask, rho=0.0)
+        grpo.entropy_mask(ent, mask, rho=0.0)
 
 
 def test_quantile_sort_fallback_matches_torch(monkeypatch):
     x = torch.randn(1001, generator=torch.Generator().manual_seed(1))
     expected = [torch.quantile(x, q) for q in (0.0, 0.37, 0.8, 1.0)]
-    monkeypatch.setattr(G, "QUANTILE_MAX", 100)
+    monkeypatch.setattr(grpo, "QUANTILE_MAX", 100)
     for q, e in zip((0.0, 0.37, 0.8, 1.0), expected):
-        assert float(G.quantile(x, q)) == pytest.approx(float(e), abs=1e-6)
+        assert float(grpo.quantile(x, q)) == pytest.approx(float(e), abs=1e-6)
 
 
 def _dist_worker(rank, world, init_file):
@@ -126,7 +126,7 @@ def _dist_worker(rank, world, init_file):
         ents = [torch.rand(3, 8, generator=g) for _ in range(world)]
         lengths = ([8, 2, 5], [1, 0, 3])  # uneven token counts per process
         masks = [torch.arange(8)[None] < torch.tensor(n)[:, None] for n in lengths]
-        got = G.entropy_mask(ents[rank], masks[rank], rho=0.2)
+        got = grpo.entropy_mask(ents[rank], masks[rank], rho=0.2)
         tau = torch.quantile(torch.cat([e[m] for e, m in zip(ents, masks)]), 0.8)
         assert torch.equal(got, masks[rank] & (ents[rank] >= tau))
     finally:
@@ -145,13 +145,13 @@ def test_grpo_loss_at_ratio_one_matches_hand_computation():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     ent_mask = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
     adv = torch.tensor([2.0, -1.0])
-    loss, stats = G.grpo_loss(logp, logp.clone(), None, adv, mask, ent_mask, eps=0.2, beta=0.0)
+    loss, stats = grpo.grpo_loss(logp, logp.clone(), None, adv, mask, ent_mask, eps=0.2, beta=0.0)
     # w = 1: each kept token contributes -A; denominators are the full lengths 3 and 2
     expected = ((-2.0 * 2) / 3 + (1.0 * 1) / 2) / 2
     assert float(loss) == pytest.approx(expected)
     assert stats["clip_frac"] == 0.0 and stats["kl"] == 0.0
     with pytest.raises(ValueError, match="ref_logp"):
-        G.grpo_loss(logp, logp, None, adv, mask, ent_mask, beta=0.1)
+        grpo.grpo_loss(logp, logp, None, adv, mask, ent_mask, beta=0.1)
 
 
 @pytest.mark.parametrize("adv,clipped_ratio,free_ratio", [(1.0, 1.5, 0.5), (-1.0, 0.5, 1.5)])
@@ -160,7 +160,7 @@ def test_grpo_loss_clipping_side(adv, clipped_ratio, free_ratio):
     old = torch.zeros(1, 3)
     logp = torch.log(torch.tensor([[clipped_ratio, free_ratio, 1.1]])).requires_grad_(True)
     ones = torch.ones(1, 3, dtype=torch.bool)
-    loss, stats = G.grpo_loss(logp, old, None, torch.tensor([adv]), ones, ones, eps=0.2, beta=0.0)
+    loss, stats = grpo.grpo_loss(logp, old, None, torch.tensor([adv]), ones, ones, eps=0.2, beta=0.0)
     loss.backward()
     grad = logp.grad[0]
     assert grad[0] == 0.0  # clipped: no gradient
@@ -178,9 +178,9 @@ def test_grpo_loss_beta_adds_kl():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
     ent_mask = mask.clone()
     adv = torch.tensor([0.5, -0.5])
-    base, _ = G.grpo_loss(logp, old, ref, adv, mask, ent_mask, beta=0.0)
-    with_kl, stats = G.grpo_loss(logp, old, ref, adv, mask, ent_mask, beta=0.1)
-    k3 = G.kl_k3(logp, ref) * mask
+    base, _ = grpo.grpo_loss(logp, old, ref, adv, mask, ent_mask, beta=0.0)
+    with_kl, stats = grpo.grpo_loss(logp, old, ref, adv, mask, ent_mask, beta=0.1)
+    k3 = grpo.kl_k3(logp, ref) * mask
     per_seq = k3.sum(1) / mask.sum(1)
     assert float(with_kl - base) == pytest.approx(0.1 * float(per_seq.mean()), abs=1e-6)
     assert stats["kl"] == pytest.approx(float(k3.sum() / mask.sum()), abs=1e-6)
@@ -201,7 +201,7 @@ def test_sequence_logprobs_matches_naive_with_left_padding():
     b = toy_batch(model)
     ids = torch.cat([b["prompt_ids"], b["tokens"]], 1)
     am = torch.cat([b["prompt_mask"], b["mask"]], 1).long()
-    logp, ent = G.sequence_logprobs(model, ids, am, 6, temperature=0.7, chunk=5, with_entropy=True)
+    logp, ent = grpo.sequence_logprobs(model, ids, am, 6, temperature=0.7, chunk=5, with_entropy=True)
     with torch.no_grad():
         ref_lp, ref_ent = naive_logprobs(model, ids, am, 6, 0.7)
     m = b["mask"]
@@ -210,14 +210,14 @@ def test_sequence_logprobs_matches_naive_with_left_padding():
     assert torch.allclose(ent[m], ref_ent[m], atol=1e-5)
     # the left-padded row equals the same sequence without padding
     alone = torch.cat([b["prompt_ids"][:1, 2:], b["tokens"][:1]], 1)
-    single = G.sequence_logprobs(model, alone, torch.ones_like(alone), 6, temperature=0.7)
+    single = grpo.sequence_logprobs(model, alone, torch.ones_like(alone), 6, temperature=0.7)
     assert torch.allclose(logp[0], single[0], atol=1e-5)
     # gradients reach the decoder and the (tied or untied) output head through the checkpoints
     (logp[m].sum()).backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="n_completion"):
-        G.sequence_logprobs(model, ids, am, ids.shape[1])
+        grpo.sequence_logprobs(model, ids, am, ids.shape[1])
 
 
 # ---------------------------------------------------------------- update
@@ -226,9 +226,9 @@ def test_one_update_step_moves_logprobs_by_advantage_sign():
     model = tiny_model()
     batch = toy_batch(model)
     before = mean_logp(model, batch)
-    cfg = G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=2, max_grad_norm=1e9)
+    cfg = grpo.GRPOConfig(beta=0.0, rho=1.0, micro_batch=2, max_grad_norm=1e9)
     opt = torch.optim.SGD(model.parameters(), lr=1e-1)
-    stats = G.update(model, None, opt, batch, cfg)
+    stats = grpo.update(model, None, opt, batch, cfg)
     after = mean_logp(model, batch)
     assert after[0] > before[0] + 0.05  # positive advantage: more likely
     assert after[1] < before[1] - 0.05  # negative advantage: less likely
@@ -244,8 +244,8 @@ def test_update_is_micro_batch_invariant_and_uses_reference():
     params = []
     for mb in (1, 2):
         model = copy.deepcopy(base)
-        cfg = G.GRPOConfig(beta=0.1, rho=0.5, micro_batch=mb, max_grad_norm=1e9, old_logp="rollout")
-        stats = G.update(model, ref, torch.optim.SGD(model.parameters(), lr=1e-1), batch, cfg)
+        cfg = grpo.GRPOConfig(beta=0.1, rho=0.5, micro_batch=mb, max_grad_norm=1e9, old_logp="rollout")
+        stats = grpo.update(model, ref, torch.optim.SGD(model.parameters(), lr=1e-1), batch, cfg)
         assert stats["kl"] > 0 and 0 < stats["kept"] < 1
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
         stats_by_mb = stats
@@ -267,8 +267,8 @@ def test_old_logp_policy_ignores_the_rollout_logprobs():
 
     def step(b, old_logp):
         model = copy.deepcopy(base)
-        cfg = G.GRPOConfig(beta=0.1, rho=0.5, micro_batch=1, max_grad_norm=1e9, old_logp=old_logp)
-        stats = G.update(model, ref, torch.optim.SGD(model.parameters(), lr=1e-1), b, cfg)
+        cfg = grpo.GRPOConfig(beta=0.1, rho=0.5, micro_batch=1, max_grad_norm=1e9, old_logp=old_logp)
+        stats = grpo.update(model, ref, torch.optim.SGD(model.parameters(), lr=1e-1), b, cfg)
         return torch.cat([p.detach().flatten() for p in model.parameters()]), stats
 
     (a, sa), (b, _) = step(batch, "policy"), step(noisy, "policy")
@@ -283,10 +283,10 @@ def test_old_logp_policy_ignores_the_rollout_logprobs():
 def test_update_under_bf16_autocast_runs():
     model = tiny_model()
     batch = toy_batch(model)
-    cfg = G.GRPOConfig(beta=1e-3, rho=0.2, micro_batch=1)
-    stats = G.update(model, copy.deepcopy(model), torch.optim.AdamW(model.parameters(), lr=1e-3),
+    cfg = grpo.GRPOConfig(beta=1e-3, rho=0.2, micro_batch=1)
+    stats = grpo.update(model, copy.deepcopy(model), torch.optim.AdamW(model.parameters(), lr=1e-3),
                      batch, cfg, autocast_dtype=torch.bfloat16)
-    assert all(math.isfinite(stats[k]) for k in G.STAT_KEYS + ("kept",))
+    assert all(math.isfinite(stats[k]) for k in grpo.STAT_KEYS + ("kept",))
     assert stats["skipped"] == "" and len(stats["passes"]) == 1
 
 
@@ -302,12 +302,12 @@ def test_rollout_repeats_prompts_in_contiguous_groups(monkeypatch):
     monkeypatch.setitem(sys.modules, "decode", types.SimpleNamespace(generate=fake_generate))
     ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     am = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    assert G.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=False), [2], 0) == "rollout"
+    assert grpo.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=False), [2], 0) == "rollout"
     assert calls["ids"].tolist() == [[0, 5, 6]] * 3 + [[7, 8, 9]] * 3
     assert calls["am"].tolist() == [[0, 1, 1]] * 3 + [[1, 1, 1]] * 3
     assert calls["stats"] is True
     with pytest.raises(ValueError, match="greedy"):
-        G.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=True), [2], 0)
+        grpo.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=True), [2], 0)
 
 
 def test_rollout_with_real_decoder_feeds_update():
@@ -317,18 +317,18 @@ def test_rollout_with_real_decoder_feeds_update():
     prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     dcfg = decode.DecodeConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0, greedy=False)
     torch.manual_seed(0)
-    ro = G.rollout(model, prompt_ids, prompt_mask, 2, dcfg, [1], 0)
+    ro = grpo.rollout(model, prompt_ids, prompt_mask, 2, dcfg, [1], 0)
     assert ro.tokens.shape[0] == 4 and ro.logp.shape == ro.tokens.shape
-    batch = G.make_batch(prompt_ids, prompt_mask, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), 2)
+    batch = grpo.make_batch(prompt_ids, prompt_mask, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]), 2)
     ids = torch.cat([batch["prompt_ids"], batch["tokens"]], 1)
     am = torch.cat([batch["prompt_mask"], batch["mask"]], 1).long()
     with torch.no_grad():
-        logp, ent = G.sequence_logprobs(model, ids, am, ro.tokens.shape[1], with_entropy=True)
+        logp, ent = grpo.sequence_logprobs(model, ids, am, ro.tokens.shape[1], with_entropy=True)
     m = batch["mask"]
     assert torch.allclose(logp[m], batch["old_logp"][m], atol=1e-4)  # pi_old = the sampler
     assert torch.allclose(ent[m], batch["entropy"][m], atol=1e-4)
-    stats = G.update(model, None, torch.optim.SGD(model.parameters(), lr=1e-2), batch,
-                     G.GRPOConfig(beta=0.0, micro_batch=2))
+    stats = grpo.update(model, None, torch.optim.SGD(model.parameters(), lr=1e-2), batch,
+                     grpo.GRPOConfig(beta=0.0, micro_batch=2))
     assert stats["clip_frac"] == pytest.approx(0.0)
 
 
@@ -361,8 +361,8 @@ def test_iterations_make_the_clip_live_and_pass_one_is_the_single_step(old_logp)
         model = copy.deepcopy(base)
         calls = count_forwards(model)
         opt = RecordingSGD(model.parameters(), lr=2.0)
-        cfg = G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=1, iterations=mu, old_logp=old_logp)
-        runs[mu] = (G.update(model, None, opt, batch, cfg), opt.grads, calls)
+        cfg = grpo.GRPOConfig(beta=0.0, rho=1.0, micro_batch=1, iterations=mu, old_logp=old_logp)
+        runs[mu] = (grpo.update(model, None, opt, batch, cfg), opt.grads, calls)
     one, grads1, calls1 = runs[1]
     four, grads4, calls4 = runs[4]
     assert len(grads1) == 1 and len(grads4) == 4  # one optimizer step per pass
@@ -377,7 +377,7 @@ def test_iterations_make_the_clip_live_and_pass_one_is_the_single_step(old_logp)
     assert calls1 == [True, True]
     assert calls4 == ([False, False] if old_logp == "policy" else []) + [True] * 8
     with pytest.raises(ValueError, match="iterations"):
-        G.update(base, None, opt, batch, G.GRPOConfig(iterations=0))
+        grpo.update(base, None, opt, batch, grpo.GRPOConfig(iterations=0))
 
 
 # ---------------------------------------------------------------- non-finite numbers never reach the weights
@@ -385,7 +385,7 @@ def test_iterations_make_the_clip_live_and_pass_one_is_the_single_step(old_logp)
 def warm_adamw(model, batch):
     """AdamW after one normal step, so that its state (moments, step count) is not empty."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = G.update(model, None, opt, batch, G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=1))
+    stats = grpo.update(model, None, opt, batch, grpo.GRPOConfig(beta=0.0, rho=1.0, micro_batch=1))
     assert stats["skipped"] == ""
     return opt
 
@@ -420,7 +420,7 @@ def test_update_skips_non_finite_advantages_and_entropies(field, row, col, value
     else:
         bad[field][row, col] = value
     snap = snapshot(model, opt)
-    stats = G.update(model, copy.deepcopy(model), opt, bad, G.GRPOConfig(beta=0.1, micro_batch=1, iterations=2))
+    stats = grpo.update(model, copy.deepcopy(model), opt, bad, grpo.GRPOConfig(beta=0.1, micro_batch=1, iterations=2))
     assert reason in stats["skipped"] and stats["passes"] == []
     assert_untouched(model, opt, snap)
 
@@ -429,8 +429,8 @@ def test_non_finite_entropy_on_padding_is_ignored():
     model = tiny_model()
     batch = toy_batch(model)
     batch["entropy"][1, 4] = math.nan  # row 1 has 3 completion tokens: column 4 is padding
-    stats = G.update(model, None, torch.optim.SGD(model.parameters(), lr=1e-2), batch,
-                     G.GRPOConfig(beta=0.0, micro_batch=2))
+    stats = grpo.update(model, None, torch.optim.SGD(model.parameters(), lr=1e-2), batch,
+                     grpo.GRPOConfig(beta=0.0, micro_batch=2))
     assert stats["skipped"] == "" and 0 < stats["kept"] < 1
 
 
@@ -444,7 +444,7 @@ def test_update_skips_a_non_finite_loss_or_gradient(where):
         hook = model.get_decoder().norm.register_forward_hook(lambda mod, args, out: out * math.nan)
     else:  # a finite loss whose gradient overflows
         hook = model.get_decoder().layers[0].mlp.up_proj.weight.register_hook(lambda g: g * math.inf)
-    stats = G.update(model, copy.deepcopy(model), opt, batch, G.GRPOConfig(beta=0.1, rho=0.5, micro_batch=1))
+    stats = grpo.update(model, copy.deepcopy(model), opt, batch, grpo.GRPOConfig(beta=0.1, rho=0.5, micro_batch=1))
     hook.remove()
     expected = "non-finite loss" if where == "loss" else "non-finite gradient norm"
     assert stats["skipped"].startswith(f"pass 1 of 1: {expected}") and stats["passes"] == []
@@ -458,8 +458,8 @@ def test_a_non_finite_pass_stops_the_remaining_passes():
     base = tiny_model()
     batch = toy_batch(base)
     single = copy.deepcopy(base)
-    G.update(single, None, torch.optim.SGD(single.parameters(), lr=0.5), batch,
-             G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=2))
+    grpo.update(single, None, torch.optim.SGD(single.parameters(), lr=0.5), batch,
+             grpo.GRPOConfig(beta=0.0, rho=1.0, micro_batch=2))
     model = copy.deepcopy(base)
     forwards = []
 
@@ -468,8 +468,8 @@ def test_a_non_finite_pass_stops_the_remaining_passes():
         return out * math.nan if len(forwards) > 2 else out  # forward 1: pi_old, 2: pass 1
 
     model.get_decoder().norm.register_forward_hook(poison_after_first_pass)
-    stats = G.update(model, None, torch.optim.SGD(model.parameters(), lr=0.5), batch,
-                     G.GRPOConfig(beta=0.0, rho=1.0, micro_batch=2, iterations=3))
+    stats = grpo.update(model, None, torch.optim.SGD(model.parameters(), lr=0.5), batch,
+                     grpo.GRPOConfig(beta=0.0, rho=1.0, micro_batch=2, iterations=3))
     assert stats["skipped"].startswith("pass 2 of 3: non-finite loss") and len(stats["passes"]) == 1
     assert len(forwards) == 3  # pass 3 never ran
     assert stats["loss"] == stats["passes"][0]["loss"]  # the averages cover the passes that stepped

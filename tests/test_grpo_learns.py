@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import decode
-import grpo as G
+import grpo
 
 V = 48  # vocabulary: chance level of the rewarded token is ~1/48
 PAD, EOS, TARGET = 0, 1, 2  # the reward is the share of TARGET among a completion's tokens
@@ -27,7 +27,7 @@ def one_thread():
 
 
 def toy_policy(seed):
-    """The architecture of data.build_toy_backbone (2 layers, hidden 64, tied embeddings)."""
+    """The architecture of toy.build_backbone (2 layers, hidden 64, tied embeddings)."""
     torch.manual_seed(seed)
     cfg = transformers.Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -46,7 +46,7 @@ def mean_reward(model, prompts, prompt_mask, dcfg, seed):
     model.eval()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        ro = G.rollout(model, prompts, prompt_mask, EVAL_PER_PROMPT, dcfg, [EOS], PAD)
+        ro = grpo.rollout(model, prompts, prompt_mask, EVAL_PER_PROMPT, dcfg, [EOS], PAD)
     return float(share_of_target(ro).mean())
 
 
@@ -54,7 +54,7 @@ def train(seed, sign=1.0, iterations=1):
     """STEPS Stage II steps on 4 fixed prompts; returns the mean reward before and after."""
     model = toy_policy(seed)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    cfg = G.GRPOConfig(group_size=8, prompts_per_step=4, max_new_tokens=12, lr=3e-3, beta=1e-3, rho=0.2,
+    cfg = grpo.GRPOConfig(group_size=8, prompts_per_step=4, max_new_tokens=12, lr=3e-3, beta=1e-3, rho=0.2,
                        micro_batch=8, iterations=iterations)
     dcfg = decode.DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
                                greedy=False)
@@ -68,10 +68,10 @@ def train(seed, sign=1.0, iterations=1):
     torch.manual_seed(seed + 1)
     for _ in range(STEPS):
         model.eval()
-        ro = G.rollout(model, prompts, prompt_mask, cfg.group_size, dcfg, [EOS], PAD)
-        adv = sign * G.group_advantages(share_of_target(ro), cfg.group_size, cfg.adv_eps)
+        ro = grpo.rollout(model, prompts, prompt_mask, cfg.group_size, dcfg, [EOS], PAD)
+        adv = sign * grpo.group_advantages(share_of_target(ro), cfg.group_size, cfg.adv_eps)
         model.train()
-        stats = G.update(model, ref, opt, G.make_batch(prompts, prompt_mask, ro, adv, cfg.group_size), cfg)
+        stats = grpo.update(model, ref, opt, grpo.make_batch(prompts, prompt_mask, ro, adv, cfg.group_size), cfg)
         assert stats["skipped"] == ""
     return before, mean_reward(model, prompts, prompt_mask, dcfg, seed + 100)
 
