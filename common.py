@@ -1,17 +1,14 @@
 """Infrastructure shared by the scripts, kept out of rporec.py so the train script shows only the method
-(as nanochat keeps compute_init and checkpointing in common.py): processes, atomic files, safe loading,
-the logger, the resumable JSONL cache, the frozen-embedding cache, checkpoints and the plot. Flags live in
-flags.py.
+(as nanochat keeps compute_init in common.py): processes, atomic files, safe loading, the logger and the
+plot. Caches and checkpoints live in checkpoint.py, flags in flags.py.
 """
-import glob
+import functools
 import hashlib
 import io
 import json
 import os
 import pickle
 import random
-import shutil
-import time
 
 import numpy as np
 import torch
@@ -114,6 +111,30 @@ def refuse_other_config(out, new, ok, ok_stage1):
                          "or rerun with that folder's flags (add --resume to continue its Stage II)")
 
 
+# ----------------------------------------------------------------------------- seeded choices
+def batch_seed(seed, split, first):
+    """The sampling seed of one generation batch: a rerun draws the same CoTs."""
+    return int(hashlib.sha1(f"{seed}|{split}|{first}".encode()).hexdigest()[:8], 16)
+
+
+@functools.lru_cache(maxsize=4)
+def _perm(n, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def step_batch(step, n_train, per_step, seed):
+    """Global train indices of one GRPO step: epoch-wise permutations, a pure function of the step,
+    so a resumed run sees exactly the prompts it would have seen."""
+    js = range(step * per_step, (step + 1) * per_step)
+    return [int(_perm(n_train, seed + j // n_train)[j % n_train]) for j in js]
+
+
+def eval_subset(valid, n, seed):
+    """The fixed, seeded valid subset that Stage II's model selection scores."""
+    idx = sorted(torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    return [valid[i] for i in idx]
+
+
 # ----------------------------------------------------------------------------- files
 def atomic_write(path, write):
     """write(tmp_path) then rename over path: a kill leaves the old file or the new one, never half."""
@@ -192,211 +213,6 @@ class Logger:
             save_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
-# ----------------------------------------------------------------------------- resumable JSONL cache
-def read_cache(path):
-    """{sample index: record}. A last line cut short by a kill is cut off the file first."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb+") as f:
-        raw = f.read()
-        if raw and not raw.endswith(b"\n"):
-            f.truncate(raw.rfind(b"\n") + 1)
-    try:
-        return {r["i"]: r for r in map(json.loads, raw[:raw.rfind(b"\n") + 1].decode().splitlines())}
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: the reasoning cache {path} is corrupt ({e}); delete it and rerun to "
-                         "regenerate it") from None
-
-
-def append_cache(path, records):
-    """One write and an fsync per batch, so a kill loses at most the batch in flight."""
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fold_shards(path):
-    """Rank 0 appends the per-rank shard files of a distributed run to the one cache, once every rank
-    has finished writing."""
-    barrier()
-    if MAIN:
-        for part in sorted(glob.glob(f"{path}.rank*")):
-            append_cache(path, list(read_cache(part).values()))
-            os.remove(part)
-    barrier()
-
-
-def cached_map(path, order, batch, fn, desc):
-    """{i: record} for every index of order, from the JSONL cache at path, computing the missing ones with
-    fn(indices) -> (records, tokens), `batch` at a time, in order, sharded over ranks (each appends to
-    its own <path>.rankR, folded into path by rank 0), one fsync'd append per batch: a kill loses at most
-    the batch in flight, and a rerun computes only what is missing."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fold_shards(path)
-    have = read_cache(path)
-    todo = shard([i for i in order if i not in have])
-    mine = f"{path}.rank{RANK}" if WORLD > 1 else path
-    bar = tqdm(total=len(todo), desc=desc, unit="sample", disable=not MAIN)
-    t0, n_tok = time.time(), 0
-    for b in range(0, len(todo), batch):
-        records, tokens = fn(todo[b:b + batch])
-        append_cache(mine, records)
-        n_tok += tokens
-        bar.update(len(records))
-        bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
-    bar.close()
-    fold_shards(path)
-    return read_cache(path)
-
-
-# ----------------------------------------------------------------------------- frozen-embedding cache
-def load_embeddings(path):
-    """(texts, vecs) saved by save_embeddings, or ([], None) when there is none yet."""
-    if not os.path.exists(path):
-        return [], None
-    fix = "Delete it; the next run embeds the texts again."
-    saved = load_torch(path, "frozen-embedding cache", fix)
-    texts, vecs = (saved.get("texts"), saved.get("vecs")) if isinstance(saved, dict) else (None, None)
-    if not isinstance(texts, list) or not torch.is_tensor(vecs) or vecs.dim() != 2 or len(texts) != vecs.shape[0]:
-        n = None if vecs is None or not torch.is_tensor(vecs) else tuple(vecs.shape)
-        raise SystemExit(f"error: {path} holds {len(texts) if isinstance(texts, list) else 'no'} texts but vectors of "
-                         f"shape {n}; the cache is corrupt. {fix}")
-    return texts, vecs
-
-
-def save_embeddings(path, texts, vecs):
-    save_torch(path, {"texts": list(texts), "vecs": vecs.cpu()})
-
-
-EMBED_SAVE_S = 300  # embed_cached writes its progress to disk at least this often (seconds)
-
-
-def embed_cached(path, texts, head, step):
-    """head.encode_frozen over texts, `step` at a time, seeded from and saved to the disk cache at path
-    (atomically, at least every EMBED_SAVE_S seconds), so a killed run loses minutes, not the lot."""
-    known, vecs = load_embeddings(path)
-    head.remember(known, vecs)
-    todo = [t for t in texts if not head.knows(t)]
-
-    def save(done):
-        if done and MAIN:
-            save_embeddings(path, known + done, head.encode_frozen(known + done))
-
-    saved = time.time()
-    for i in tqdm(range(0, len(todo), step), desc="embedding texts (frozen encoder)", disable=not MAIN):
-        head.encode_frozen(todo[i:i + step])
-        if time.time() - saved > EMBED_SAVE_S and i + step < len(todo):
-            save(todo[:i + step])
-            saved = time.time()
-    save(todo)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _rng_state():
-    """Every RNG as tensors and plain numbers, so the file loads with weights_only=True."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
-                                                           *np_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(DEVICE) if DEVICE.type == "cuda" else None}
-
-
-def _set_rng_state(st):
-    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
-    np.random.set_state((st["numpy"][0], st["numpy"][1].numpy(), *st["numpy"][2:]))
-    torch.set_rng_state(st["torch"])
-    if st["cuda"] is not None:
-        torch.cuda.set_rng_state(st["cuda"], DEVICE)
-
-
-DONE = "COMPLETE"  # written last into a <folder>.tmp: its presence marks a whole folder
-
-
-def swap_in(tmp, final):
-    """Mark tmp whole, then put it in final's place (the old one renamed aside first, removed last): a kill
-    at any moment leaves a whole folder among final, final.tmp and final.old, which recover_dir finds."""
-    open(os.path.join(tmp, DONE), "w").close()
-    if os.path.exists(final):
-        os.replace(final, final + ".old")
-    os.replace(tmp, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
-
-
-def recover_dir(final, marker):
-    """final, or None when no whole copy exists. final is whole when it holds `marker`; a kill between
-    swap_in's two renames leaves final.old and a complete final.tmp, and the newer one is promoted."""
-    if os.path.exists(os.path.join(final, marker)):
-        return final
-    for cand in (final + ".tmp", final + ".old"):
-        if os.path.exists(os.path.join(cand, DONE)):
-            if MAIN:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(cand, final)
-                shutil.rmtree(final + ".old", ignore_errors=True)
-            barrier()
-            return final
-    return None
-
-
-def save_pretrained(folder, model, tok, info):
-    """folder/: the backbone (save_pretrained) and info.json, written beside and swapped in whole (rank 0)."""
-    if MAIN:
-        tmp = folder + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        save_json(os.path.join(tmp, "info.json"), info)
-        swap_in(tmp, folder)
-    barrier()
-
-
-def save_checkpoint(out, model, tok, opt, state):
-    """<out>/ckpt: backbone (save_pretrained), optimizer, trainer state (a dict of plain values), every
-    rank's RNG. Written beside the old one and swapped in; recover_checkpoint mends a kill between the
-    two renames."""
-    final, tmp = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp")
-    if MAIN:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    torch.save(_rng_state(), os.path.join(tmp, f"rng{RANK}.pt"))
-    if MAIN:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
-    barrier()
-    if MAIN:
-        swap_in(tmp, final)
-    barrier()
-
-
-def recover_checkpoint(out):
-    """The path of the whole checkpoint in <out> (recover_dir), or None."""
-    return recover_dir(os.path.join(out, "ckpt"), "trainer_state.pt")
-
-
-def load_checkpoint(out, model, opt):
-    """Weights, optimizer and this rank's RNG from <out>/ckpt; returns the trainer state dict."""
-    from transformers import AutoModelForCausalLM
-    path = recover_checkpoint(out)
-    if path is None:
-        raise SystemExit(f"error: --resume but no checkpoint in {out}/ckpt; drop --resume to start afresh")
-    fix = f"Delete {path} and rerun without --resume, or resume from a copy of the run folder."
-    st = load_torch(os.path.join(path, "trainer_state.pt"), "trainer state", fix)
-    if st["world"] != WORLD:
-        raise SystemExit(f"error: the checkpoint was written by {st['world']} processes; resume with as many")
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except Exception as e:
-        raise SystemExit(f"error: the backbone in {path} does not load ({type(e).__name__}: {e}). {fix}") from None
-    model.load_state_dict(loaded.state_dict())
-    opt.load_state_dict(st["optimizer"])
-    _set_rng_state(load_torch(os.path.join(path, f"rng{RANK}.pt"), "RNG state", fix))
-    return st
-
-
 # ----------------------------------------------------------------------------- plot
 def plot_curves(path, recs, keys, curve=None):
     """One panel per key over the records' steps, plus an optional (title, steps, values) curve, into path."""
@@ -424,3 +240,30 @@ def plot_curves(path, recs, keys, curve=None):
     fig.savefig(buf, dpi=80, format="png")
     plt.close(fig)
     save_bytes(path, buf.getvalue())
+
+
+def plot_stage2(out, records, terms):
+    """Reward parts, KL, entropy, CoT length per step (cf. the paper's Fig. 4) and the valid curve: stage2.png."""
+    recs = [r for r in records if r["stage"] == 2]
+    evals = [r for r in recs if "valid_ndcg@10" in r]
+    plot_curves(os.path.join(out, "stage2.png"), [r for r in recs if "reward" in r],
+                ("reward", *terms, "kl", "entropy", "cot_len"),
+                ("valid ndcg@10", [r["step"] for r in evals], [r["valid_ndcg@10"] for r in evals]))
+
+
+def print_metrics(metrics, keys=("hr@10", "ndcg@10", "hr@20", "parse_rate")):
+    """One line per (method, split) of metrics.json."""
+    for name, m in metrics.items():
+        for split, v in m.items():
+            if isinstance(v, dict):
+                print(f"{name:>10} {split:>5}  " + "  ".join(f"{k}={v[k]:.4f}" for k in keys if v.get(k) is not None))
+
+
+def run_main(main, argv):
+    """main(argv), with a CUDA out-of-memory error turned into the fix."""
+    try:
+        return main(argv)
+    except torch.cuda.OutOfMemoryError as e:
+        raise SystemExit(f"error: CUDA out of memory ({e}).\nFinished work is kept (reasoning cache, rechead.pt, "
+                         "ckpt/): lower --gen_batch, --grpo.micro_batch or --grpo.logit_chunk, or turn on "
+                         "--grpo.grad_checkpointing, then rerun (Stage II with --resume).") from e

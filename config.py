@@ -5,6 +5,7 @@ import dataclasses
 import os
 import time
 
+import checkpoint
 import common
 import data
 import flags as flags_lib  # `flags` names the parsed {key: value} below
@@ -97,7 +98,7 @@ def resolve(cfg, flags):
             fail(f"--rechead.* flags do not apply to --stage 2: the Rechead and its config come from --init: "
                  f"{', '.join(clash)}")
         cfg.rechead = rechead.RecheadConfig(**saved)
-    if r.resume and common.recover_checkpoint(r.out) is None:
+    if r.resume and checkpoint.recover(r.out) is None:
         fail(f"--resume but no checkpoint in {r.out}/ckpt; drop --resume to start afresh")
     ok = set(RERUN_OK)  # a folder that holds only Stage I takes any Stage II settings
     ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}

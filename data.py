@@ -10,74 +10,27 @@ only items that occur in the interactions; id 0 = pad with "" title/text. Per us
 sorted by time (stable) give one sample per position i >= 1 with the previous <= 20 items as
 history; all samples are sorted by target time and cut 8:1:1. No paper equation lives here.
 
-Also the toy models that go with the toy data (offline, built in code): `build_toy_backbone` (a tiny
-random Qwen3) and `build_toy_encoder` (a tiny StaticEmbedding sentence-transformer).
+Where things live: the raw readers (Amazon, MovieLens, bring-your-own tables, downloads) in sources.py; the
+embedded toy bookstore and its toy models (a tiny random Qwen3, a tiny StaticEmbedding encoder) in toy.py.
 """
-import calendar
-import csv
-import gzip
 import hashlib
-import html
 import json
 import os
-import random
 import re
-import shutil
 import sys
-import tempfile
-import urllib.request
-import zipfile
-import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from http.client import HTTPException
-from pathlib import Path
 
-from tqdm import tqdm
+import sources
+import toy
 
-AMAZON = {"cds": ("CDs_and_Vinyl", "CD or vinyl"), "instruments": ("Musical_Instruments", "musical instrument"),
-          "games": ("Video_Games", "video game")}  # name -> (McAuley Lab category, prompt wording)
-AMAZON_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
-ML_URL = "https://files.grouplens.org/datasets/movielens/{}.zip"
-ML_MD5 = {"ml-100k": "0e33842e24a9c977be4e0107933c0723",  # GroupLens publishes <name>.zip.md5 next to each zip;
-          "ml-1m": "c4d9eecfca2ab87c1945afe126590906"}  # a truncated or altered download must not become a dataset
-DOWNLOAD_TIMEOUT = 60  # seconds one connect or one read may stall: without a limit a dead server hangs the run
-ML100K_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
-                 "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()  # u.genre
-DATASETS = ("toy", *AMAZON, "ml-100k", "ml-1m", "custom")
-MS_CUTOFF = 1e11  # timestamps above this are milliseconds (1e11 seconds is the year 5138)
-TS_MAX = MS_CUTOFF * 1000  # larger stamps (the year 5138 in ms) are no date: dataset_stats could not print them
-TABLES = (".tsv", ".csv", ".jsonl")  # bring-your-own table formats, each optionally .gz
+DATASETS = ("toy", *sources.AMAZON, "ml-100k", "ml-1m", "custom")
 PROMPT_VERSION = 1  # bump when PROMPT changes: rporec.py keys its reasoning cache on it
 PROMPT = ("Analyze briefly and finally recommend next {c} item I might purchase. You should try to keep all "
           "your thoughts and responses as concise as possible and recommend next {c} I might purchase inside "
           "<answer> and </answer> with estimation or guess about its all attributes (title, average_rating, "
           "rating_number and description). You don't need to utter irrelevant polite remarks or explanatory "
           "sentences. For example: <answer>'title': ... </answer>")
-TOY_GENRES = {  # genre: "series nouns|story hook|story hook"
-    "Mystery": "Harbor Ledger Chapel Orchard Cipher Lantern|a retired inspector reopens a cold case|a locked "
-               "library hides a second body|a village baker finds a letter that should not exist",
-    "Fantasy": "Crown Dragon Tower Forest Blade Throne|an apprentice mage steals a forbidden map|two rival "
-               "kingdoms wake an old dragon|a blind queen hunts the thief of her crown",
-    "Science Fiction": "Station Orbit Signal Colony Engine Horizon|a mining crew hears a signal from a dead star|"
-                       "the last colony ship wakes a century early|an android pilot questions her orders",
-    "Romance": "Cottage Vineyard Letters Summer Bakery Island|a chef returns home and meets her first love|two "
-               "wedding planners compete for one client|a letter lost for forty years finds its reader",
-    "Thriller": "Protocol Witness Dossier Border Target Cartel|an analyst uncovers a mole inside the agency|a "
-                "juror learns the trial is rigged|a courier carries a package everyone wants",
-    "History": "Empire Frontier Dynasty Republic Voyage Siege|a Roman engineer builds a bridge under siege|a "
-               "merchant family survives the fall of Constantinople|sailors chart the unknown Pacific",
-    "Horror": "Manor Hollow Asylum Well Marsh Attic|a family inherits a house that remembers|a night nurse hears "
-              "voices on the empty ward|a fishing village makes its yearly offering",
-    "Cooking": "Kitchen Table Pantry Harvest Oven Garden|simple weeknight dinners from one pan|slow breads and the "
-               "science of sourdough|seasonal vegetables from market to plate",
-}
-TOY_WORDS = ("Silent Crimson Hollow Golden Broken Northern Last Hidden Iron Paper Winter Glass".split(),
-             "Mara Elias Nora Tobias Ivy Felix Clara Jonah Lena Arthur Rosa Milo".split(),
-             "Quill Hartley Vance Okafor Lindqvist Marsh Delacroix Brennan Sato Whitlock".split())
-TOY_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]  # the toy backbone's first token ids
-TOY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @dataclass
@@ -118,326 +71,6 @@ class Dataset:
         return len(self.texts) - 1
 
 
-def _need(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; check the path (or pass --raw-dir with a local copy)")
-    return path
-
-
-def _clean(text):
-    """Official cleaning: html-unescape, strip tags, tabs/newlines and non-ASCII to spaces, collapse."""
-    text = re.sub(r"<[^>]+>", "", html.unescape(str(text)))
-    return re.sub(r" +", " ", re.sub(r"[^\x00-\x7F]|[\n\t\r]", " ", text)).strip()
-
-
-def _ts(value, src, line):
-    """Unix seconds or milliseconds as an int; line is where value stands in src (for the error)."""
-    fix = "give Unix seconds or milliseconds since 1970"
-    try:
-        t = float(value) if not isinstance(value, bool) else None  # JSON true would pass as 1.0
-    except (TypeError, ValueError):
-        t = None
-    if t is None:
-        raise ValueError(f"{src}, line {line}: timestamp {value!r} is not a number; {fix}")
-    if not 0 <= t < TS_MAX:  # nan fails every comparison
-        raise ValueError(f"{src}, line {line}: timestamp {value!r} is out of range; {fix} (0 <= t < {TS_MAX:.0e})")
-    return int(t)
-
-
-def _table_ext(path):
-    """.tsv/.csv/.jsonl of a table path (a .gz suffix is looked through), or None for other formats."""
-    ext = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
-    return ext if ext in TABLES else None
-
-
-def _jsonl_rows(f, path, required):
-    """(line, dict) per non-blank line of a .jsonl file."""
-    for line, text in enumerate(f, 1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {line} is not valid JSON ({e}); fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {line} is a JSON {type(row).__name__} ({text.strip()[:40]}), not an "
-                             f"object; each line must be one object with the keys {', '.join(required)}")
-        if missing := [c for c in required if c not in row]:
-            raise ValueError(f"{path} lacks column(s) {', '.join(missing)} on line {line} (that line has "
-                             f"{', '.join(row) or 'no keys'}); every line needs {', '.join(required)}")
-        yield line, row
-
-
-def _csv_rows(f, path, required, delimiter):
-    """(line, dict) per data row of a .tsv/.csv file with a header; a row of another width is an error."""
-    reader = csv.DictReader(f, delimiter=delimiter)
-    if reader.fieldnames and (missing := [c for c in required if c not in reader.fieldnames]):
-        raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (its header has "
-                         f"{', '.join(reader.fieldnames)}); the file needs {', '.join(required)}")
-    for row in reader:
-        if None in row or None in row.values():  # DictReader: extra fields under None, missing ones are None
-            width = sum(row[c] is not None for c in reader.fieldnames) + len(row.get(None, ()))
-            sep = "tab" if delimiter == "\t" else "comma"
-            raise ValueError(f"{path}: line {reader.line_num} has {width} fields but the header has "
-                             f"{len(reader.fieldnames)}; give every row one value per column (an empty value "
-                             f"still needs its {sep}; quote a value that contains a {sep})")
-        yield reader.line_num, row
-
-
-def _rows(path, required):
-    """(line, dict row) of a .tsv/.csv (with header) or .jsonl file, gzipped or not; checks required columns.
-    utf-8-sig: a byte-order mark (Excel's UTF-8 export) is dropped instead of hiding in the first column name."""
-    if not (ext := _table_ext(path)):
-        raise ValueError(f"{path}: unknown table format; use {', '.join(TABLES)} (optionally .gz)")
-    n = 0
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(_need(path), "rt", encoding="utf-8-sig", newline="") as f:
-            rows = _jsonl_rows(f, path, required) if ext == ".jsonl" else \
-                _csv_rows(f, path, required, "\t" if ext == ".tsv" else ",")
-            for n, row in enumerate(tqdm(rows, desc=os.path.basename(path), unit=" rows", leave=False,
-                                         disable=not path.endswith(".gz")), 1):  # bars for the big raw files
-                yield row
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise ValueError(f"{path} is a corrupt gzip file ({e}); delete it and rerun to re-download it") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
-    if n == 0:
-        raise ValueError(f"{path} is empty (no data rows); fill it or point to the right file")
-
-
-def _download(url, path, md5=None):
-    """Fetch url to path via <path>.part (renamed only when complete and, given md5, matching); an existing file
-    is reused. Any failure removes the .part file."""
-    if os.path.isfile(path):
-        return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    part, digest = path + ".part", hashlib.md5(usedforsecurity=False)
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(part, "wb") as f:
-            size = int(r.headers.get("Content-Length") or 0)
-            with tqdm(total=size or None, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                while chunk := r.read(1 << 20):
-                    digest.update(chunk)
-                    bar.update(f.write(chunk))
-        if size and os.path.getsize(part) != size:
-            raise OSError(f"got {os.path.getsize(part)} of {size} bytes")
-        if md5 and digest.hexdigest() != md5:
-            raise ValueError(f"{path}: the download from {url} has md5 {digest.hexdigest()}, not the published "
-                             f"{md5}, so it was deleted; rerun to fetch it again, or put a verified copy at {path}")
-        os.replace(part, path)
-    except (OSError, HTTPException) as e:
-        raise OSError(f"could not download {url} ({e}); check the network, or put the file at {path} "
-                      "(or in --raw-dir) yourself") from None
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
-    return path
-
-
-def _item_table(rows, src):
-    """{item id: (title, text)} in table order from (line, id, (title, text)); a repeated id is an error, as
-    which of its rows is meant cannot be known."""
-    items, lines = {}, {}
-    for line, key, item in rows:
-        if key in lines:
-            raise ValueError(f"{src}: item id {key!r} is on line {lines[key]} and again on line {line}; keep one "
-                             "row per item")
-        lines[key], items[key] = line, item
-    return items
-
-
-def _item_text(title, rating, number, desc):
-    return f"'title': {title}\n 'average_rating': {rating}\n 'rating_number': {number}\n 'description': {desc}"
-
-
-def _table_item(row):
-    """(title, text) of a table row: 'title: X; year: 1995; genres: ...' from its non-empty columns."""
-    vals = {k: " ".join(map(str, v)) if isinstance(v, list) else str(v).strip()
-            for k, v in row.items() if k != "item_id" and v not in (None, "", [])}
-    return vals.get("title", ""), "; ".join(f"{k}: {v}" for k, v in vals.items())
-
-
-def _amazon(cfg):
-    """Official preprocess_2023_cds.py: item filter + cleaning, then the widening time window."""
-    cat, raw = AMAZON[cfg.dataset][0], cfg.raw_dir or os.path.join(cfg.data_dir, "raw")
-    meta = _download(f"{AMAZON_URL}raw/meta_categories/meta_{cat}.jsonl.gz", os.path.join(raw, f"meta_{cat}.jsonl.gz"))
-    rev = _download(f"{AMAZON_URL}benchmark/5core/rating_only/{cat}.csv.gz", os.path.join(raw, f"{cat}.csv.gz"))
-    items = {}
-    for _, m in _rows(meta, ("parent_asin",)):  # a repeated asin: the last row wins (official dict)
-        title, desc = str(m.get("title") or ""), m.get("description") or []
-        if not title or "<span id" in title or len(title.split(" ")) > cfg.max_title_words:
-            continue
-        try:
-            float(m.get("price"))
-        except (TypeError, ValueError):
-            continue
-        desc = " ".join(dict.fromkeys(map(str, desc))) if isinstance(desc, list) else str(desc)
-        desc = " ".join(_clean(desc).split()[:cfg.max_desc_words])
-        title = _clean(title)
-        text = _item_text(title, m.get("average_rating", ""), m.get("rating_number", ""), desc)
-        items[m["parent_asin"]] = (title, text)
-    reviews = [(r["user_id"], r["parent_asin"], _ts(r["timestamp"], rev, line))
-               for line, r in _rows(rev, ("user_id", "parent_asin", "timestamp")) if r["parent_asin"] in items]
-    if not reviews:
-        raise ValueError(f"{rev} has no review of an item kept from {meta}; check that both files are {cat}")
-    first_year = datetime.fromtimestamp(min(r[2] for r in reviews) / 1000, timezone.utc).year
-    start, end = (datetime.fromisoformat(d).replace(tzinfo=timezone.utc) for d in (cfg.start, cfg.end))
-    while True:  # timestamps are ms; the start is inclusive, the end exclusive
-        lo, hi = start.timestamp() * 1000, end.timestamp() * 1000
-        window = [r for r in reviews if lo <= r[2] < hi]
-        if len({r[1] for r in window}) >= cfg.min_items or start.year <= first_year:
-            return AMAZON[cfg.dataset][1], items, window, rev
-        y, m = divmod(start.year * 12 + start.month - 1 - cfg.extend_months, 12)
-        start = start.replace(year=y, month=m + 1, day=min(start.day, calendar.monthrange(y, m + 1)[1]))
-
-
-def _ml_lines(text, sep, width, where, src):
-    """(line, fields) per non-blank line of a MovieLens file; a line of another width means a damaged file."""
-    out = []
-    for line, row in enumerate(text.splitlines(), 1):
-        if row.strip():
-            if len(fields := row.split(sep)) != width:
-                raise ValueError(f"{where}, line {line} has {len(fields)} {sep!r}-separated fields, not {width} "
-                                 f"({row[:60]!r}); the file is damaged: delete {src} and rerun to re-download it")
-            out.append((line, fields))
-    if not out:
-        raise ValueError(f"{where} is empty; delete {src} and rerun to re-download it")
-    return out
-
-
-def _movielens(cfg):
-    """GroupLens zip (or its extracted folder) in raw_dir; item text = title, year, genres."""
-    name, raw = cfg.dataset, cfg.raw_dir or os.path.join(cfg.data_dir, "raw")
-    folder, src = os.path.join(raw, name), os.path.join(raw, f"{name}.zip")
-    members, seps, widths = (("u.data", "u.item"), ("\t", "|"), (4, 5 + len(ML100K_GENRES))) \
-        if name == "ml-100k" else (("ratings.dat", "movies.dat"), ("::", "::"), (4, 3))
-    try:
-        if os.path.isdir(folder):
-            src, texts = folder, [Path(_need(os.path.join(folder, m))).read_text("latin-1") for m in members]
-            where = [os.path.join(folder, m) for m in members]
-        else:
-            with zipfile.ZipFile(_download(ML_URL.format(name), src, ML_MD5.get(name))) as z:
-                texts = [z.read(f"{name}/{m}").decode("latin-1") for m in members]
-            where = [f"{src} ({name}/{m})" for m in members]
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{src} is corrupt or incomplete ({e}); delete it and rerun to re-download it") from None
-    ratings, movies = (_ml_lines(*a, src) for a in zip(texts, seps, widths, where))
-    inter = [(u, i, _ts(t, where[0], line)) for line, (u, i, _, t) in ratings]
-    if name == "ml-100k":
-        movies = [(line, r[0], r[1], " ".join(g for g, on in zip(ML100K_GENRES, r[5:]) if on == "1"))
-                  for line, r in movies]
-    else:
-        movies = [(line, r[0], r[1], r[2].replace("|", " ")) for line, r in movies]
-    year = re.compile(r"\s*\((\d{4})\)\s*$")
-    items = _item_table(((line, i, _table_item({"title": year.sub("", t), "year": (m := year.search(t)) and m.group(1),
-                                                "genres": g})) for line, i, t, g in movies), where[1])
-    return "movie", items, inter, src
-
-
-def _custom(cfg):
-    rows = _rows(cfg.items, ("item_id", "title"))
-    items = _item_table(((line, str(r["item_id"]), _table_item(r)) for line, r in rows), cfg.items)
-    inter = [(str(r["user_id"]), str(r["item_id"]), _ts(r["timestamp"], cfg.interactions, line))
-             for line, r in _rows(cfg.interactions, ("user_id", "item_id", "timestamp"))]
-    return cfg.category, items, inter, cfg.interactions
-
-
-def _toy(cfg):
-    """Fictional bookstore: readers keep to 1-2 genres and read series in order (learnable from the text)."""
-    rng, items, series = random.Random(cfg.seed), {}, []  # series: (genre, [item keys, book 1 first])
-    for genre, spec in TOY_GENRES.items():
-        nouns, *hooks = spec.split("|")
-        for noun in rng.sample(nouns.split(), 5):
-            name, n = f"The {rng.choice(TOY_WORDS[0])} {noun}", rng.randint(4, 6)
-            author = f"{rng.choice(TOY_WORDS[1])} {rng.choice(TOY_WORDS[2])}"
-            series.append((genre, [f"{name}, Book {k}" for k in range(1, n + 1)]))
-            for k, title in enumerate(series[-1][1], 1):
-                desc = f"{genre}, book {k} of {n} in the series {name} by {author}: {rng.choice(hooks)}."
-                items[title] = (title, _item_text(title, round(rng.uniform(3.4, 4.9), 1), rng.randint(12, 4000), desc))
-    keys, pop = list(items), [1 / (1 + j % 5) for j in range(len(series))]  # popular and niche series per genre
-    t0, day, inter = int(datetime(2023, 1, 1, tzinfo=timezone.utc).timestamp()), 86400, []
-    for u in range(cfg.toy_users):
-        fav = rng.sample(list(TOY_GENRES), rng.choice((1, 1, 2)))
-        t, j, k = t0 + rng.randrange(365 * day), -1, 0
-        for _ in range(rng.randint(4, 14)):
-            if rng.random() < cfg.toy_noise:
-                key = rng.choice(keys)
-            else:
-                if j < 0 or k >= len(series[j][1]):  # series finished: start another one in a favourite genre
-                    pool = [p for p, (g, _) in enumerate(series) if g in fav and p != j]
-                    j, k = rng.choices(pool, [pop[p] for p in pool])[0], 0
-                key, k = series[j][1][k], k + 1
-            inter.append((f"reader{u}", key, t))
-            t += rng.randint(1, 12) * day
-    return "book", items, inter, "toy generator"
-
-
-def toy_words(texts, pre_tokenizer):
-    """The sorted lowercase words of texts as pre_tokenizer splits them: a toy model's vocabulary."""
-    return sorted({w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(t.lower())})
-
-
-def build_toy_backbone(texts, out_dir, seed=0):
-    """A 2-layer random Qwen3 with a word-level tokenizer over `texts`, saved as a normal HF folder
-    so that the toy run loads it exactly like a real checkpoint."""
-    if os.path.exists(os.path.join(out_dir, "config.json")):
-        return out_dir
-    import torch  # here, not at the top: `import data` stays light
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    pre = pre_tokenizers.BertPreTokenizer()
-    vocab = {w: i for i, w in enumerate(TOY_SPECIALS + toy_words(texts, pre))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre
-    tk.decoder = decoders.WordPiece()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|im_end|>",
-                                  additional_special_tokens=TOY_SPECIALS[2:], chat_template=TOY_TEMPLATE)
-    tok.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])  # not special: kept when decoding, as Qwen3's
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id))
-    with torch.no_grad():  # zero (tied) rows: decoding then emits words, not control tokens
-        model.get_input_embeddings().weight[tok.convert_tokens_to_ids(TOY_SPECIALS)] = 0
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def build_toy_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) -> str:
-    """Write a tiny random StaticEmbedding sentence-transformer with a lowercase word-level vocabulary
-    from `texts` ([PAD], [UNK] first), loadable offline by SentenceTransformer(out_dir). Deterministic
-    for a seed; a no-op if out_dir already holds a model."""
-    if os.path.isfile(os.path.join(out_dir, "modules.json")):
-        return out_dir
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"{out_dir} exists and holds no sentence-transformer; delete it or pick another out_dir")
-    import torch  # here, not at the top: `import data` stays light
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    pre = pre_tokenizers.Whitespace()
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(toy_words(texts, pre))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre
-    weights = torch.randn(len(vocab), dim, generator=torch.Generator().manual_seed(seed))  # (V, dim)
-    model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy_encoder_")
-    try:
-        model.save(tmp)
-        os.replace(tmp, out_dir)  # atomic; replaces an empty out_dir too
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
 def _build(cfg, name, category, items, inter, src):
     """One sample builder for all sources: stable per-user time sort, every prefix, global time split."""
     if unknown := list(dict.fromkeys(k for _, k, _ in inter if k not in items)):
@@ -471,7 +104,7 @@ def cache_key(cfg: DataConfig) -> str:
     key = {k: v for k, v in asdict(cfg).items() if k not in drop}
     for k in ("interactions", "items"):
         if key[k]:
-            st = os.stat(_need(key[k]))
+            st = os.stat(sources.need(key[k]))
             key[k] = [os.path.abspath(key[k]), st.st_size, st.st_mtime_ns]
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -490,8 +123,9 @@ def check_config(cfg: DataConfig):
             raise ValueError(f"dataset 'custom' needs both tables: --data.interactions FILE --data.items FILE "
                              f"({' and '.join(missing)} missing)")
         for flag, path in tables.items():
-            if not _table_ext(path):
-                raise ValueError(f"{flag} {path}: unknown table format; use {', '.join(TABLES)} (optionally .gz)")
+            if not sources.table_ext(path):
+                raise ValueError(f"{flag} {path}: unknown table format; use {', '.join(sources.TABLES)} "
+                                 "(optionally .gz)")
             if not os.path.isfile(path):
                 raise ValueError(f"{flag} {path} not found; check the path")
     for name, low in (("window", 1), ("min_items", 0), ("extend_months", 1), ("max_title_words", 1),
@@ -518,7 +152,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Build cfg.dataset, or read it from <data_dir>/<name>/dataset.json (written atomically; toy: no cache)."""
     check_config(cfg)
     if cfg.dataset == "toy":
-        return _build(cfg, "toy", *_toy(cfg))
+        return _build(cfg, "toy", *toy.source(cfg))
     name = f"{cfg.dataset}-{cache_key(cfg)}"
     path = os.path.join(cfg.data_dir, name, "dataset.json")
     if os.path.isfile(path) and not cfg.force:
@@ -527,7 +161,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                 return Dataset(**json.load(f))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path} is unreadable ({e}); delete it or rerun with --force") from None
-    reader = _amazon if cfg.dataset in AMAZON else _movielens if cfg.dataset.startswith("ml-") else _custom
+    reader = sources.amazon if cfg.dataset in sources.AMAZON else \
+        sources.movielens if cfg.dataset.startswith("ml-") else sources.custom
     ds = _build(cfg, name, *reader(cfg))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -558,17 +193,18 @@ def history_text(ds: Dataset, history: list[int], max_chars: int) -> str:
     return "\n".join(reversed(out))
 
 
-def build_messages(ds: Dataset, sample: dict, cfg: DataConfig) -> list[dict]:
-    """Chat messages of the official prompt (category wording of the dataset) followed by the history."""
+def build_messages(ds: Dataset, sample: dict, cfg: DataConfig, suffix: str = "") -> list[dict]:
+    """Chat messages of the official prompt (category wording of the dataset) followed by the history, then
+    the optional suffix on a line of its own (rporec's --prompt_suffix, e.g. a format hint)."""
     prompt = PROMPT.format(c=ds.category) + "\n" + history_text(ds, sample["history"], cfg.max_history_chars)
-    return [{"role": "user", "content": prompt}]
+    return [{"role": "user", "content": f"{prompt}\n{suffix}" if suffix else prompt}]
 
 
 def dataset_stats(ds: Dataset) -> dict:
     """Counts, skipped users, first/last target date (UTC) and the mean history length."""
     samples = [s for k in ("train", "valid", "test") for s in ds.splits[k]]
     times = [s["time"] for s in samples]
-    day = lambda t: datetime.fromtimestamp(t / 1000 if t > MS_CUTOFF else t, timezone.utc).date().isoformat()
+    day = lambda t: datetime.fromtimestamp(t / 1000 if t > sources.MS_CUTOFF else t, timezone.utc).date().isoformat()
     return {"dataset": ds.name, "users": len({s["user"] for s in samples}), "items": ds.n_items,
             "samples": len(samples), **{k: len(ds.splits[k]) for k in ("train", "valid", "test")},
             "skipped_users": ds.skipped_users, "first_date": day(min(times)), "last_date": day(max(times)),

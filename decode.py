@@ -11,6 +11,7 @@ Two backends behind one `generate`:
 Sampling semantics are HF's: temperature, then top-k, then top-p, greedy = argmax of raw logits.
 logp / entropy always describe log_softmax(logits / temperature), ignoring top-k/top-p truncation.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ import torch
 class DecodeConfig:
     max_new_tokens: int = 768  # paper's maximum completion length
     temperature: float | None = 1.0  # sampling temperature; logp/entropy are taken at this temperature too;
-    # None (top_p, top_k too) = the backbone's generation_config, filled in by rporec.sampling before decoding
+    # None (top_p, top_k too) = the backbone's generation_config, filled in by resolve_sampling before decoding
     top_p: float | None = 1.0  # nucleus: smallest set with cumulative prob >= top_p (1.0 = off)
     top_k: int | None = 0  # keep only the k most likely tokens (0 = off)
     greedy: bool = False  # argmax decoding (summaries, evaluation); temperature then only scales stats
@@ -169,3 +170,24 @@ def complete(model, tok, messages, cfg, thinking):
     ids, mask = encode_prompts(tok, messages, thinking, model.device)
     out = generate(model, ids, mask, cfg, eos_ids(model, tok), tok.pad_token_id)
     return tok.batch_decode(out.tokens.masked_fill(~out.mask, tok.pad_token_id), skip_special_tokens=True), out
+
+
+def load_model(name, dtype, device):
+    """(model, tokenizer) from a hub id or a local folder, with the error naming the fix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: could not load the backbone {name!r}: {e}\nPass a local folder with --model PATH, "
+                         "check the hub id and the network, or delete a corrupt local copy") from None
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return model, tok
+
+
+def resolve_sampling(cfg, model):
+    """cfg with its None fields taken from the backbone's generation_config (Qwen3-0.6B: temperature 0.6,
+    top_p 0.95, top_k 20; the official script samples with it), else temperature 1.0, top_p 0.95."""
+    given = model.generation_config.to_diff_dict()  # only what the checkpoint sets
+    fallback = {"temperature": 1.0, "top_p": 0.95, "top_k": 0}
+    return dataclasses.replace(cfg, **{k: given.get(k) or v for k, v in fallback.items() if getattr(cfg, k) is None})

@@ -21,7 +21,7 @@ the optimizer step (SparseAdam, see make_optimizer) cover those rows, not the wh
 (beyond the paper) adds a learnable, zero-initialised vector per item to h_v; eq. 5 is `eq5` in every use.
 
 Also: `ground_scores` (the `-I` ablation: answer -> items by cosine of the pre-trained encoder, no Rechead);
-the toy encoder for the `toy` preset and the tests is data.build_toy_encoder.
+the toy encoder for the `toy` preset and the tests is toy.build_encoder.
 The train script owns the training loop; this module gives it the model, the sampler and the loss.
 """
 import copy

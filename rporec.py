@@ -7,16 +7,14 @@
 
 Top to bottom: config, data and backbone, sampled reasoning (Alg. 1 line 1), Stage I (Rechead,
 eq. 1-6, lines 2-12), Stage II (GRPO with Rechead rewards, eq. 7-11, lines 13-21, keeping the best
-valid step), evaluation and main. Flag parsing and checks live in config.py; processes, files, caches and
-checkpoints in common.py. Each run folder holds config.json, log.jsonl, rechead.pt, ckpt/, best/,
-metrics.json and stage2.png.
+valid step), evaluation and main. Flag parsing and checks live in config.py; processes, files and seeded
+choices in common.py; caches and checkpoints in checkpoint.py. Each run folder holds config.json, log.jsonl,
+rechead.pt, ckpt/, best/, metrics.json and stage2.png.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import hashlib
 import json
 import math
 import os
@@ -29,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import common
 import config
 import data
@@ -37,6 +36,7 @@ import evaluate
 import grpo
 import rechead
 import rewards
+import toy
 from common import DEVICE, DTYPE, MAIN, RANK, WORLD, fail, shard
 
 
@@ -84,6 +84,8 @@ PRESETS = {
             "grpo.eval_samples": 64, "rewards.summary_max_new_tokens": 12},
     "cds": QWEN, "instruments": QWEN, "games": QWEN, "ml-100k": QWEN, "ml-1m": QWEN, "custom": QWEN,
 }
+
+
 def parse_config(argv):
     """Defaults < PRESETS[dataset] < flags, then the derived fields and every check (config.resolve)."""
     return config.parse(Config(), PRESETS, argv, __doc__)
@@ -91,82 +93,33 @@ def parse_config(argv):
 
 # ----------------------------------------------------------------------------- data and backbone
 def load_backbone(cfg, ds):
-    """(model, tokenizer) from a hub id or local folder; (None, None) for --model none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) from a hub id, a local folder or the toy builder; (None, None) for --model none."""
     name = cfg.run.model
-    if name == "none":
-        return None, None
-    if name == "toy":
-        where = os.path.join(cfg.data.data_dir, "toy", "backbone")
-        name = common.main_first(data.build_toy_backbone, ds.texts[1:], where)
-    try:
-        tok = AutoTokenizer.from_pretrained(name, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPE).to(DEVICE).eval()
-    except (OSError, ValueError, RuntimeError) as e:
-        fail(f"could not load the backbone {name!r}: {e}\nPass a local folder with --model PATH, check the hub "
-             "id and the network, or delete a corrupt local copy")
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return model, tok
-
-
-def sampling(cfg, model):
-    """The reasoning DecodeConfig: None fields take the backbone's generation_config (Qwen3-0.6B: temperature
-    0.6, top_p 0.95, top_k 20; the official script samples with it), else temperature 1.0, top_p 0.95."""
-    given = model.generation_config.to_diff_dict()  # only what the checkpoint sets
-    fallback = {"temperature": 1.0, "top_p": 0.95, "top_k": 0}
-    return dataclasses.replace(cfg.decode, **{k: given.get(k) or v for k, v in fallback.items()
-                                              if getattr(cfg.decode, k) is None})
-
-
-def user_messages(cfg, ds, sample):
-    """The paper's prompt for one sample (data.build_messages) plus --prompt_suffix."""
-    msgs = data.build_messages(ds, sample, cfg.data)
-    if cfg.run.prompt_suffix:
-        msgs[-1] = {**msgs[-1], "content": f"{msgs[-1]['content']}\n{cfg.run.prompt_suffix}"}
-    return msgs
+    if name == "toy":  # built once into the data folder; the config keeps saying "toy"
+        name = common.main_first(toy.build_backbone, ds.texts[1:], os.path.join(cfg.data.data_dir, "toy", "backbone"))
+    return (None, None) if name == "none" else decode.load_model(name, DTYPE, DEVICE)
 
 
 # ----------------------------------------------------------------------------- reasoning (Alg. 1, line 1)
-def split_reasoning(text):
-    """(y, z): the CoT, and the answer or None when it did not parse (eq. 2 falls back to history)."""
-    think, answer = rewards.parse_completion(text)
-    return (think if think is not None else text.split("<answer>")[0].strip()), (answer or None)
-
-
-def cache_path(cfg, model, split, seed):
-    """The reasoning cache of a split, keyed by the weights themselves (not the model's name), the prompt, the
-    resolved sampling, the seed and the data: a key that changes with any of them cannot go stale."""
-    key = json.dumps([common.weights_digest(model), cfg.run.thinking, cfg.run.prompt_suffix, data.PROMPT_VERSION,
-                      dataclasses.asdict(sampling(cfg, model)), seed, cfg.data.max_history_chars,
-                      data.cache_key(cfg.data)], sort_keys=True)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return os.path.join(cfg.data.data_dir, "reasoning", f"{cfg.data.dataset}-{digest}", f"{split}.jsonl")
-
-
-def batch_seed(seed, split, first):
-    """The sampling seed of one generation batch: a rerun draws the same CoTs."""
-    return int(hashlib.sha1(f"{seed}|{split}|{first}".encode()).hexdigest()[:8], 16)
-
-
 def generate_reasoning(cfg, ds, model, tok, split, samples, seed=None):
-    """Sampled reasoning for every sample of a split, kept in a resumable JSONL cache (common.cached_map).
+    """Sampled reasoning for every sample of a split, kept in a resumable JSONL cache (checkpoint.cached_map).
     Returns ([(y, z)] in sample order, the parse rate)."""
     if model is None:  # --model none: the history-only Rechead
         return [("", None)] * len(samples), None
     seed = cfg.run.seed if seed is None else seed
-    dcfg = sampling(cfg, model)
+    sampling = decode.resolve_sampling(cfg.decode, model)
 
     def generate(idx):
         with torch.random.fork_rng(devices=[DEVICE] if DEVICE.type == "cuda" else []):
-            torch.manual_seed(batch_seed(seed, split, idx[0]))  # the rest of the run's RNG stays untouched
-            messages = [user_messages(cfg, ds, samples[i]) for i in idx]
-            texts, out = decode.complete(model, tok, messages, dcfg, cfg.run.thinking)
+            torch.manual_seed(common.batch_seed(seed, split, idx[0]))  # the rest of the run's RNG stays untouched
+            messages = [data.build_messages(ds, samples[i], cfg.data, cfg.run.prompt_suffix) for i in idx]
+            texts, out = decode.complete(model, tok, messages, sampling, cfg.run.thinking)
         return [{"i": i, "text": t} for i, t in zip(idx, texts)], int(out.mask.sum())
 
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["history"]))  # similar lengths share a batch
-    done = common.cached_map(cache_path(cfg, model, split, seed), order, cfg.run.gen_batch, generate,
-                             f"reasoning {split}")
-    rs = [split_reasoning(done[i]["text"]) for i in range(len(samples))]
+    path = checkpoint.reasoning_cache(cfg, model, split, seed)
+    done = checkpoint.cached_map(path, order, cfg.run.gen_batch, generate, f"reasoning {split}")
+    rs = [rewards.split_reasoning(done[i]["text"]) for i in range(len(samples))]
     return rs, sum(z is not None for _, z in rs) / max(len(rs), 1)
 
 
@@ -184,20 +137,8 @@ def make_head(cfg, ds):
     rc = cfg.rechead
     if rc.encoder == "toy":  # built once into the data folder; the config keeps saying "toy"
         where = os.path.join(cfg.data.data_dir, "toy", "encoder")
-        path = common.main_first(data.build_toy_encoder, ds.texts[1:], where)
-        rc = dataclasses.replace(rc, encoder=path)
+        rc = dataclasses.replace(rc, encoder=common.main_first(toy.build_encoder, ds.texts[1:], where))
     return rechead.Rechead(rc, ds.texts, DEVICE)
-
-
-def embed_frozen(cfg, head, inputs):
-    """Frozen encoders: embed every distinct text once, up front, and keep the embeddings on disk
-    (<data_dir>/embeddings/, keyed by the encoder's weights) so that a rerun skips the work."""
-    if head.cfg.trainable:
-        return
-    key = f"{common.weights_digest(head.item_encoder)}-{head.cfg.max_seq_length}"
-    texts = list(dict.fromkeys(t or "" for x, y, z in inputs for t in (*x, *y, *z)))
-    common.embed_cached(os.path.join(cfg.data.data_dir, "embeddings", f"{key}.pt"), texts, head,
-                        16 * head.cfg.encode_batch)
 
 
 def rechead_step(net, head, opt, inputs, targets, idx, neg):
@@ -264,13 +205,39 @@ def train_rechead(cfg, ds, head, inputs, splits, log, out):
     return head
 
 
+def stage1(cfg, ds, head, model, tok, splits, log, out):
+    """Algorithm 1 lines 1-12: reasoning for every split, then the Rechead; returns its metrics and the
+    popularity and transition baselines."""
+    reasoning = {k: generate_reasoning(cfg, ds, model, tok, k, v) for k, v in splits.items()}
+    inputs = {k: rechead_inputs(cfg, ds, splits[k], rs) for k, (rs, _) in reasoning.items()}
+    if model is not None:
+        log({"stage": 1, **{f"parse_rate_{k}": p for k, (_, p) in reasoning.items()}})
+    texts = [t or "" for x, y, z in inputs.values() for t in (*x, *y, *z)]
+    checkpoint.embed_frozen(head, texts, os.path.join(cfg.data.data_dir, "embeddings"))
+    head.tokenise_all(texts)
+    if cfg.run.ablate != "I":
+        train_rechead(cfg, ds, head, inputs, splits, log, out)
+    metrics = {"stage1": {}}
+    for k in ("valid", "test"):
+        m = evaluate_split(cfg, head, inputs[k], splits[k], cfg.run.ablate == "I")
+        metrics["stage1"][k] = m if model is None else {**m, "parse_rate": reasoning[k][1]}
+    if cfg.run.official_eval and model is not None:  # the official protocol: valid averaged over 4 sampled CoTs
+        runs = [score_split(cfg, ds, head, model, tok, "valid", splits["valid"], cfg.run.seed + 1000 + j)
+                for j in range(4)]
+        metrics["stage1"]["valid_official"] = evaluate.average_metrics(runs)
+    args = (splits["train"], splits["test"], ds.n_items, cfg.eval)
+    metrics["popularity"] = {"test": evaluate.popularity_metrics(*args)}
+    metrics["transition"] = {"test": evaluate.transition_metrics(*args)}
+    return metrics
+
+
 # ----------------------------------------------------------------------------- Stage II: GRPO (eq. 7-11)
 def reward_parts(cfg, ds, head, ref, tok, samples, texts, ro):
     """Section 2.2's rewards for B = N*G completions of N samples (groups contiguous): (r (B,), parts
     {name: (B,)}, CoT token counts (B,), summaries)."""
     rw, B = cfg.rewards, len(texts)
     owner = [samples[b // cfg.grpo.group_size] for b in range(B)]
-    x, y, z = rechead_inputs(cfg, ds, owner, [split_reasoning(t) for t in texts])
+    x, y, z = rechead_inputs(cfg, ds, owner, [rewards.split_reasoning(t) for t in texts])
     cot = torch.stack([rewards.cot_token_mask(ro.tokens[b], ro.mask[b], tok) for b in range(B)])  # (B, T)
     cand = torch.stack([rewards.candidates(s["i"], s["target"], ds.n_items, rw.negatives, rw.seed)
                         for s in samples]).repeat_interleave(cfg.grpo.group_size, 0)  # (B, k+1), one set per group
@@ -293,39 +260,18 @@ def summarise(cfg, head, ref, tok, y, todo):
     """The frozen reference model's greedy summaries y_hat of the CoTs y[b], b in todo, in one batched call:
     (summaries [B], cos(e(y), e(y_hat)) (B,) (-inf where none), (|y_hat|, |y|) in tokens, each (B,))."""
     B = len(y)
-    summaries, cos = [""] * B, torch.full((B,), -math.inf)
-    summary_lens, cot_lens = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    if not todo:
-        return summaries, cos, (summary_lens, cot_lens)
-    scfg = dataclasses.replace(cfg.decode, greedy=True, max_new_tokens=cfg.rewards.summary_max_new_tokens,
-                               temperature=1.0, top_p=1.0, top_k=0)
-    outs, _ = decode.complete(ref, tok, [rewards.summary_messages(y[b]) for b in todo], scfg, thinking=False)
-    outs = [o.strip() for o in outs]
-    cos[todo] = torch.nn.functional.cosine_similarity(head.encode_frozen([y[b] for b in todo]),
-                                                      head.encode_frozen(outs), dim=-1).float().cpu()
-    for j, b in enumerate(todo):
-        summaries[b] = outs[j]
-        summary_lens[b] = len(tok(outs[j], add_special_tokens=False).input_ids)
-        cot_lens[b] = len(tok(y[b], add_special_tokens=False).input_ids)
-    return summaries, cos, (summary_lens, cot_lens)
-
-
-@functools.lru_cache(maxsize=4)
-def _perm(n, seed):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def step_batch(step, n_train, per_step, seed):
-    """Global train indices of one GRPO step: epoch-wise permutations, a pure function of the step,
-    so a resumed run sees exactly the prompts it would have seen."""
-    js = range(step * per_step, (step + 1) * per_step)
-    return [int(_perm(n_train, seed + j // n_train)[j % n_train]) for j in js]
-
-
-def eval_subset(valid, n, seed):
-    """The fixed, seeded valid subset that Stage II's model selection scores."""
-    idx = sorted(torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed))[:n].tolist())
-    return [valid[i] for i in idx]
+    summaries, cos, lens = [""] * B, torch.full((B,), -math.inf), torch.zeros(2, B, dtype=torch.long)
+    if todo:
+        scfg = dataclasses.replace(cfg.decode, greedy=True, max_new_tokens=cfg.rewards.summary_max_new_tokens,
+                                   temperature=1.0, top_p=1.0, top_k=0)
+        outs, _ = decode.complete(ref, tok, [rewards.summary_messages(y[b]) for b in todo], scfg, thinking=False)
+        for b, o in zip(todo, outs):
+            summaries[b] = o.strip()
+        y_hat, cots = [summaries[b] for b in todo], [y[b] for b in todo]
+        cos[todo] = torch.cosine_similarity(head.encode_frozen(cots), head.encode_frozen(y_hat), dim=-1).float().cpu()
+        lens[:, todo] = torch.tensor([[len(t) for t in tok(texts, add_special_tokens=False).input_ids]
+                                      for texts in (y_hat, cots)])  # (2, len(todo))
+    return summaries, cos, (lens[0], lens[1])
 
 
 def stage2(cfg, ds, head, model, tok, splits, log, out):
@@ -343,9 +289,9 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
     total = min(total, g.steps) if g.steps else total
     st = {"step": 0, "best_step": 0, "best": -1.0, "bad": 0, "skips": 0, "stopped": False}
     if cfg.run.resume:
-        st = {k: v for k, v in common.load_checkpoint(out, model, opt).items() if k in st}
+        st = {k: v for k, v in checkpoint.load(out, model, opt).items() if k in st}
     log.drop_after(st["step"])
-    subset = eval_subset(splits["valid"], g.eval_samples, cfg.run.seed)
+    subset = common.eval_subset(splits["valid"], g.eval_samples, cfg.run.seed)
     roll = dataclasses.replace(cfg.decode, greedy=False, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
                                top_p=1.0, top_k=0)  # pi_old must be the distribution that sampled
     amp = DTYPE if DEVICE.type == "cuda" else None
@@ -356,7 +302,8 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
         m = evaluate_split(cfg, head, rechead_inputs(cfg, ds, subset, rs), subset)
         if m["ndcg@10"] > st["best"]:
             st.update(best=m["ndcg@10"], best_step=step, bad=0)
-            common.save_pretrained(os.path.join(out, "best"), model, tok, {"step": step, "valid_ndcg@10": m["ndcg@10"]})
+            info = {"step": step, "valid_ndcg@10": m["ndcg@10"]}
+            checkpoint.save_pretrained(os.path.join(out, "best"), model, tok, info)
         else:
             st["bad"] += 1
         log({"stage": 2, "step": step, "valid_hr@10": m["hr@10"], "valid_ndcg@10": m["ndcg@10"], "parse_rate": parsed,
@@ -369,9 +316,10 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
         if st["stopped"]:
             break
         t0 = time.time()
-        samples = [dict(train[i], i=i) for i in shard(step_batch(step, len(train), g.prompts_per_step, cfg.run.seed))]
-        p_ids, p_mask = decode.encode_prompts(tok, [user_messages(cfg, ds, s) for s in samples], cfg.run.thinking,
-                                              DEVICE)
+        order = common.step_batch(step, len(train), g.prompts_per_step, cfg.run.seed)
+        samples = [dict(train[i], i=i) for i in shard(order)]
+        messages = [data.build_messages(ds, s, cfg.data, cfg.run.prompt_suffix) for s in samples]
+        p_ids, p_mask = decode.encode_prompts(tok, messages, cfg.run.thinking, DEVICE)
         model.eval()
         ro = grpo.rollout(model, p_ids, p_mask, g.group_size, roll, decode.eos_ids(model, tok), tok.pad_token_id)
         texts = tok.batch_decode(ro.tokens.masked_fill(~ro.mask, tok.pad_token_id), skip_special_tokens=True)
@@ -383,12 +331,11 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
         zero, groups = common.all_sum(grpo.zero_spread_groups(r, g.group_size), len(samples))
         passes = {f"{k}_p{j + 1}": p[k] for j, p in enumerate(up["passes"]) for k in ("kl", "clip_low", "clip_high")
                   } if g.iterations > 1 else {}
-        log({"stage": 2, "step": step + 1, "reward": common.mean_all(r),
-             **{k: common.mean_all(v) for k, v in parts.items()}, "kl": up["kl"],
-             "entropy": common.mean_all(ro.entropy[ro.mask]), "clip_low": up["clip_low"], "clip_high": up["clip_high"],
-             **passes, "kept": up["kept"], "loss": up["loss"], "grad_norm": up["grad_norm"],
-             "zero_std_groups": zero / groups, "len": common.mean_all(ro.mask.sum(1)),
-             "cot_len": common.mean_all(cot_len), "skipped": up["skipped"], "s": round(time.time() - t0, 2)})
+        stats = {k: up[k] for k in ("kl", "clip_low", "clip_high", "kept", "loss", "grad_norm", "skipped")}
+        means = {k: common.mean_all(v) for k, v in {"reward": r, **parts, "entropy": ro.entropy[ro.mask],
+                                                     "len": ro.mask.sum(1), "cot_len": cot_len}.items()}
+        log({"stage": 2, "step": step + 1, **means, **stats, **passes, "zero_std_groups": zero / groups,
+             "s": round(time.time() - t0, 2)})
         st["skips"] = st["skips"] + 1 if up["skipped"] else 0
         if up["skipped"]:
             tqdm.write(f"warning: step {step + 1} skipped, nothing reached the weights: {up['skipped']}")
@@ -402,31 +349,16 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
             validate(step + 1)
         st["step"] = step + 1
         if (g.save_every and st["step"] % g.save_every == 0) or st["step"] == total or st["stopped"]:
-            common.save_checkpoint(out, model, tok, opt, st)
+            checkpoint.save(out, model, tok, opt, st)
     return st
 
 
 # ----------------------------------------------------------------------------- evaluation and main
-def plot_stage2(out, log):
-    """Reward parts, KL, entropy, CoT length per step (cf. the paper's Fig. 4) and the valid curve: stage2.png."""
-    recs = [r for r in log.records() if r["stage"] == 2]
-    evals = [r for r in recs if "valid_ndcg@10" in r]
-    common.plot_curves(os.path.join(out, "stage2.png"), [r for r in recs if "reward" in r],
-                       ("reward", "fmt", "clean", "ndcg", "sim", "comp", "ent", "kl", "entropy", "cot_len"),
-                       ("valid ndcg@10", [r["step"] for r in evals], [r["valid_ndcg@10"] for r in evals]))
-
-
-def score_split(cfg, ds, head, model, tok, split, samples, seed=None, ground=False):
+def score_split(cfg, ds, head, model, tok, split, samples, seed=None):
     """Metrics of one split with CoTs sampled by `model`, plus their parse rate."""
     rs, parsed = generate_reasoning(cfg, ds, model, tok, split, samples, seed)
-    m = evaluate_split(cfg, head, rechead_inputs(cfg, ds, samples, rs), samples, ground)
+    m = evaluate_split(cfg, head, rechead_inputs(cfg, ds, samples, rs), samples)
     return m if parsed is None else {**m, "parse_rate": parsed}
-
-
-def official_valid(cfg, ds, head, model, tok, valid, n=4):
-    """The official code's protocol: valid metrics averaged over n sampled CoTs per sample."""
-    return evaluate.average_metrics([score_split(cfg, ds, head, model, tok, "valid", valid, cfg.run.seed + 1000 + j)
-                                     for j in range(n)])
 
 
 def main(argv):
@@ -446,57 +378,30 @@ def main(argv):
         print("toy preset: a tiny randomly initialised Qwen3 backbone and a random static-embedding encoder, both "
               "built in code (no download). Its reasoning is noise; the numbers only exercise the code.")
     if MAIN and model is not None:
-        s = sampling(cfg, model)
-        how = "greedy" if s.greedy else f"sampled, temperature {s.temperature} top_p {s.top_p} top_k {s.top_k}"
-        print(f"reasoning: {how}")
+        s = decode.resolve_sampling(cfg.decode, model)
+        print("reasoning: " + ("greedy" if s.greedy else f"sampled, temperature {s.temperature} top_p {s.top_p} "
+                               f"top_k {s.top_k}"))
     mpath = os.path.join(out, "metrics.json")
     metrics = json.load(open(mpath)) if os.path.exists(mpath) else {}
     head = make_head(cfg, ds)
     if cfg.run.stage in ("1", "both"):
-        reasoning = {k: generate_reasoning(cfg, ds, model, tok, k, v) for k, v in splits.items()}
-        inputs = {k: rechead_inputs(cfg, ds, splits[k], rs) for k, (rs, _) in reasoning.items()}
-        if model is not None:
-            log({"stage": 1, **{f"parse_rate_{k}": p for k, (_, p) in reasoning.items()}})
-        embed_frozen(cfg, head, inputs.values())
-        head.tokenise_all([t or "" for x, y, z in inputs.values() for t in (*x, *y, *z)])
-        if cfg.run.ablate != "I":
-            head = train_rechead(cfg, ds, head, inputs, splits, log, out)
-        metrics["stage1"] = {k: evaluate_split(cfg, head, inputs[k], splits[k], cfg.run.ablate == "I")
-                             for k in ("valid", "test")}
-        if model is not None:
-            for k in ("valid", "test"):
-                metrics["stage1"][k]["parse_rate"] = reasoning[k][1]
-        args = (splits["train"], splits["test"], ds.n_items, cfg.eval)
-        metrics["popularity"] = {"test": evaluate.popularity_metrics(*args)}
-        metrics["transition"] = {"test": evaluate.transition_metrics(*args)}
-        if cfg.run.official_eval and model is not None:
-            metrics["stage1"]["valid_official"] = official_valid(cfg, ds, head, model, tok, splits["valid"])
+        metrics.update(stage1(cfg, ds, head, model, tok, splits, log, out))
         if MAIN:
+            common.save_json(mpath, metrics)
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
     else:
         head.load_state_dict(config.load_rechead_file(cfg.run.init)["state"])
-    if MAIN:
-        common.save_json(mpath, metrics)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
         st = stage2(cfg, ds, head, model, tok, splits, log, out)
-        from transformers import AutoModelForCausalLM  # the best valid step's backbone reasons again
-        best = common.recover_dir(os.path.join(out, "best"), "info.json")
-        if best is None:
-            fail(f"{out}/best is missing; rerun Stage II (without --resume) to choose the best step again")
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32).state_dict())
-        metrics["stage2"] = {k: score_split(cfg, ds, head, model.eval(), tok, k, splits[k]) for k in ("valid", "test")}
+        checkpoint.load_best(out, model).eval()  # the best valid step's backbone reasons again
+        metrics["stage2"] = {k: score_split(cfg, ds, head, model, tok, k, splits[k]) for k in ("valid", "test")}
         metrics["stage2"]["step"] = st["best_step"]
         if MAIN:
             common.save_json(mpath, metrics)
-            plot_stage2(out, log)
+            common.plot_stage2(out, log.records(), rewards.TERMS)
             print(f"stage 2 done after {time.time() - t_start:.0f} s; best valid step {st['best_step']}")
     if MAIN:
-        for name, m in metrics.items():
-            for split, v in m.items():
-                if isinstance(v, dict):
-                    keys = ("hr@10", "ndcg@10", "hr@20", "parse_rate")
-                    shown = "  ".join(f"{k}={v[k]:.4f}" for k in keys if v.get(k) is not None)
-                    print(f"{name:>10} {split:>5}  {shown}")
+        common.print_metrics(metrics)
         print(f"run folder: {out}")
     if WORLD > 1:
         dist.destroy_process_group()
@@ -504,9 +409,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except torch.cuda.OutOfMemoryError as e:
-        raise SystemExit(f"error: CUDA out of memory ({e}).\nFinished work is kept (reasoning cache, rechead.pt, "
-                         "ckpt/): lower --gen_batch, --grpo.micro_batch or --grpo.logit_chunk, or turn on "
-                         "--grpo.grad_checkpointing, then rerun (Stage II with --resume).") from e
+    common.run_main(main, sys.argv[1:])

@@ -1,4 +1,5 @@
-"""data.py: Amazon 2023 processing, MovieLens, bring-your-own tables, toy set, cache, prompts, errors."""
+"""data.py, sources.py, toy.py: Amazon 2023 processing, MovieLens, bring-your-own tables, toy set, cache, prompts,
+errors, toy models."""
 import collections
 import csv
 import dataclasses
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import data as D
+import data
+import sources
+import toy
 
 CAT = "CDs_and_Vinyl"
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -41,7 +44,7 @@ def write_amazon(raw, metas, reviews):
 
 
 def amazon_cfg(tmp_path, **kw):
-    return D.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path / "raw"),
+    return data.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path / "raw"),
                         **{"min_items": 1, **kw})
 
 
@@ -83,7 +86,7 @@ RATINGS = [{"user_id": f"u{u}", "item_id": MOVIES[(u + k) % 4]["item_id"], "rati
 
 def custom_cfg(tmp_path, ext=".tsv", ratings=RATINGS, movies=MOVIES, **kw):
     inter, items = write_table(tmp_path / f"inter{ext}", ratings), write_table(tmp_path / f"items{ext}", movies)
-    return D.DataConfig(dataset="custom", data_dir=str(tmp_path / "data"), interactions=inter, items=items, **kw)
+    return data.DataConfig(dataset="custom", data_dir=str(tmp_path / "data"), interactions=inter, items=items, **kw)
 
 
 # ---------------------------------------------------------------- Amazon 2023
@@ -98,7 +101,7 @@ def test_amazon_item_filter_rules(tmp_path):
     metas += bad + good
     reviews += [("x", m["parent_asin"], ms("2023-06-01") + k) for k, m in enumerate(bad + good)]
     write_amazon(tmp_path / "raw", metas, reviews)
-    ds = D.load_dataset(amazon_cfg(tmp_path))
+    ds = data.load_dataset(amazon_cfg(tmp_path))
     assert set(ds.titles[1:]) == {f"Album A{i}" for i in range(4)} | {" ".join(["w"] * 50), "Album G_str",
                                                                       "Album G_int"}
     assert ds.n_items == 7 and len(ds.titles) == len(ds.texts) == 8
@@ -110,7 +113,7 @@ def test_amazon_cleaning_and_item_text(tmp_path):
                     description=["<p>Line one&nbsp;here</p>\nline two", "<p>Line one&nbsp;here</p>\nline two"])
     metas[1] = meta("A1", description=[" ".join(f"w{i}" for i in range(150))])
     write_amazon(tmp_path / "raw", metas, reviews)
-    ds = D.load_dataset(amazon_cfg(tmp_path))
+    ds = data.load_dataset(amazon_cfg(tmp_path))
     assert ds.titles[1] == "Rock & Roll Live in Caf Tour"  # items keep meta-file order
     assert ds.texts[1] == ("'title': Rock & Roll Live in Caf Tour\n 'average_rating': 4.5\n 'rating_number': 10\n"
                            " 'description': Line one here line two")  # duplicate description entry dropped
@@ -125,7 +128,7 @@ def test_amazon_window_start_inclusive_end_exclusive(tmp_path):
     metas += [meta(a) for a in edges]
     reviews += [("e", a, t) for a, t in edges.items()]
     write_amazon(tmp_path / "raw", metas, reviews)
-    titles = set(D.load_dataset(amazon_cfg(tmp_path)).titles)
+    titles = set(data.load_dataset(amazon_cfg(tmp_path)).titles)
     assert {"Album S_start", "Album S_lastms"} <= titles
     assert not {"Album S_before", "Album S_end"} & titles
 
@@ -136,10 +139,10 @@ def test_amazon_start_moves_back_until_min_items_then_stops_at_first_year(tmp_pa
     metas += [meta(a) for a in old]
     reviews += [("o", a, t) for a, t in old.items()]
     write_amazon(tmp_path / "raw", metas, reviews)
-    ds = D.load_dataset(amazon_cfg(tmp_path, min_items=5))  # one 3-month step: start 2022-07-01
+    ds = data.load_dataset(amazon_cfg(tmp_path, min_items=5))  # one 3-month step: start 2022-07-01
     assert "Album O_jul" in ds.titles and not {"Album O_jun", "Album O_2021"} & set(ds.titles)
     # never enough: the start moves back until its year is the data's first year (2021-10-01) and stops
-    ds = D.load_dataset(amazon_cfg(tmp_path, min_items=100))
+    ds = data.load_dataset(amazon_cfg(tmp_path, min_items=100))
     assert {"Album O_jul", "Album O_jun"} <= set(ds.titles) and "Album O_2021" not in ds.titles
 
 
@@ -151,55 +154,55 @@ def test_amazon_download_via_part_file_and_reuse(tmp_path, monkeypatch):
                       ("benchmark/5core/rating_only", f"{CAT}.csv.gz")):
         (server / rel).mkdir(parents=True)
         (server / rel / name).write_bytes((tmp_path / "src" / name).read_bytes())
-    monkeypatch.setattr(D, "AMAZON_URL", server.as_uri() + "/")
-    cfg = D.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), min_items=1)
-    ds = D.load_dataset(cfg)
+    monkeypatch.setattr(sources, "AMAZON_URL", server.as_uri() + "/")
+    cfg = data.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), min_items=1)
+    ds = data.load_dataset(cfg)
     raw = tmp_path / "data" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == [f"{CAT}.csv.gz", f"meta_{CAT}.jsonl.gz"]  # no .part left
-    monkeypatch.setattr(D, "AMAZON_URL", "file:///nonexistent/")  # complete files are reused, not fetched
-    assert D.load_dataset(D.DataConfig(**{**vars(cfg), "force": True})).splits == ds.splits
+    monkeypatch.setattr(sources, "AMAZON_URL", "file:///nonexistent/")  # complete files are reused, not fetched
+    assert data.load_dataset(data.DataConfig(**{**vars(cfg), "force": True})).splits == ds.splits
 
 
 def test_download_md5_mismatch_deletes_file_and_match_loads(tmp_path, monkeypatch):
     server = tmp_path / "server"
     server.mkdir()
     write_ml100k(server / "ml-100k.zip")  # not GroupLens' zip, so the real published md5 cannot match
-    monkeypatch.setattr(D, "ML_URL", server.as_uri() + "/{}.zip")
-    cfg = D.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"))
+    monkeypatch.setattr(sources, "ML_URL", server.as_uri() + "/{}.zip")
+    cfg = data.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"))
     raw = tmp_path / "data" / "raw"
     with pytest.raises(ValueError, match=rf"ml-100k.zip: the download .* has md5 \w+, not the published "
-                                         rf"{D.ML_MD5['ml-100k']}.*rerun.*or put a verified copy at"):
-        D.load_dataset(cfg)
+                                         rf"{sources.ML_MD5['ml-100k']}.*rerun.*or put a verified copy at"):
+        data.load_dataset(cfg)
     assert not list(raw.iterdir()) and no_cache(cfg)  # neither the zip nor its .part stays
     md5 = hashlib.md5((server / "ml-100k.zip").read_bytes()).hexdigest()
-    monkeypatch.setitem(D.ML_MD5, "ml-100k", md5)
-    assert D.load_dataset(cfg).n_items == 5 and [p.name for p in raw.iterdir()] == ["ml-100k.zip"]
+    monkeypatch.setitem(sources.ML_MD5, "ml-100k", md5)
+    assert data.load_dataset(cfg).n_items == 5 and [p.name for p in raw.iterdir()] == ["ml-100k.zip"]
 
 
 def test_download_has_a_timeout(tmp_path, monkeypatch):
     (tmp_path / "f.bin").write_bytes(b"x" * 10)
-    seen, urlopen = [], D.urllib.request.urlopen
+    seen, urlopen = [], sources.urllib.request.urlopen
 
     def spy(url, **kw):
         seen.append(kw.get("timeout"))
         return urlopen(url, **kw)
-    monkeypatch.setattr(D.urllib.request, "urlopen", spy)
-    D._download((tmp_path / "f.bin").as_uri(), str(tmp_path / "out" / "f.bin"))
-    assert seen == [D.DOWNLOAD_TIMEOUT] and 0 < D.DOWNLOAD_TIMEOUT <= 300
+    monkeypatch.setattr(sources.urllib.request, "urlopen", spy)
+    sources.download((tmp_path / "f.bin").as_uri(), str(tmp_path / "out" / "f.bin"))
+    assert seen == [sources.DOWNLOAD_TIMEOUT] and 0 < sources.DOWNLOAD_TIMEOUT <= 300
 
     def stall(url, **kw):
         raise TimeoutError("timed out")
-    monkeypatch.setattr(D.urllib.request, "urlopen", stall)
+    monkeypatch.setattr(sources.urllib.request, "urlopen", stall)
     with pytest.raises(OSError, match="could not download .*timed out"):
-        D._download("https://example.invalid/g.bin", str(tmp_path / "out" / "g.bin"))
+        sources.download("https://example.invalid/g.bin", str(tmp_path / "out" / "g.bin"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f.bin"]
 
 
 def test_failed_download_leaves_no_part_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "ML_URL", tmp_path.as_uri() + "/missing-{}.zip")
-    cfg = D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data"))
+    monkeypatch.setattr(sources, "ML_URL", tmp_path.as_uri() + "/missing-{}.zip")
+    cfg = data.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data"))
     with pytest.raises(OSError, match="could not download .*missing-ml-1m.zip"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg) and not list((tmp_path / "data").rglob("*.part"))
 
 
@@ -211,7 +214,7 @@ def test_every_prefix_is_a_sample_with_at_most_20_history_items(tmp_path):
     ratings = [{"user_id": "long", "item_id": i, "timestamp": 100 + i} for i in range(1, 26)]
     ratings += [{"user_id": f"s{u}", "item_id": 26 + u, "timestamp": 10 + u} for u in range(4)]
     ratings += [{"user_id": f"s{u}", "item_id": 1, "timestamp": 50} for u in range(4)]
-    ds = D.load_dataset(custom_cfg(tmp_path, ratings=ratings, movies=movies))
+    ds = data.load_dataset(custom_cfg(tmp_path, ratings=ratings, movies=movies))
     long = [s for s in all_samples(ds) if s["user"] == "long"]
     ids = {t: i for i, t in enumerate(ds.titles)}
     seq = [ids[f"Movie {i}"] for i in range(1, 26)]
@@ -222,14 +225,14 @@ def test_every_prefix_is_a_sample_with_at_most_20_history_items(tmp_path):
 
 def test_stable_sort_keeps_file_order_on_time_ties(tmp_path):
     ratings = [{"user_id": "u", "item_id": i, "rating": 3, "timestamp": 5} for i in (30, 10, 20)] + RATINGS
-    ds = D.load_dataset(custom_cfg(tmp_path, ratings=ratings))
+    ds = data.load_dataset(custom_cfg(tmp_path, ratings=ratings))
     u = [s for s in all_samples(ds) if s["user"] == "u"]
     title = lambda i: ds.titles[i]
     assert [title(s["target"]) for s in u] == ["Toy Story", "Heat"] and title(u[0]["history"][0]) == "Fargo"
 
 
 def test_split_sizes_and_time_order(tmp_path):
-    ds = D.load_dataset(D.DataConfig())
+    ds = data.load_dataset(data.DataConfig())
     n = len(all_samples(ds))
     assert [len(ds.splits[k]) for k in ("train", "valid", "test")] == [int(0.8 * n), int(0.9 * n) - int(0.8 * n),
                                                                      n - int(0.9 * n)]
@@ -239,7 +242,7 @@ def test_split_sizes_and_time_order(tmp_path):
 
 
 def test_pad_id_is_never_a_real_item(tmp_path):
-    ds = D.load_dataset(custom_cfg(tmp_path))
+    ds = data.load_dataset(custom_cfg(tmp_path))
     assert ds.titles[0] == "" and ds.texts[0] == "" and ds.n_items == 4
     ids = {i for s in all_samples(ds) for i in s["history"] + [s["target"]]}
     assert min(ids) == 1 and max(ids) == ds.n_items
@@ -249,11 +252,11 @@ def test_single_interaction_users_are_skipped_and_counted(tmp_path):
     ratings = RATINGS + [{"user_id": "once", "item_id": 40, "timestamp": 7}, {"user_id": "twice", "item_id": 40,
                                                                              "timestamp": 8}]
     cfg = custom_cfg(tmp_path, ratings=ratings)
-    ds = D.load_dataset(cfg)
-    stats = D.dataset_stats(ds)
+    ds = data.load_dataset(cfg)
+    stats = data.dataset_stats(ds)
     assert stats["skipped_users"] == 2 and stats["users"] == 4 and stats["samples"] == 12
     assert not {"once", "twice"} & {s["user"] for s in all_samples(ds)}
-    assert D.dataset_stats(D.load_dataset(cfg))["skipped_users"] == 2  # survives the cache
+    assert data.dataset_stats(data.load_dataset(cfg))["skipped_users"] == 2  # survives the cache
 
 
 # ---------------------------------------------------------------- MovieLens and bring-your-own
@@ -264,7 +267,7 @@ def ml_ratings():
 
 
 def write_ml100k(zpath):
-    flags = lambda *on: "|".join("1" if g in on else "0" for g in D.ML100K_GENRES)
+    flags = lambda *on: "|".join("1" if g in on else "0" for g in sources.ML100K_GENRES)
     movies = [(1, "Toy Story (1995)", flags("Animation", "Children's", "Comedy")), (2, "GoldenEye (1995)",
               flags("Action")), (3, "Caf\u00e9 M\u00fcller (1996)", flags("Drama")), (4, "Heat (1995)",
               flags("Crime")), (5, "unknown", flags("unknown"))]
@@ -284,7 +287,7 @@ def write_ml1m(folder):
 
 def test_movielens_100k_zip(tmp_path):
     write_ml100k(tmp_path / "ml-100k.zip")
-    ds = D.load_dataset(D.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path)))
+    ds = data.load_dataset(data.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path)))
     assert ds.category == "movie" and ds.n_items == 5 and len(all_samples(ds)) == 12
     assert ds.texts[1] == "title: Toy Story; year: 1995; genres: Animation Children's Comedy"
     assert ds.titles[3] == "Caf\u00e9 M\u00fcller" and ds.texts[5] == "title: unknown; genres: unknown"
@@ -292,27 +295,27 @@ def test_movielens_100k_zip(tmp_path):
 
 def test_movielens_1m_extracted_folder_and_zip(tmp_path):
     write_ml1m(tmp_path / "data" / "raw" / "ml-1m")
-    ds = D.load_dataset(D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data")))  # <data_dir>/raw default
+    ds = data.load_dataset(data.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data")))  # <data_dir>/raw default
     assert ds.texts[1] == "title: Toy Story; year: 1995; genres: Animation Children's Comedy"
     assert ds.texts[3] == "title: Caf\u00e9 M\u00fcller; year: 1996; genres: Drama" and len(all_samples(ds)) == 12
     with zipfile.ZipFile(tmp_path / "ml-1m.zip", "w") as z:
         for f in ("ratings.dat", "movies.dat"):
             z.write(tmp_path / "data" / "raw" / "ml-1m" / f, f"ml-1m/{f}")
-    cfg = D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data2"), raw_dir=str(tmp_path))
-    assert D.load_dataset(cfg).texts == ds.texts
+    cfg = data.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data2"), raw_dir=str(tmp_path))
+    assert data.load_dataset(cfg).texts == ds.texts
 
 
 @pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl"])
 def test_bring_your_own_tables(tmp_path, ext):
     movies = [dict(m, genres=m["genres"].split()) if ext == ".jsonl" else m for m in MOVIES]
-    ds = D.load_dataset(custom_cfg(tmp_path, ext, movies=movies, category="film"))
+    ds = data.load_dataset(custom_cfg(tmp_path, ext, movies=movies, category="film"))
     assert ds.texts[1] == "title: Toy Story; year: 1995; genres: Animation Children's Comedy"
     assert ds.titles[1:] == ["Toy Story", "Heat", "Fargo", "Alien"] and ds.category == "film"
-    assert D.dataset_stats(ds) | {"dataset": ""} == {
+    assert data.dataset_stats(ds) | {"dataset": ""} == {
         "dataset": "", "users": 4, "items": 4, "samples": 12, "train": 9, "valid": 1, "test": 2, "skipped_users": 0,
         "first_date": "1970-01-01", "last_date": "1970-01-01", "mean_history": 2.0}
     (tmp_path / "ref").mkdir()
-    ref = D.load_dataset(custom_cfg(tmp_path / "ref"))  # TSV with genres as one string
+    ref = data.load_dataset(custom_cfg(tmp_path / "ref"))  # TSV with genres as one string
     assert ds.splits == ref.splits and ds.texts == ref.texts
 
 
@@ -322,18 +325,18 @@ def test_utf8_bom_tables_load(tmp_path, ext):
     cfg = custom_cfg(tmp_path, ext)
     for path in (cfg.interactions, cfg.items):
         Path(path).write_bytes(b"\xef\xbb\xbf" + Path(path).read_bytes())
-    ds = D.load_dataset(cfg)
+    ds = data.load_dataset(cfg)
     (tmp_path / "ref").mkdir()
-    ref = D.load_dataset(custom_cfg(tmp_path / "ref", ext))
+    ref = data.load_dataset(custom_cfg(tmp_path / "ref", ext))
     assert ds.titles[1:] == ["Toy Story", "Heat", "Fargo", "Alien"] and ds.splits == ref.splits
     assert ds.texts == ref.texts
 
 
 @pytest.mark.skipif(not ML100K.is_dir(), reason="shared MovieLens-100K copy absent")
 def test_shared_ml100k_numbers(tmp_path):
-    cfg = D.DataConfig(dataset="custom", data_dir=str(tmp_path), interactions=str(ML100K / "interactions.tsv"),
+    cfg = data.DataConfig(dataset="custom", data_dir=str(tmp_path), interactions=str(ML100K / "interactions.tsv"),
                        items=str(ML100K / "items.tsv"))
-    s = D.dataset_stats(D.load_dataset(cfg))
+    s = data.dataset_stats(data.load_dataset(cfg))
     assert (s["users"], s["items"], s["samples"], s["train"], s["valid"], s["test"]) == \
         (943, 1682, 99057, 79245, 9906, 9906)
 
@@ -345,15 +348,15 @@ def test_cache_reused_atomic_and_keyed_by_settings(tmp_path, monkeypatch):
     metas, reviews = filler()
     write_amazon(tmp_path / "raw", metas, reviews)
     cfg = amazon_cfg(tmp_path)
-    ds = D.load_dataset(cfg)
+    ds = data.load_dataset(cfg)
     files = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
     assert [p.relative_to(tmp_path / "data").as_posix() for p in files] == [f"{ds.name}/dataset.json"]
     calls = []
-    build = D._build
-    monkeypatch.setattr(D, "_build", lambda *a: calls.append(1) or build(*a))
-    assert D.load_dataset(cfg) == ds and calls == []  # reused, not rebuilt
-    assert D.load_dataset(amazon_cfg(tmp_path, force=True)) == ds and calls == [1]
-    other = D.load_dataset(amazon_cfg(tmp_path, window=2))
+    build = data._build
+    monkeypatch.setattr(data, "_build", lambda *a: calls.append(1) or build(*a))
+    assert data.load_dataset(cfg) == ds and calls == []  # reused, not rebuilt
+    assert data.load_dataset(amazon_cfg(tmp_path, force=True)) == ds and calls == [1]
+    other = data.load_dataset(amazon_cfg(tmp_path, window=2))
     assert other.name != ds.name and calls == [1, 1]
     assert max(len(s["history"]) for s in all_samples(other)) == 2
 
@@ -363,27 +366,27 @@ def test_failed_cache_write_leaves_nothing(tmp_path, monkeypatch):
 
     def boom(*a):
         raise OSError("disk full")
-    monkeypatch.setattr(D.os, "replace", boom)
+    monkeypatch.setattr(data.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
 def test_custom_cache_key_follows_file_content(tmp_path):
     cfg = custom_cfg(tmp_path)
-    key = D.cache_key(cfg)
+    key = data.cache_key(cfg)
     with open(cfg.interactions, "a") as f:
         f.write("u9\t10\t3\t99\n")
-    assert D.cache_key(cfg) != key
+    assert data.cache_key(cfg) != key
 
 
 # ---------------------------------------------------------------- bad inputs (each leaves no cache)
 
 
 def test_unknown_dataset(tmp_path):
-    cfg = D.DataConfig(dataset="cd", data_dir=str(tmp_path))
+    cfg = data.DataConfig(dataset="cd", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown dataset 'cd'.*toy, cds, instruments, games, ml-100k, ml-1m, custom"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
@@ -392,7 +395,7 @@ def test_missing_columns(tmp_path, ext):
     ratings = [{k: v for k, v in r.items() if k != "timestamp"} for r in RATINGS]
     cfg = custom_cfg(tmp_path, ext, ratings=ratings)
     with pytest.raises(ValueError, match=rf"inter{ext} lacks column\(s\) timestamp"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
@@ -403,7 +406,7 @@ def test_amazon_missing_column(tmp_path):
         f.write("user_id,asin,rating,timestamp\nu,A0,5,1\n")
     cfg = amazon_cfg(tmp_path)
     with pytest.raises(ValueError, match=f"{CAT}.csv.gz lacks column\\(s\\) parent_asin"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
@@ -412,7 +415,7 @@ def test_empty_file(tmp_path, content):
     cfg = custom_cfg(tmp_path)
     Path(cfg.items).write_text(content)
     with pytest.raises(ValueError, match="items.tsv is empty"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
@@ -424,15 +427,15 @@ def test_corrupt_gzip(tmp_path, damage):
     path.write_bytes(b"not a gzip file" if damage == "garbage" else path.read_bytes()[:-12])
     cfg = amazon_cfg(tmp_path)
     with pytest.raises(ValueError, match=f"meta_{CAT}.jsonl.gz is a corrupt gzip file.*delete it and rerun"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
 def test_corrupt_zip(tmp_path):
     (tmp_path / "ml-100k.zip").write_bytes(b"PK not really")
-    cfg = D.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path))
+    cfg = data.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path))
     with pytest.raises(ValueError, match="ml-100k.zip is corrupt.*delete it"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
@@ -440,21 +443,21 @@ def test_interactions_naming_unknown_items(tmp_path):
     cfg = custom_cfg(tmp_path, ratings=RATINGS + [{"user_id": "u0", "item_id": 99, "timestamp": 1},
                                                   {"user_id": "u1", "item_id": 77, "timestamp": 1}])
     with pytest.raises(ValueError, match="inter.tsv names 2 item id.*99, 77"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
 def test_other_bad_inputs(tmp_path):
     cfg = custom_cfg(tmp_path, ratings=RATINGS[:3])  # 2 samples: no valid/test split possible
     with pytest.raises(ValueError, match="only 2 samples"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     cfg = custom_cfg(tmp_path, ratings=[dict(r, timestamp="yesterday") for r in RATINGS])
     with pytest.raises(ValueError, match="timestamp 'yesterday' is not a number"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     with pytest.raises(ValueError, match="--data.items .*nope.tsv not found"):
-        D.load_dataset(D.DataConfig(**{**vars(cfg), "items": str(tmp_path / "nope.tsv")}))
+        data.load_dataset(data.DataConfig(**{**vars(cfg), "items": str(tmp_path / "nope.tsv")}))
     with pytest.raises(ValueError, match="needs both tables"):
-        D.load_dataset(D.DataConfig(dataset="custom", data_dir=str(tmp_path / "data")))
+        data.load_dataset(data.DataConfig(dataset="custom", data_dir=str(tmp_path / "data")))
     assert no_cache(cfg)
 
 
@@ -462,14 +465,15 @@ def test_duplicate_item_ids_name_both_lines(tmp_path):
     cfg = custom_cfg(tmp_path, movies=MOVIES + [{"item_id": 20, "title": "Heat (remake)", "year": 2030,
                                                  "genres": "Action"}])
     with pytest.raises(ValueError, match=r"items.tsv: item id '20' is on line 3 and again on line 6; keep one row"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
     folder = tmp_path / "raw" / "ml-1m"
     write_ml1m(folder)
     with open(folder / "movies.dat", "a") as f:
         f.write("\n2::Other (2000)::Drama")
     with pytest.raises(ValueError, match=r"movies.dat: item id '2' is on line 2 and again on line 6"):
-        D.load_dataset(D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "d1"), raw_dir=str(tmp_path / "raw")))
+        data.load_dataset(data.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "d1"),
+                                          raw_dir=str(tmp_path / "raw")))
 
 
 @pytest.mark.parametrize("ext,value,error", [
@@ -482,7 +486,7 @@ def test_bad_timestamp_names_file_and_line(tmp_path, ext, value, error):
     cfg = custom_cfg(tmp_path, ext, ratings=ratings)
     line = 4 if ext == ".tsv" else 3
     with pytest.raises(ValueError, match=rf"inter{ext}, line {line}: timestamp .* {error}; give Unix seconds"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
@@ -493,7 +497,7 @@ def test_jsonl_line_that_is_not_an_object(tmp_path, bad, kind):
     Path(cfg.items).write_text("\n".join(lines[:1] + ["", bad] + lines[1:]) + "\n")  # a blank line still counts
     with pytest.raises(ValueError, match=rf"items.jsonl: line 3 is a JSON {kind} .*, not an object; each line must "
                                          r"be one object with the keys item_id, title"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
@@ -503,36 +507,37 @@ def test_row_missing_a_field_names_the_line(tmp_path):
     cfg = custom_cfg(tmp_path, ".jsonl", ratings=ratings)
     with pytest.raises(ValueError, match=r"inter.jsonl lacks column\(s\) timestamp on line 5 \(that line has "
                                          r"user_id, item_id, rating\); every line needs user_id, item_id, timestamp"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     cfg = custom_cfg(tmp_path, ".csv")
     lines = Path(cfg.interactions).read_text().splitlines()
     for row, width in (("u9,10,4", 3), ("u9,10,4,5,extra", 5)):
         Path(cfg.interactions).write_text("\n".join(lines[:3] + [row] + lines[3:]) + "\n")
         with pytest.raises(ValueError, match=rf"inter.csv: line 4 has {width} fields but the header has 4; give every "
                                              "row one value per column .*comma"):
-            D.load_dataset(cfg)
+            data.load_dataset(cfg)
     assert no_cache(cfg)
 
 
 def test_movielens_damaged_line_names_file_and_line(tmp_path):
     write_ml100k(tmp_path / "ml-100k.zip")
     with zipfile.ZipFile(tmp_path / "ml-100k.zip") as z:
-        data, item = z.read("ml-100k/u.data").decode(), z.read("ml-100k/u.item")
-    lines = data.splitlines()
+        udata, item = z.read("ml-100k/u.data").decode(), z.read("ml-100k/u.item")
+    lines = udata.splitlines()
     lines[1] = lines[1].rsplit("\t", 1)[0]  # a line cut short
     with zipfile.ZipFile(tmp_path / "ml-100k.zip", "w") as z:
         z.writestr("ml-100k/u.data", "\n".join(lines))
         z.writestr("ml-100k/u.item", item)
-    cfg = D.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path))
+    cfg = data.DataConfig(dataset="ml-100k", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"ml-100k.zip \(ml-100k/u.data\), line 2 has 3 '\\t'-separated fields, "
                                          r"not 4 .*damaged: delete .*ml-100k.zip and rerun"):
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert no_cache(cfg)
     folder = tmp_path / "raw" / "ml-1m"
     write_ml1m(folder)
     (folder / "ratings.dat").write_text("1::1::5::880000000\n2::3\n")
     with pytest.raises(ValueError, match=r"ml-1m/ratings.dat, line 2 has 2 '::'-separated fields, not 4"):
-        D.load_dataset(D.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "d1"), raw_dir=str(tmp_path / "raw")))
+        data.load_dataset(data.DataConfig(dataset="ml-1m", data_dir=str(tmp_path / "d1"),
+                                          raw_dir=str(tmp_path / "raw")))
 
 
 @pytest.mark.parametrize("kw,error", [
@@ -555,18 +560,18 @@ def test_movielens_damaged_line_names_file_and_line(tmp_path):
                                                                          r"format; use .tsv, .csv, .jsonl"),
     ({"dataset": "cd"}, r"unknown dataset 'cd' \(--dataset\)")])
 def test_check_config_names_the_flag(tmp_path, kw, error):
-    cfg = D.DataConfig(**{"data_dir": str(tmp_path / "data"), **kw})
+    cfg = data.DataConfig(**{"data_dir": str(tmp_path / "data"), **kw})
     with pytest.raises(ValueError, match=error):
-        D.check_config(cfg)
+        data.check_config(cfg)
     with pytest.raises(ValueError, match=error):  # load_dataset checks before any work
-        D.load_dataset(cfg)
+        data.load_dataset(cfg)
     assert not (tmp_path / "data").exists()
 
 
 def test_check_config_accepts_valid_settings(tmp_path):
-    D.check_config(D.DataConfig())
-    D.check_config(custom_cfg(tmp_path, window=1, train_end=0.5, valid_end=0.6, toy_noise=0.0))
-    D.check_config(D.DataConfig(dataset="cds", start="2020-01-01", end="2020-01-02", min_items=0))
+    data.check_config(data.DataConfig())
+    data.check_config(custom_cfg(tmp_path, window=1, train_end=0.5, valid_end=0.6, toy_noise=0.0))
+    data.check_config(data.DataConfig(dataset="cds", start="2020-01-01", end="2020-01-02", min_items=0))
 
 
 # ---------------------------------------------------------------- toy, prompts, stats, CLI
@@ -574,17 +579,17 @@ def test_check_config_accepts_valid_settings(tmp_path):
 
 def test_toy_builds_fast_deterministic_and_realistic():
     t = time.process_time()  # this process's CPU seconds: a loaded machine cannot fail it, a slow build can
-    ds = D.load_dataset(D.DataConfig())
+    ds = data.load_dataset(data.DataConfig())
     assert time.process_time() - t < 1.0
     assert 150 <= ds.n_items <= 250 and 2000 <= len(all_samples(ds)) <= 4000 and ds.category == "book"
-    assert D.load_dataset(D.DataConfig()) == ds and D.load_dataset(D.DataConfig(seed=1)) != ds
+    assert data.load_dataset(data.DataConfig()) == ds and data.load_dataset(data.DataConfig(seed=1)) != ds
     assert all(re.fullmatch(r"The \w+ \w+, Book \d", t) for t in ds.titles[1:])
     assert ds.texts[1].startswith(f"'title': {ds.titles[1]}\n 'average_rating': ")
 
 
 def test_toy_series_heuristic_beats_popularity():
     """The next book of the last series (else popular books of its genre) is read from the item text."""
-    ds = D.load_dataset(D.DataConfig())
+    ds = data.load_dataset(data.DataConfig())
     info = {i: (*re.fullmatch(r"(.*), Book (\d+)", ds.titles[i]).groups(), ds.texts[i].split("'description': ")[1]
                 .split(",")[0]) for i in range(1, ds.n_items + 1)}
     by_key = {(s, int(k)): i for i, (s, k, _) in info.items()}
@@ -602,48 +607,48 @@ def test_toy_series_heuristic_beats_popularity():
 
 
 def test_history_text_budget_keeps_latest():
-    ds = D.Dataset("t", "item", ["", "a", "b", "c"], ["", "x" * 10, "y" * 10, "z" * 10], {})
-    assert D.history_text(ds, [1, 2, 3], 100) == f"{'x' * 10}\n{'y' * 10}\n{'z' * 10}"
-    assert D.history_text(ds, [1, 2, 3], 21) == f"{'y' * 10}\n{'z' * 10}"  # oldest dropped first
-    assert D.history_text(ds, [1, 2, 3], 20) == "z" * 10
-    assert D.history_text(ds, [1, 2, 3], 4) == "zzzz"  # the latest alone is too long: truncated, not empty
+    ds = data.Dataset("t", "item", ["", "a", "b", "c"], ["", "x" * 10, "y" * 10, "z" * 10], {})
+    assert data.history_text(ds, [1, 2, 3], 100) == f"{'x' * 10}\n{'y' * 10}\n{'z' * 10}"
+    assert data.history_text(ds, [1, 2, 3], 21) == f"{'y' * 10}\n{'z' * 10}"  # oldest dropped first
+    assert data.history_text(ds, [1, 2, 3], 20) == "z" * 10
+    assert data.history_text(ds, [1, 2, 3], 4) == "zzzz"  # the latest alone is too long: truncated, not empty
     with pytest.raises(ValueError, match="empty history"):
-        D.history_text(ds, [], 100)
+        data.history_text(ds, [], 100)
 
 
 def test_build_messages_official_prompt(tmp_path):
     metas, reviews = filler()
     write_amazon(tmp_path / "raw", metas, reviews)
     cfg = amazon_cfg(tmp_path)
-    ds = D.load_dataset(cfg)
+    ds = data.load_dataset(cfg)
     sample = ds.splits["test"][0]
-    (msg,) = D.build_messages(ds, sample, cfg)
+    (msg,) = data.build_messages(ds, sample, cfg)
     assert msg["role"] == "user"
     assert msg["content"].startswith("Analyze briefly and finally recommend next CD or vinyl item I might purchase.")
     assert "recommend next CD or vinyl I might purchase inside <answer> and </answer>" in msg["content"]
-    assert msg["content"].endswith("\n" + D.history_text(ds, sample["history"], cfg.max_history_chars))
-    assert "next book item" in D.build_messages(D.load_dataset(D.DataConfig()), sample, cfg)[0]["content"]
+    assert msg["content"].endswith("\n" + data.history_text(ds, sample["history"], cfg.max_history_chars))
+    assert "next book item" in data.build_messages(data.load_dataset(data.DataConfig()), sample, cfg)[0]["content"]
     with pytest.raises(ValueError, match="empty history"):
-        D.build_messages(ds, dict(sample, history=[]), cfg)
+        data.build_messages(ds, dict(sample, history=[]), cfg)
 
 
 def test_cli_table_and_json(capsys):
-    D.main(["--dataset", "toy", "--json"])
+    data.main(["--dataset", "toy", "--json"])
     out = capsys.readouterr().out.strip().splitlines()
     stats = json.loads(out[-1])
     assert {"users", "items", "samples", "train", "valid", "test"} <= set(stats)
     assert any(re.fullmatch(rf"samples\s+{stats['samples']:,}", line) for line in out[:-1])
     with pytest.raises(SystemExit, match="unknown dataset 'nope'"):
-        D.main(["--dataset", "nope"])
+        data.main(["--dataset", "nope"])
 
 
 def test_cli_rejects_bad_flags_with_the_named_spelling(tmp_path):
     with pytest.raises(SystemExit, match="--data.window must be >= 1"):
-        D.main(["--window", "0"])
+        data.main(["--window", "0"])
     with pytest.raises(SystemExit, match="--data.window must be >= 1"):
-        D.main(["--data.window", "0"])  # the spelling the error names works here too
+        data.main(["--data.window", "0"])  # the spelling the error names works here too
     with pytest.raises(SystemExit, match="--data.interactions is read only with --dataset custom"):
-        D.main(["--interactions", write_table(tmp_path / "i.tsv", RATINGS)])
+        data.main(["--interactions", write_table(tmp_path / "i.tsv", RATINGS)])
 
 
 def test_cli_spellings_of_readme_and_rporec(tmp_path, capsys):
@@ -656,21 +661,21 @@ def test_cli_spellings_of_readme_and_rporec(tmp_path, capsys):
             ["--dataset", "custom", "--interactions", inter, "--items", items, "--data.data-dir", str(tmp_path / "b"),
              "--json=true"]]
     for argv, name in zip(runs, ("ml-100k-", "ml-100k-", "custom-")):
-        D.main(argv)
+        data.main(argv)
         stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert stats["dataset"].startswith(name) and stats["samples"] == 12
-    D.main(["--dataset", "toy", "--json", "false"])
+    data.main(["--dataset", "toy", "--json", "false"])
     assert not capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
     with pytest.raises(SystemExit, match="unknown flag --bogus"):
-        D.main(["--bogus", "1"])
+        data.main(["--bogus", "1"])
     with pytest.raises(SystemExit, match="--window takes a int, got 'x'"):
-        D.main(["--window", "x"])
+        data.main(["--window", "x"])
 
 
 def test_cli_help_lists_every_field_with_its_comment(capsys):
-    D.main(["--help"])
+    data.main(["--help"])
     out = capsys.readouterr().out
-    for f in dataclasses.fields(D.DataConfig):
+    for f in dataclasses.fields(data.DataConfig):
         assert f"  --{f.name} {f.default!r}\n" in out
     assert "processed caches live in <data_dir>/<dataset>-<hash>/" in out
     assert "--cli.json False\n      also print the statistics as one JSON line (also spelled --json)" in out
@@ -682,8 +687,8 @@ def test_cli_help_lists_every_field_with_its_comment(capsys):
 def test_toy_words_follow_the_given_pre_tokenizer():
     from tokenizers import pre_tokenizers
     texts = ["Wait... The END", "the end"]
-    assert D.toy_words(texts, pre_tokenizers.Whitespace()) == ["...", "end", "the", "wait"]
-    assert D.toy_words(texts, pre_tokenizers.BertPreTokenizer()) == [".", "end", "the", "wait"]
+    assert toy.words(texts, pre_tokenizers.Whitespace()) == ["...", "end", "the", "wait"]
+    assert toy.words(texts, pre_tokenizers.BertPreTokenizer()) == [".", "end", "the", "wait"]
 
 
 def test_toy_builders_load_are_seeded_and_build_once(tmp_path):
@@ -692,23 +697,23 @@ def test_toy_builders_load_are_seeded_and_build_once(tmp_path):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
     texts = ["A red Jazz album...", "blue rock, live"]
-    for build, kw in ((D.build_toy_backbone, {}), (D.build_toy_encoder, {"dim": 8})):
+    for build, kw in ((toy.build_backbone, {}), (toy.build_encoder, {"dim": 8})):
         a, b, c = (build(texts, str(tmp_path / f"{build.__name__}{n}"), seed=s, **kw) for n, s in enumerate((0, 0, 1)))
         wa, wb, wc = (load_file(f"{p}/model.safetensors") for p in (a, b, c))
         assert all((wa[k] == wb[k]).all() for k in wa) and any((wa[k] != wc[k]).any() for k in wa)
         files = {f: (tmp_path / a / f).read_bytes() for f in sorted(os.listdir(a))}
         assert build(["other words"], a, seed=5, **kw) == a  # already there: nothing rebuilt
         assert {f: (tmp_path / a / f).read_bytes() for f in sorted(os.listdir(a))} == files
-    tok = AutoTokenizer.from_pretrained(tmp_path / "build_toy_backbone0")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "build_toy_backbone0")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "build_backbone0")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "build_backbone0")
     ids = tok("RED jazz, live")["input_ids"]  # (T,)
     assert tok.unk_token_id not in ids and tok.decode(ids) == "red jazz, live"  # lowercased words, not [UNK]
     assert model(input_ids=torch.tensor([ids])).logits.shape == (1, len(ids), len(tok))
     assert "..." not in tok.get_vocab() and "." in tok.get_vocab()  # BertPreTokenizer: one token per mark
-    enc = SentenceTransformer(str(tmp_path / "build_toy_encoder0"), device="cpu")
+    enc = SentenceTransformer(str(tmp_path / "build_encoder0"), device="cpu")
     assert enc.encode(["red jazz", "never seen"]).shape == (2, 8)
     assert "..." in enc[0].tokenizer.get_vocab()  # Whitespace: a run of marks is one word
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "f.txt").write_text("x")
     with pytest.raises(ValueError, match="delete it"):
-        D.build_toy_encoder(texts, str(tmp_path / "junk"))
+        toy.build_encoder(texts, str(tmp_path / "junk"))

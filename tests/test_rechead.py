@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from data import build_toy_encoder  # noqa: E402
 from rechead import (Rechead, RecheadConfig, ground_scores, make_optimizer, rec_loss,  # noqa: E402
                      sample_negatives)
+from toy import build_encoder  # noqa: E402
 
 COLOURS = ["red", "blue", "green", "black", "white", "golden", "silver", "purple"]
 GENRES = ["jazz", "rock", "blues", "folk", "punk", "soul"]
@@ -26,7 +26,7 @@ Z = ["red jazz album", None, "white soul album"]
 
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory):
-    return build_toy_encoder(ITEMS + X + Y + [z for z in Z if z], str(tmp_path_factory.mktemp("m") / "toy"), dim=16)
+    return build_encoder(ITEMS + X + Y + [z for z in Z if z], str(tmp_path_factory.mktemp("m") / "toy"), dim=16)
 
 
 def make(enc, **kw):
@@ -37,18 +37,18 @@ def make(enc, **kw):
 
 def test_toy_encoder_roundtrip_deterministic(tmp_path):
     texts = ["A red Jazz album", "blue rock"]
-    a, b, c = (build_toy_encoder(texts, str(tmp_path / n), dim=8, seed=s) for n, s in [("a", 0), ("b", 0), ("c", 1)])
+    a, b, c = (build_encoder(texts, str(tmp_path / n), dim=8, seed=s) for n, s in [("a", 0), ("b", 0), ("c", 1)])
     ea, eb, ec = (SentenceTransformer(p, device="cpu").encode(["red jazz", "never seen word"]) for p in (a, b, c))
     assert ea.shape == (2, 8)
     assert (ea == eb).all() and not (ea == ec).all()
     assert (SentenceTransformer(a, device="cpu").encode(["RED JAZZ"]) == ea[:1]).all()  # lowercased
     mtime = os.path.getmtime(os.path.join(a, "modules.json"))
-    build_toy_encoder(["other words"], a, dim=8, seed=5)  # already there: skipped
+    build_encoder(["other words"], a, dim=8, seed=5)  # already there: skipped
     assert os.path.getmtime(os.path.join(a, "modules.json")) == mtime
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "f.txt").write_text("x")
     with pytest.raises(ValueError, match="delete it"):
-        build_toy_encoder(texts, str(tmp_path / "junk"))
+        build_encoder(texts, str(tmp_path / "junk"))
 
 
 def test_item_vecs_are_frozen_pretrained_embeddings(enc):

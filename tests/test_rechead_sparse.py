@@ -14,8 +14,8 @@ from sentence_transformers.sentence_transformer.modules import Normalize, Poolin
 from sentence_transformers.sentence_transformer.modules.tokenizer import WhitespaceTokenizer  # noqa: E402
 
 import rechead  # noqa: E402
-from data import build_toy_encoder  # noqa: E402
 from rechead import Rechead, RecheadConfig, encode, rec_loss, sample_negatives  # noqa: E402
+from toy import build_encoder  # noqa: E402
 
 ITEMS = [""] + [f"{c} {g} album number {i}" for i, (c, g) in
                 enumerate((c, g) for c in ["red", "blue", "green", "black", "white"] for g in ["jazz", "rock", "folk"])]
@@ -27,7 +27,7 @@ POS = torch.tensor([1, 8, 13])
 
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory):
-    return build_toy_encoder(ITEMS + X + Y + [z for z in Z if z], str(tmp_path_factory.mktemp("m") / "toy"), dim=16)
+    return build_encoder(ITEMS + X + Y + [z for z in Z if z], str(tmp_path_factory.mktemp("m") / "toy"), dim=16)
 
 
 @pytest.fixture(scope="module")

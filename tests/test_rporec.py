@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import common
-import decode as dec
+import decode
 import rporec
 
 real_encode = rporec.rechead.encode
@@ -74,7 +75,7 @@ def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
     ds = rporec.data.load_dataset(cfg.data)
     samples = ds.splits["valid"][:40]
     model, tok = rporec.load_backbone(cfg, ds)
-    real, calls = dec.generate, []
+    real, calls = decode.generate, []
 
     def dying(*a, **k):
         calls.append(a[1].shape[0])
@@ -82,15 +83,20 @@ def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed while generating the third batch
         return real(*a, **k)
 
-    monkeypatch.setattr(dec, "generate", dying)
+    monkeypatch.setattr(decode, "generate", dying)
     with pytest.raises(KeyboardInterrupt):
         rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
-    path = rporec.cache_path(cfg, model, "valid", cfg.run.seed)
-    assert len(common.read_cache(path)) == 16
+    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed)
+    assert len(checkpoint.read_cache(path)) == 16
     with open(path, "a") as f:
         f.write('{"i": 39, "text": "half a li')  # a write cut short by the kill
     calls.clear()
-    monkeypatch.setattr(dec, "generate", lambda *a, **k: (calls.append(a[1].shape[0]), real(*a, **k))[1])
+
+    def counting(*a, **k):
+        calls.append(a[1].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(decode, "generate", counting)
     out, _ = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
     assert sum(calls) == 24 and len(out) == 40  # only the 24 missing samples were generated
     calls.clear()
@@ -98,7 +104,7 @@ def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
     with open(path, "a") as f:
         f.write("not json\n")
     with pytest.raises(SystemExit, match="corrupt.*delete it"):
-        common.read_cache(path)
+        checkpoint.read_cache(path)
 
 
 def test_toy_both_stages_two_steps(tmp_path):
@@ -150,7 +156,7 @@ def test_reward_parts_on_formatted_completions(tmp_path):
     ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
     T = max(map(len, ids))
     tokens = torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i in ids])
-    ro = dec.Rollout(tokens=tokens, mask=tokens != tok.pad_token_id, logp=torch.zeros(tokens.shape),
+    ro = decode.Rollout(tokens=tokens, mask=tokens != tok.pad_token_id, logp=torch.zeros(tokens.shape),
                      entropy=torch.rand(tokens.shape))
     r, parts, cot_len, _ = rporec.reward_parts(cfg, ds, head, model, tok, samples, texts, ro)
     assert parts["fmt"].tolist() == [1.0, 0.0, 1.0, 0.0] * 2
@@ -168,7 +174,7 @@ def test_history_only_frozen_run_reuses_disk_embeddings(tmp_path):
     first = rporec.main(flags)
     (emb,) = (tmp_path / "data" / "embeddings").iterdir()
     stamp = emb.stat().st_mtime_ns
-    assert len(common.load_embeddings(str(emb))[0]) > 48
+    assert len(checkpoint.load_embeddings(str(emb))[0]) > 48
     second = rporec.main(flags)
     assert emb.stat().st_mtime_ns == stamp  # nothing new to embed, nothing rewritten
     assert first["stage1"] == second["stage1"] and "stage2" not in second
@@ -179,11 +185,11 @@ def test_official_eval_averages_four_sampled_cots(tmp_path):
     off = m["stage1"]["valid_official"]
     assert set(off) == set(m["stage1"]["valid"]) and off["n"] == 48
     caches = [c for c in (tmp_path / "data" / "reasoning").glob("*/valid.jsonl")]
-    assert len(caches) == 5 and all(len(common.read_cache(str(c))) == 48 for c in caches)  # stage 1's and 4 more
+    assert len(caches) == 5 and all(len(checkpoint.read_cache(str(c))) == 48 for c in caches)  # stage 1's and 4 more
 
 
 def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
-    """embed_frozen saves what it has as it goes: a run killed mid-way leaves a whole file with the
+    """checkpoint.embed_frozen saves what it has as it goes: a run killed mid-way leaves a whole file with the
     finished chunks, and the rerun embeds only the rest."""
     cfg = rporec.parse_config(small(tmp_path, "--model", "none", "--ablate", "cot", "--stage", "1",
                                     "--rechead.trainable", "false", "--rechead.encode_batch", "1"))  # 16-text chunks
@@ -192,7 +198,7 @@ def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
     inputs = rporec.rechead_inputs(cfg, ds, samples, [("", None)] * len(samples))
     n_texts = len({t or "" for part in inputs for t in part})
     assert n_texts > 2 * 16
-    monkeypatch.setattr(common, "EMBED_SAVE_S", 0)  # save after every chunk
+    monkeypatch.setattr(checkpoint, "EMBED_SAVE_S", 0)  # save after every chunk
     encoded = []
 
     def encode(enc, texts, device, die_at=None):
@@ -203,16 +209,16 @@ def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
     head = rporec.make_head(cfg, ds)  # embeds the items: before the counting starts
     monkeypatch.setattr(rporec.rechead, "encode", lambda *a: encode(*a, die_at=33))  # in the third chunk
     with pytest.raises(KeyboardInterrupt):
-        rporec.embed_frozen(cfg, head, [inputs])
+        checkpoint.embed_frozen(head, [t or "" for part in inputs for t in part], str(tmp_path / "data" / "embeddings"))
     (emb,) = (tmp_path / "data" / "embeddings").glob("*.pt")
-    assert len(common.load_embeddings(str(emb))[0]) == 32  # the two whole chunks
+    assert len(checkpoint.load_embeddings(str(emb))[0]) == 32  # the two whole chunks
     monkeypatch.setattr(rporec.rechead, "encode", real_encode)
     head = rporec.make_head(cfg, ds)
     encoded.clear()
     monkeypatch.setattr(rporec.rechead, "encode", encode)
-    rporec.embed_frozen(cfg, head, [inputs])
+    checkpoint.embed_frozen(head, [t or "" for part in inputs for t in part], str(tmp_path / "data" / "embeddings"))
     assert len(encoded) == n_texts - 32
-    texts, vecs = common.load_embeddings(str(emb))
+    texts, vecs = checkpoint.load_embeddings(str(emb))
     assert len(texts) == n_texts
     assert torch.allclose(vecs, torch.stack([real_encode(head.item_encoder, [t], "cpu")[0] for t in texts]), atol=1e-5)
 
@@ -224,7 +230,7 @@ def test_history_window_keeps_the_newest_items(tmp_path):
     sample = next(s for s in ds.splits["train"] if len(s["history"]) >= 4)
     (x,), _, _ = rporec.rechead_inputs(cfg, ds, [sample], [("", None)])
     assert x == rporec.data.history_text(ds, sample["history"][-2:], cfg.data.max_history_chars)
-    prompt = rporec.user_messages(cfg, ds, sample)[-1]["content"]
+    prompt = rporec.data.build_messages(ds, sample, cfg.data, cfg.run.prompt_suffix)[-1]["content"]
     assert all(ds.titles[h] in prompt for h in sample["history"])
     cfg.rechead.history_items = 0
     (full,), _, _ = rporec.rechead_inputs(cfg, ds, [sample], [("", None)])

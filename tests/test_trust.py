@@ -8,7 +8,9 @@ import shutil
 import pytest
 import torch
 
+import checkpoint
 import common
+import decode
 import rporec
 from test_rporec import small
 
@@ -110,7 +112,7 @@ def test_corrupt_checkpoint_files_are_named(both_run, tmp_path, name):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(both_run / "data" / "toy" / "backbone")
     with pytest.raises(SystemExit, match=f"{name}|{run / 'ckpt'}"):
-        common.load_checkpoint(str(run), model.float(), torch.optim.AdamW(model.parameters()))
+        checkpoint.load(str(run), model.float(), torch.optim.AdamW(model.parameters()))
 
 
 def test_corrupt_rechead_and_embeddings_are_named(both_run, tmp_path):
@@ -122,33 +124,33 @@ def test_corrupt_rechead_and_embeddings_are_named(both_run, tmp_path):
     emb = tmp_path / "e.pt"
     torch.save({"texts": ["a", "b"], "vecs": torch.zeros(3, 4)}, emb)
     with pytest.raises(SystemExit, match="2 texts but vectors of shape \\(3, 4\\)"):
-        common.load_embeddings(str(emb))
+        checkpoint.load_embeddings(str(emb))
     emb.write_bytes(b"\x00" * 10)
     with pytest.raises(SystemExit, match="e.pt is not a valid frozen-embedding cache"):
-        common.load_embeddings(str(emb))
+        checkpoint.load_embeddings(str(emb))
 
 
 def test_kill_between_the_two_renames_recovers(both_run, tmp_path):
     run = copy_run(both_run, tmp_path / "c") / "run"
     os.replace(run / "ckpt", run / "ckpt.old")  # the first rename happened ...
     shutil.copytree(run / "ckpt.old", run / "ckpt.tmp")  # ... and the new one was complete
-    assert common.recover_checkpoint(str(run)) == str(run / "ckpt")
+    assert checkpoint.recover(str(run)) == str(run / "ckpt")
     assert (run / "ckpt" / "trainer_state.pt").exists() and not (run / "ckpt.tmp").exists()
     assert not (run / "ckpt.old").exists()
     os.replace(run / "ckpt", run / "ckpt.old")
     os.makedirs(run / "ckpt.tmp")  # killed while writing the new one: no COMPLETE marker, the old one wins
-    assert common.recover_checkpoint(str(run)) == str(run / "ckpt") and (run / "ckpt" / "trainer_state.pt").exists()
+    assert checkpoint.recover(str(run)) == str(run / "ckpt") and (run / "ckpt" / "trainer_state.pt").exists()
     shutil.rmtree(run / "ckpt")
-    assert (run / "ckpt.tmp").exists() and common.recover_checkpoint(str(run)) is None
+    assert (run / "ckpt.tmp").exists() and checkpoint.recover(str(run)) is None
     os.replace(run / "best", run / "best.old")  # best/ is swapped in the same way
     shutil.copytree(run / "best.old", run / "best.tmp")
-    assert common.recover_dir(str(run / "best"), "info.json") == str(run / "best")
+    assert checkpoint.recover_dir(str(run / "best"), "info.json") == str(run / "best")
     assert (run / "best" / "info.json").exists() and not (run / "best.old").exists()
 
 
 def test_save_every_zero_saves_only_at_the_end(tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr(common, "save_checkpoint", lambda out, m, t, o, st: saved.append(st["step"]))
+    monkeypatch.setattr(checkpoint, "save", lambda out, m, t, o, st: saved.append(st["step"]))
     rporec.main(small(tmp_path, "--grpo.steps", "3", "--grpo.save_every", "0"))
     assert saved == [3]
 
@@ -228,19 +230,20 @@ def test_sampled_reasoning_is_seeded_and_keyed(tmp_path):
     cfg = rporec.parse_config(small(tmp_path, "--gen_batch", "8"))
     ds = rporec.data.load_dataset(cfg.data)
     model, tok = rporec.load_backbone(cfg, ds)
-    s = rporec.sampling(cfg, model)
+    s = decode.resolve_sampling(cfg.decode, model)
     assert (s.greedy, s.temperature, s.top_p, s.top_k) == (False, 1.0, 0.95, 0)  # no generation_config values
     model.generation_config.temperature, model.generation_config.top_k = 0.6, 20
-    assert (rporec.sampling(cfg, model).temperature, rporec.sampling(cfg, model).top_k) == (0.6, 20)
+    s = decode.resolve_sampling(cfg.decode, model)
+    assert (s.temperature, s.top_k) == (0.6, 20)
     samples = ds.splits["valid"][:16]
     first, rate = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
-    path = rporec.cache_path(cfg, model, "valid", cfg.run.seed)
+    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed)
     os.remove(path)
     assert rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)[0] == first  # a rerun draws the same
     other = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples, seed=7)[0]
-    assert other != first and rporec.cache_path(cfg, model, "valid", 7) != path
+    assert other != first and checkpoint.reasoning_cache(cfg, model, "valid", 7) != path
     cfg.decode.greedy = True
-    assert rporec.cache_path(cfg, model, "valid", cfg.run.seed) != path
+    assert checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed) != path
     assert 0.0 <= rate <= 1.0
 
 

@@ -1,0 +1,254 @@
+"""What a run keeps on disk so that a kill loses no finished work: the resumable JSONL cache (sampled
+reasoning), the frozen-embedding cache, and Stage II's checkpoints and best/ backbone, each written beside
+its final place and swapped in whole.
+"""
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import decode
+from common import DEVICE, MAIN, RANK, WORLD, barrier, load_torch, save_json, save_torch, shard, weights_digest
+
+# ----------------------------------------------------------------------------- resumable JSONL cache
+def read_cache(path):
+    """{sample index: record}. A last line cut short by a kill is cut off the file first."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb+") as f:
+        raw = f.read()
+        if raw and not raw.endswith(b"\n"):
+            f.truncate(raw.rfind(b"\n") + 1)
+    try:
+        return {r["i"]: r for r in map(json.loads, raw[:raw.rfind(b"\n") + 1].decode().splitlines())}
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: the reasoning cache {path} is corrupt ({e}); delete it and rerun to "
+                         "regenerate it") from None
+
+
+def append_cache(path, records):
+    """One write and an fsync per batch, so a kill loses at most the batch in flight."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fold_shards(path):
+    """Rank 0 appends the per-rank shard files of a distributed run to the one cache, once every rank
+    has finished writing."""
+    barrier()
+    if MAIN:
+        for part in sorted(glob.glob(f"{path}.rank*")):
+            append_cache(path, list(read_cache(part).values()))
+            os.remove(part)
+    barrier()
+
+
+def reasoning_cache(cfg, model, split, seed):
+    """The reasoning cache of a split, keyed by the weights themselves (not the model's name), the prompt, the
+    resolved sampling, the seed and the data: a key that changes with any of them cannot go stale."""
+    key = json.dumps([weights_digest(model), cfg.run.thinking, cfg.run.prompt_suffix, data.PROMPT_VERSION,
+                      dataclasses.asdict(decode.resolve_sampling(cfg.decode, model)), seed, cfg.data.max_history_chars,
+                      data.cache_key(cfg.data)], sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return os.path.join(cfg.data.data_dir, "reasoning", f"{cfg.data.dataset}-{digest}", f"{split}.jsonl")
+
+
+def cached_map(path, order, batch, fn, desc):
+    """{i: record} for every index of order, from the JSONL cache at path, computing the missing ones with
+    fn(indices) -> (records, tokens), `batch` at a time, in order, sharded over ranks (each appends to
+    its own <path>.rankR, folded into path by rank 0), one fsync'd append per batch: a kill loses at most
+    the batch in flight, and a rerun computes only what is missing."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fold_shards(path)
+    have = read_cache(path)
+    todo = shard([i for i in order if i not in have])
+    mine = f"{path}.rank{RANK}" if WORLD > 1 else path
+    bar = tqdm(total=len(todo), desc=desc, unit="sample", disable=not MAIN)
+    t0, n_tok = time.time(), 0
+    for b in range(0, len(todo), batch):
+        records, tokens = fn(todo[b:b + batch])
+        append_cache(mine, records)
+        n_tok += tokens
+        bar.update(len(records))
+        bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
+    bar.close()
+    fold_shards(path)
+    return read_cache(path)
+
+
+# ----------------------------------------------------------------------------- frozen-embedding cache
+def load_embeddings(path):
+    """(texts, vecs) saved by save_embeddings, or ([], None) when there is none yet."""
+    if not os.path.exists(path):
+        return [], None
+    fix = "Delete it; the next run embeds the texts again."
+    saved = load_torch(path, "frozen-embedding cache", fix)
+    texts, vecs = (saved.get("texts"), saved.get("vecs")) if isinstance(saved, dict) else (None, None)
+    if not isinstance(texts, list) or not torch.is_tensor(vecs) or vecs.dim() != 2 or len(texts) != vecs.shape[0]:
+        n = None if vecs is None or not torch.is_tensor(vecs) else tuple(vecs.shape)
+        raise SystemExit(f"error: {path} holds {len(texts) if isinstance(texts, list) else 'no'} texts but vectors of "
+                         f"shape {n}; the cache is corrupt. {fix}")
+    return texts, vecs
+
+
+def save_embeddings(path, texts, vecs):
+    save_torch(path, {"texts": list(texts), "vecs": vecs.cpu()})
+
+
+EMBED_SAVE_S = 300  # embed_cached writes its progress to disk at least this often (seconds)
+
+
+def embed_cached(path, texts, head, step):
+    """head.encode_frozen over texts, `step` at a time, seeded from and saved to the disk cache at path
+    (atomically, at least every EMBED_SAVE_S seconds), so a killed run loses minutes, not the lot."""
+    known, vecs = load_embeddings(path)
+    head.remember(known, vecs)
+    todo = [t for t in texts if not head.knows(t)]
+
+    def save(done):
+        if done and MAIN:
+            save_embeddings(path, known + done, head.encode_frozen(known + done))
+
+    saved = time.time()
+    for i in tqdm(range(0, len(todo), step), desc="embedding texts (frozen encoder)", disable=not MAIN):
+        head.encode_frozen(todo[i:i + step])
+        if time.time() - saved > EMBED_SAVE_S and i + step < len(todo):
+            save(todo[:i + step])
+            saved = time.time()
+    save(todo)
+
+
+def embed_frozen(head, texts, folder):
+    """Frozen encoders: embed every distinct text once, up front, and keep the embeddings on disk (in folder,
+    keyed by the encoder's weights) so that a rerun skips the work. Trainable encoders: nothing to do."""
+    if head.cfg.trainable:
+        return
+    key = f"{weights_digest(head.item_encoder)}-{head.cfg.max_seq_length}"
+    embed_cached(os.path.join(folder, f"{key}.pt"), list(dict.fromkeys(texts)), head, 16 * head.cfg.encode_batch)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _rng_state():
+    """Every RNG as tensors and plain numbers, so the file loads with weights_only=True."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                           *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(DEVICE) if DEVICE.type == "cuda" else None}
+
+
+def _set_rng_state(st):
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    np.random.set_state((st["numpy"][0], st["numpy"][1].numpy(), *st["numpy"][2:]))
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] is not None:
+        torch.cuda.set_rng_state(st["cuda"], DEVICE)
+
+
+DONE = "COMPLETE"  # written last into a <folder>.tmp: its presence marks a whole folder
+
+
+def swap_in(tmp, final):
+    """Mark tmp whole, then put it in final's place (the old one renamed aside first, removed last): a kill
+    at any moment leaves a whole folder among final, final.tmp and final.old, which recover_dir finds."""
+    open(os.path.join(tmp, DONE), "w").close()
+    if os.path.exists(final):
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+
+def recover_dir(final, marker):
+    """final, or None when no whole copy exists. final is whole when it holds `marker`; a kill between
+    swap_in's two renames leaves final.old and a complete final.tmp, and the newer one is promoted."""
+    if os.path.exists(os.path.join(final, marker)):
+        return final
+    for cand in (final + ".tmp", final + ".old"):
+        if os.path.exists(os.path.join(cand, DONE)):
+            if MAIN:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(cand, final)
+                shutil.rmtree(final + ".old", ignore_errors=True)
+            barrier()
+            return final
+    return None
+
+
+def save_pretrained(folder, model, tok, info):
+    """folder/: the backbone (save_pretrained) and info.json, written beside and swapped in whole (rank 0)."""
+    if MAIN:
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        save_json(os.path.join(tmp, "info.json"), info)
+        swap_in(tmp, folder)
+    barrier()
+
+
+def save(out, model, tok, opt, state):
+    """<out>/ckpt: backbone (save_pretrained), optimizer, trainer state (a dict of plain values), every
+    rank's RNG. Written beside the old one and swapped in; recover mends a kill between the
+    two renames."""
+    final, tmp = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp")
+    if MAIN:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    torch.save(_rng_state(), os.path.join(tmp, f"rng{RANK}.pt"))
+    if MAIN:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
+    barrier()
+    if MAIN:
+        swap_in(tmp, final)
+    barrier()
+
+
+def recover(out):
+    """The path of the whole checkpoint in <out> (recover_dir), or None."""
+    return recover_dir(os.path.join(out, "ckpt"), "trainer_state.pt")
+
+
+def load(out, model, opt):
+    """Weights, optimizer and this rank's RNG from <out>/ckpt; returns the trainer state dict."""
+    from transformers import AutoModelForCausalLM
+    path = recover(out)
+    if path is None:
+        raise SystemExit(f"error: --resume but no checkpoint in {out}/ckpt; drop --resume to start afresh")
+    fix = f"Delete {path} and rerun without --resume, or resume from a copy of the run folder."
+    st = load_torch(os.path.join(path, "trainer_state.pt"), "trainer state", fix)
+    if st["world"] != WORLD:
+        raise SystemExit(f"error: the checkpoint was written by {st['world']} processes; resume with as many")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:
+        raise SystemExit(f"error: the backbone in {path} does not load ({type(e).__name__}: {e}). {fix}") from None
+    model.load_state_dict(loaded.state_dict())
+    opt.load_state_dict(st["optimizer"])
+    _set_rng_state(load_torch(os.path.join(path, f"rng{RANK}.pt"), "RNG state", fix))
+    return st
+
+
+def load_best(out, model):
+    """The weights Stage II kept in <out>/best (its best valid step) into model, in fp32."""
+    from transformers import AutoModelForCausalLM
+    best = recover_dir(os.path.join(out, "best"), "info.json")
+    if best is None:
+        raise SystemExit(f"error: {out}/best is missing; rerun Stage II (without --resume) to choose the best "
+                         "step again")
+    model.load_state_dict(AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32).state_dict())
+    return model

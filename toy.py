@@ -1,0 +1,132 @@
+"""The embedded toy bookstore and the toy models that go with it, all offline and built in code: `source` (the
+`toy` dataset: readers keep to 1-2 genres and read series in order), `build_backbone` (a tiny random Qwen3) and
+`build_encoder` (a tiny StaticEmbedding sentence-transformer), both with a word-level vocabulary (`words`).
+"""
+import os
+import random
+import shutil
+import tempfile
+from datetime import datetime, timezone
+
+from sources import item_text
+
+TOY_GENRES = {  # genre: "series nouns|story hook|story hook"
+    "Mystery": "Harbor Ledger Chapel Orchard Cipher Lantern|a retired inspector reopens a cold case|a locked "
+               "library hides a second body|a village baker finds a letter that should not exist",
+    "Fantasy": "Crown Dragon Tower Forest Blade Throne|an apprentice mage steals a forbidden map|two rival "
+               "kingdoms wake an old dragon|a blind queen hunts the thief of her crown",
+    "Science Fiction": "Station Orbit Signal Colony Engine Horizon|a mining crew hears a signal from a dead star|"
+                       "the last colony ship wakes a century early|an android pilot questions her orders",
+    "Romance": "Cottage Vineyard Letters Summer Bakery Island|a chef returns home and meets her first love|two "
+               "wedding planners compete for one client|a letter lost for forty years finds its reader",
+    "Thriller": "Protocol Witness Dossier Border Target Cartel|an analyst uncovers a mole inside the agency|a "
+                "juror learns the trial is rigged|a courier carries a package everyone wants",
+    "History": "Empire Frontier Dynasty Republic Voyage Siege|a Roman engineer builds a bridge under siege|a "
+               "merchant family survives the fall of Constantinople|sailors chart the unknown Pacific",
+    "Horror": "Manor Hollow Asylum Well Marsh Attic|a family inherits a house that remembers|a night nurse hears "
+              "voices on the empty ward|a fishing village makes its yearly offering",
+    "Cooking": "Kitchen Table Pantry Harvest Oven Garden|simple weeknight dinners from one pan|slow breads and the "
+               "science of sourdough|seasonal vegetables from market to plate",
+}
+TOY_WORDS = ("Silent Crimson Hollow Golden Broken Northern Last Hidden Iron Paper Winter Glass".split(),
+             "Mara Elias Nora Tobias Ivy Felix Clara Jonah Lena Arthur Rosa Milo".split(),
+             "Quill Hartley Vance Okafor Lindqvist Marsh Delacroix Brennan Sato Whitlock".split())
+TOY_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]  # the toy backbone's first token ids
+TOY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def source(cfg):
+    """Fictional bookstore: readers keep to 1-2 genres and read series in order (learnable from the text)."""
+    rng, items, series = random.Random(cfg.seed), {}, []  # series: (genre, [item keys, book 1 first])
+    for genre, spec in TOY_GENRES.items():
+        nouns, *hooks = spec.split("|")
+        for noun in rng.sample(nouns.split(), 5):
+            name, n = f"The {rng.choice(TOY_WORDS[0])} {noun}", rng.randint(4, 6)
+            author = f"{rng.choice(TOY_WORDS[1])} {rng.choice(TOY_WORDS[2])}"
+            series.append((genre, [f"{name}, Book {k}" for k in range(1, n + 1)]))
+            for k, title in enumerate(series[-1][1], 1):
+                desc = f"{genre}, book {k} of {n} in the series {name} by {author}: {rng.choice(hooks)}."
+                items[title] = (title, item_text(title, round(rng.uniform(3.4, 4.9), 1), rng.randint(12, 4000), desc))
+    keys, pop = list(items), [1 / (1 + j % 5) for j in range(len(series))]  # popular and niche series per genre
+    t0, day, inter = int(datetime(2023, 1, 1, tzinfo=timezone.utc).timestamp()), 86400, []
+    for u in range(cfg.toy_users):
+        fav = rng.sample(list(TOY_GENRES), rng.choice((1, 1, 2)))
+        t, j, k = t0 + rng.randrange(365 * day), -1, 0
+        for _ in range(rng.randint(4, 14)):
+            if rng.random() < cfg.toy_noise:
+                key = rng.choice(keys)
+            else:
+                if j < 0 or k >= len(series[j][1]):  # series finished: start another one in a favourite genre
+                    pool = [p for p, (g, _) in enumerate(series) if g in fav and p != j]
+                    j, k = rng.choices(pool, [pop[p] for p in pool])[0], 0
+                key, k = series[j][1][k], k + 1
+            inter.append((f"reader{u}", key, t))
+            t += rng.randint(1, 12) * day
+    return "book", items, inter, "toy generator"
+
+
+def words(texts, pre_tokenizer):
+    """The sorted lowercase words of texts as pre_tokenizer splits them: a toy model's vocabulary."""
+    return sorted({w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(t.lower())})
+
+
+def build_backbone(texts, out_dir, seed=0):
+    """A 2-layer random Qwen3 with a word-level tokenizer over `texts`, saved as a normal HF folder
+    so that the toy run loads it exactly like a real checkpoint."""
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    import torch  # here, not at the top: `import toy` (so `import data`) stays light
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    pre = pre_tokenizers.BertPreTokenizer()
+    vocab = {w: i for i, w in enumerate(TOY_SPECIALS + words(texts, pre))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre
+    tk.decoder = decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|im_end|>",
+                                  additional_special_tokens=TOY_SPECIALS[2:], chat_template=TOY_TEMPLATE)
+    tok.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])  # not special: kept when decoding, as Qwen3's
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    with torch.no_grad():  # zero (tied) rows: decoding then emits words, not control tokens
+        model.get_input_embeddings().weight[tok.convert_tokens_to_ids(TOY_SPECIALS)] = 0
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def build_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) -> str:
+    """Write a tiny random StaticEmbedding sentence-transformer with a lowercase word-level vocabulary
+    from `texts` ([PAD], [UNK] first), loadable offline by SentenceTransformer(out_dir). Deterministic
+    for a seed; a no-op if out_dir already holds a model."""
+    if os.path.isfile(os.path.join(out_dir, "modules.json")):
+        return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"{out_dir} exists and holds no sentence-transformer; delete it or pick another out_dir")
+    import torch  # here, not at the top: `import toy` (so `import data`) stays light
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    pre = pre_tokenizers.Whitespace()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words(texts, pre))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre
+    weights = torch.randn(len(vocab), dim, generator=torch.Generator().manual_seed(seed))  # (V, dim)
+    model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy_encoder_")
+    try:
+        model.save(tmp)
+        os.replace(tmp, out_dir)  # atomic; replaces an empty out_dir too
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
