@@ -243,8 +243,8 @@ def trl_step(model, bc):
     try:
         import datasets
         import trl
-    except ImportError:
-        return {"skipped": "trl is not installed (optional: pip install trl)"}
+    except ImportError as e:  # name what is missing: datasets alone can fail for want of pandas
+        return {"skipped": f"trl or datasets does not import ({e}); optional: pip install trl datasets"}
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, TrainerCallback
 

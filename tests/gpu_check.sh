@@ -2,16 +2,21 @@
 # The one GPU check of issue 14, for a lent card: `OUT=/some/dir bash tests/gpu_check.sh`. Each part writes
 # its result under $OUT as soon as it ends, so a timeout still leaves the parts that finished.
 # TRL is not in the GPU image: put its wheels in .whl/ first (pip download --no-deps trl==1.16.0
-# datasets==5.2.0 dill multiprocess xxhash -d .whl) and carry .whl; they are installed with --no-deps.
+# datasets==5.2.0 dill multiprocess xxhash -d .whl; pip download --no-deps pandas python-dateutil pytz tzdata six
+# -d .whl/extra) and carry .whl; they are installed with --no-deps.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available())" \
   > "$OUT/versions.txt" 2>&1
-if ls .whl/*.whl > /dev/null 2>&1; then
+# only on the card: a CPU dry run leaves this machine's packages alone. pandas (which datasets imports) and its
+# pure-Python deps come from .whl/extra only when the image lacks it, so an image's own pandas is never replaced
+if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && ls .whl/*.whl > /dev/null 2>&1; then
   pip install -q --no-deps .whl/*.whl > "$OUT/pip.txt" 2>&1
+  python -c "import pandas" 2>/dev/null || pip install -q --no-deps .whl/extra/*.whl >> "$OUT/pip.txt" 2>&1
 fi
+python -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)" >> "$OUT/pip.txt" 2>&1
 # 1. the decode tests and the graph-replay test, on CUDA
 python -m pytest -q tests/test_decode.py tests/test_graph_replay.py > "$OUT/tests.txt" 2>&1
 echo "exit $?" >> "$OUT/tests.txt"
