@@ -331,11 +331,11 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
         zero, groups = common.all_sum(grpo.zero_spread_groups(r, g.group_size), len(samples))
         passes = {f"{k}_p{j + 1}": p[k] for j, p in enumerate(up["passes"]) for k in ("kl", "clip_low", "clip_high")
                   } if g.iterations > 1 else {}
-        stats = {k: up[k] for k in ("kl", "clip_low", "clip_high", "kept", "loss", "grad_norm", "skipped")}
-        means = {k: common.mean_all(v) for k, v in {"reward": r, **parts, "entropy": ro.entropy[ro.mask],
-                                                     "len": ro.mask.sum(1), "cot_len": cot_len}.items()}
-        log({"stage": 2, "step": step + 1, **means, **stats, **passes, "zero_std_groups": zero / groups,
-             "s": round(time.time() - t0, 2)})
+        means = {k: common.mean_all(v) for k, v in {"reward": r, **parts}.items()}
+        log({"stage": 2, "step": step + 1, **means, "kl": up["kl"], "entropy": common.mean_all(ro.entropy[ro.mask]),
+             "clip_low": up["clip_low"], "clip_high": up["clip_high"], **passes, "kept": up["kept"], "loss": up["loss"],
+             "grad_norm": up["grad_norm"], "zero_std_groups": zero / groups, "len": common.mean_all(ro.mask.sum(1)),
+             "cot_len": common.mean_all(cot_len), "skipped": up["skipped"], "s": round(time.time() - t0, 2)})
         st["skips"] = st["skips"] + 1 if up["skipped"] else 0
         if up["skipped"]:
             tqdm.write(f"warning: step {step + 1} skipped, nothing reached the weights: {up['skipped']}")
