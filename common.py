@@ -100,10 +100,7 @@ def refuse_other_config(out, new, ok, ok_stage1):
     path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return
-    try:
-        old = json.load(open(path))
-    except ValueError as e:
-        raise SystemExit(f"error: {path} is corrupt ({e}); pass a new --out, or delete that folder") from None
+    old = load_json(path, "pass a new --out, or delete that folder")
     stage1_only = old.get("run", {}).get("stage") == "1" or old.get("run", {}).get("ablate") in ("I", "II")
     diff = flags.config_diff(old, new, ok_stage1 if stage1_only else ok)
     if diff:
@@ -153,6 +150,15 @@ def save_bytes(path, raw):
         with open(tmp, "wb") as f:
             f.write(raw)
     atomic_write(path, write)
+
+
+def load_json(path, fix):
+    """The JSON in path; a corrupt file stops the run with its name and the fix."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"error: {path} is corrupt ({e}); {fix}") from None
 
 
 def save_json(path, obj):

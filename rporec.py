@@ -382,7 +382,7 @@ def main(argv):
         print("reasoning: " + ("greedy" if s.greedy else f"sampled, temperature {s.temperature} top_p {s.top_p} "
                                f"top_k {s.top_k}"))
     mpath = os.path.join(out, "metrics.json")
-    metrics = json.load(open(mpath)) if os.path.exists(mpath) else {}
+    metrics = common.load_json(mpath, "delete it; each stage you run writes its own") if os.path.exists(mpath) else {}
     head = make_head(cfg, ds)
     if cfg.run.stage in ("1", "both"):
         metrics.update(stage1(cfg, ds, head, model, tok, splits, log, out))

@@ -84,6 +84,14 @@ def test_other_config_into_the_same_folder_is_refused(both_run, tmp_path):
     assert cfg.grpo.lr == 0.5
 
 
+@pytest.mark.parametrize("name, fix", [("config.json", "new --out"), ("metrics.json", "delete it")])
+def test_corrupt_run_json_is_named(tmp_path, name, fix):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / name).write_text('{"stage1": {"valid"')  # cut short by a full disk
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'run' / name} is corrupt.*{fix}"):
+        rporec.main(small(tmp_path, "--stage", "1"))
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, (f"touch {EVIL_MARK}",))
