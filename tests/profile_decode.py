@@ -22,22 +22,36 @@ import bench  # noqa: E402
 import decode  # noqa: E402
 
 
-def step_ms(model, ids, mask, graph, new_tokens, repeats=3):
-    cfg = decode.DecodeConfig(max_new_tokens=1, backend="fast", cuda_graph=graph)
-
+def step_ms(model, ids, mask, cfg, new_tokens, repeats=3):
+    """ms per decode step: (time of new_tokens - time of 1) / (new_tokens - 1), the fastest of `repeats`."""
     def timed(n):
         best = float("inf")
         for _ in range(repeats):
             bench.sync()
             start = time.perf_counter()
-            decode.generate(model, ids, mask, dataclasses.replace(cfg, max_new_tokens=n), eos_ids=[],
-                            pad_id=0, stats=True, generator=torch.Generator(ids.device).manual_seed(0))
+            decode.generate(model, ids, mask, dataclasses.replace(cfg, max_new_tokens=n), eos_ids=[], pad_id=0,
+                            stats=True, generator=torch.Generator(ids.device).manual_seed(0))
             bench.sync()
             best = min(best, time.perf_counter() - start)
         return best
 
     timed(8)  # warm-up: allocations, graph capture
     return 1e3 * (timed(new_tokens) - timed(1)) / (new_tokens - 1)
+
+
+def kernels(model, ids, mask, cfg, n):
+    """{kernel name: (ms, calls)} of one eager generate of n tokens; only device-side events count (an op's
+    own device time would count its kernels twice)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.GPU else [])
+    with profile(activities=activities) as prof:
+        decode.generate(model, ids, mask, dataclasses.replace(cfg, max_new_tokens=n), eos_ids=[], pad_id=0,
+                        stats=True, generator=torch.Generator(ids.device).manual_seed(0))
+        bench.sync()
+    out = {}
+    for a in prof.key_averages():
+        if str(getattr(a, "device_type", "")).endswith("CUDA"):
+            out[a.key] = (getattr(a, "self_device_time_total", 0) / 1e3, a.count)
+    return out
 
 
 def main():
@@ -49,33 +63,26 @@ def main():
     args = ap.parse_args()
     model = bench.build_model("0.6b" if bench.GPU else "tiny", 0)
     ids, mask = bench.prompts(args.batch, args.prompt_len if bench.GPU else 32, model.config.vocab_size)
-    lines = [f"{bench.DEVICE} batch {args.batch}, prompt {ids.shape[1]}, {args.new_tokens} new tokens"]
-    for graph in (True, False):
-        lines.append(f"step ms, cuda_graph={graph}: {step_ms(model, ids, mask, graph, args.new_tokens):.3f}")
-    cfg = decode.DecodeConfig(max_new_tokens=args.new_tokens, backend="fast", cuda_graph=False)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.GPU else [])
-    with profile(activities=activities) as prof:
-        decode.generate(model, ids, mask, cfg, eos_ids=[], pad_id=0, stats=True,
-                        generator=torch.Generator(ids.device).manual_seed(0))
-        bench.sync()
-    averages = prof.key_averages()
-    device_us = [getattr(a, "self_device_time_total", getattr(a, "self_cuda_time_total", 0)) for a in averages]
-    kernels = [(us, a) for us, a in zip(device_us, averages) if us > 0]
-    total_ms = sum(us for us, _ in kernels) / 1e3
-    launches = sum(a.count for _, a in kernels)
-    lines.append(f"eager profile over prefill + {args.new_tokens} steps: GPU kernel time {total_ms:.2f} ms, "
-                 f"{launches} kernels ({launches / args.new_tokens:.0f} per step incl. prefill share)")
-    lines.append("top kernels by GPU time (ms total, calls, name):")
-    for us, a in sorted(kernels, key=lambda k: -k[0])[:20]:
-        lines.append(f"  {us / 1e3:9.3f}  {a.count:6d}  {a.key[:110]}")
-    sort = "self_cuda_time_total" if bench.GPU else "self_cpu_time_total"
-    try:
-        table = averages.table(sort_by=sort, row_limit=25)
-    except (AttributeError, KeyError):
-        table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
-    text = "\n".join(lines) + "\n\n" + table + "\n"
+    n = args.new_tokens
+    lines = [f"{bench.DEVICE} batch {args.batch}, prompt {ids.shape[1]}, {n} new tokens"]
+    fast = decode.DecodeConfig(backend="fast")
+    for name, cfg in (("cuda graph, kv_bucket 256", fast), ("cuda graph, kv_bucket 128", dataclasses.replace(
+            fast, kv_bucket=128)), ("eager, kv_bucket 256", dataclasses.replace(fast, cuda_graph=False))):
+        lines.append(f"step ms, {name}: {step_ms(model, ids, mask, cfg, n):.3f}")
+    eager = dataclasses.replace(fast, cuda_graph=False)
+    kernels(model, ids, mask, eager, 2)  # warm-up outside the profile
+    one, full = kernels(model, ids, mask, eager, 1), kernels(model, ids, mask, eager, n)
+    per_step = {k: ((ms - one.get(k, (0, 0))[0]) / (n - 1), (calls - one.get(k, (0, 0))[1]) / (n - 1))
+                for k, (ms, calls) in full.items()}
+    total = sum(ms for ms, _ in per_step.values())
+    launches = sum(c for _, c in per_step.values())
+    lines.append(f"eager, per decode step (profile of {n} tokens minus that of 1): GPU kernel time {total:.3f} ms, "
+                 f"{launches:.0f} kernels")
+    lines.append("kernels by GPU time per step (ms, share, calls, name):")
+    for k, (ms, calls) in sorted(per_step.items(), key=lambda kv: -kv[1][0])[:20]:
+        lines.append(f"  {ms:7.3f}  {ms / max(total, 1e-9):5.1%}  {calls:5.0f}  {k[:100]}")
     with open(args.out, "w") as f:
-        f.write(text)
+        f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
