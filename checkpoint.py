@@ -19,6 +19,7 @@ import data
 import decode
 from common import DEVICE, MAIN, RANK, WORLD, barrier, load_torch, save_json, save_torch, shard, weights_digest
 
+
 # ----------------------------------------------------------------------------- resumable JSONL cache
 def read_cache(path):
     """{sample index: record}. A last line cut short by a kill is cut off the file first."""
@@ -170,20 +171,26 @@ def swap_in(tmp, final):
     shutil.rmtree(final + ".old", ignore_errors=True)
 
 
-def recover_dir(final, marker):
-    """final, or None when no whole copy exists. final is whole when it holds `marker`; a kill between
-    swap_in's two renames leaves final.old and a complete final.tmp, and the newer one is promoted."""
+def whole_copy(final, marker):
+    """The whole copy among final (whole when it holds `marker`), final.tmp and final.old (whole when marked
+    DONE), in that order, or None. Only looks: the checks before a run use it and write nothing."""
     if os.path.exists(os.path.join(final, marker)):
         return final
-    for cand in (final + ".tmp", final + ".old"):
-        if os.path.exists(os.path.join(cand, DONE)):
-            if MAIN:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(cand, final)
-                shutil.rmtree(final + ".old", ignore_errors=True)
-            barrier()
-            return final
-    return None
+    return next((c for c in (final + ".tmp", final + ".old") if os.path.exists(os.path.join(c, DONE))), None)
+
+
+def recover_dir(final, marker):
+    """final, or None when no whole copy exists. A kill between swap_in's two renames leaves final.old and a
+    complete final.tmp: the newer whole one is promoted to final."""
+    found = whole_copy(final, marker)
+    if found is None or found == final:
+        return found
+    if MAIN:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(found, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    barrier()
+    return final
 
 
 def save_pretrained(folder, model, tok, info):
@@ -196,6 +203,9 @@ def save_pretrained(folder, model, tok, info):
         save_json(os.path.join(tmp, "info.json"), info)
         swap_in(tmp, folder)
     barrier()
+
+
+CKPT_MARKER = "trainer_state.pt"  # the file recover looks for in ckpt/, which only ever arrives whole (swap_in)
 
 
 def save(out, model, tok, opt, state):
@@ -211,7 +221,7 @@ def save(out, model, tok, opt, state):
     if MAIN:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
+        torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, CKPT_MARKER))
     barrier()
     if MAIN:
         swap_in(tmp, final)
@@ -220,7 +230,7 @@ def save(out, model, tok, opt, state):
 
 def recover(out):
     """The path of the whole checkpoint in <out> (recover_dir), or None."""
-    return recover_dir(os.path.join(out, "ckpt"), "trainer_state.pt")
+    return recover_dir(os.path.join(out, "ckpt"), CKPT_MARKER)
 
 
 def load(out, model, opt):
@@ -230,7 +240,7 @@ def load(out, model, opt):
     if path is None:
         raise SystemExit(f"error: --resume but no checkpoint in {out}/ckpt; drop --resume to start afresh")
     fix = f"Delete {path} and rerun without --resume, or resume from a copy of the run folder."
-    st = load_torch(os.path.join(path, "trainer_state.pt"), "trainer state", fix)
+    st = load_torch(os.path.join(path, CKPT_MARKER), "trainer state", fix)
     if st["world"] != WORLD:
         raise SystemExit(f"error: the checkpoint was written by {st['world']} processes; resume with as many")
     try:

@@ -98,7 +98,7 @@ def resolve(cfg, flags):
             fail(f"--rechead.* flags do not apply to --stage 2: the Rechead and its config come from --init: "
                  f"{', '.join(clash)}")
         cfg.rechead = rechead.RecheadConfig(**saved)
-    if r.resume and checkpoint.recover(r.out) is None:
+    if r.resume and checkpoint.whole_copy(os.path.join(r.out, "ckpt"), checkpoint.CKPT_MARKER) is None:
         fail(f"--resume but no checkpoint in {r.out}/ckpt; drop --resume to start afresh")
     ok = set(RERUN_OK)  # a folder that holds only Stage I takes any Stage II settings
     ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}

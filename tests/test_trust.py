@@ -156,6 +156,17 @@ def test_kill_between_the_two_renames_recovers(both_run, tmp_path):
     assert (run / "best" / "info.json").exists() and not (run / "best.old").exists()
 
 
+def test_checks_before_a_resume_write_nothing(both_run, tmp_path):
+    """--resume accepts a complete ckpt.tmp left by a kill, but only looks: promoting it is checkpoint.load's
+    job, after the processes exist (a barrier before init_process_group would crash under torchrun)."""
+    run = copy_run(both_run, tmp_path / "c") / "run"
+    os.replace(run / "ckpt", run / "ckpt.old")
+    shutil.copytree(run / "ckpt.old", run / "ckpt.tmp")
+    with pytest.raises(SystemExit, match="another config"):  # the resume check passed; the folder check stops
+        rporec.parse_config(small(tmp_path / "c", "--resume"))
+    assert (run / "ckpt.tmp").exists() and (run / "ckpt.old").exists() and not (run / "ckpt").exists()
+
+
 def test_save_every_zero_saves_only_at_the_end(tmp_path, monkeypatch):
     saved = []
     monkeypatch.setattr(checkpoint, "save", lambda out, m, t, o, st: saved.append(st["step"]))
