@@ -46,7 +46,7 @@ def _convert(text, kind, flag):
 def parse_flags(cfg, argv, bare="run"):
     """{"section.field": value} from --section.field VALUE (or =VALUE) over the dataclass sections of cfg.
     Fields of section `bare` also work bare (--model). A bare boolean flag means true."""
-    args = [p for a in argv for p in (a.split("=", 1) if "=" in a else [a])]
+    args = [p for a in argv for p in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
     flags = {}
     while args:
         key = args.pop(0)
@@ -65,6 +65,14 @@ def parse_flags(cfg, argv, bare="run"):
             raise SystemExit(f"error: --{key} needs a value")
         flags[f"{sec}.{name}"] = _convert(args.pop(0), kind, key)
     return flags
+
+
+def apply(cfg, values):
+    """Set {"section.field": value} (parse_flags' result, or a preset) on the dataclass sections of cfg."""
+    for key, value in values.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
 
 
 def help_text(cfg, bare="run"):

@@ -38,6 +38,13 @@ def test_parse_config_presets_and_flags():
             rporec.parse_config(bad)
 
 
+def test_flag_values_may_hold_equals_signs():
+    """Only a --flag=VALUE argument is split at its first "=": a value keeps its own."""
+    hint = "Answer as <answer>title=...</answer>"
+    assert rporec.parse_config(["--prompt_suffix", hint]).run.prompt_suffix == hint
+    assert rporec.parse_config(["--prompt_suffix=a=b"]).run.prompt_suffix == "a=b"
+
+
 def test_evaluate_split_follows_eval_config():
     """--eval.mask_history and --eval.ks reach the Stage I/II evaluation: a head that scores history
     items above the target ranks it behind them unless they are masked."""
