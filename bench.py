@@ -362,8 +362,7 @@ def parse_config(argv):
     for before, arg in zip(argv, argv[1:]):
         if not before.startswith("--") and not arg.startswith("--"):
             raise SystemExit(f"error: unexpected argument {arg!r}; lists are comma-separated: --sections decode,equiv")
-    for key, value in flags_lib.parse_flags(flags, argv, bare="bench").items():
-        setattr(flags.bench, key.split(".", 1)[1], value)
+    flags_lib.apply(flags, flags_lib.parse_flags(flags, argv, bare="bench"))
     bc = flags.bench
     if bc.model not in ("auto", "tiny", "0.6b"):
         raise SystemExit(f"error: unknown --model {bc.model!r}; use auto, tiny or 0.6b")

@@ -36,9 +36,7 @@ def parse(cfg, presets, argv, doc):
     dataset = flags.get("run.dataset", cfg.run.dataset)
     if dataset not in presets:
         raise SystemExit(f"error: unknown dataset {dataset!r}; choose one of {sorted(presets)}")
-    for key, value in {**presets[dataset], **flags}.items():
-        sec, name = key.split(".")
-        setattr(getattr(cfg, sec), name, value)
+    flags_lib.apply(cfg, {**presets[dataset], **flags})
     return resolve(cfg, flags)
 
 

@@ -235,12 +235,9 @@ def main(argv=None):
         print(flags.help_text(cli, bare="data"))
         return
     argv = [re.sub(r"^--json(?=$|=)", "--cli.json", a) for a in argv]  # --json: short for --cli.json
-    for key, value in flags.parse_flags(cli, argv, bare="data").items():
-        section, name = key.split(".")
-        setattr(getattr(cli, section), name, value)
+    flags.apply(cli, flags.parse_flags(cli, argv, bare="data"))
     try:
-        check_config(cli.data)
-        stats = dataset_stats(load_dataset(cli.data))
+        stats = dataset_stats(load_dataset(cli.data))  # load_dataset runs check_config first
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     for k, v in stats.items():
