@@ -77,13 +77,9 @@ def build_backbone(texts, out_dir, seed=0):
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     import torch  # here, not at the top: `import toy` (so `import data`) stays light
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import decoders, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    pre = pre_tokenizers.BertPreTokenizer()
-    vocab = {w: i for i, w in enumerate(TOY_SPECIALS + words(texts, pre))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre
+    tk = _word_tokenizer(texts, pre_tokenizers.BertPreTokenizer(), TOY_SPECIALS)
     tk.decoder = decoders.WordPiece()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|im_end|>",
                                   additional_special_tokens=TOY_SPECIALS[2:], chat_template=TOY_TEMPLATE)
@@ -95,11 +91,11 @@ def build_backbone(texts, out_dir, seed=0):
         pad_token_id=tok.pad_token_id))
     with torch.no_grad():  # zero (tied) rows: decoding then emits words, not control tokens
         model.get_input_embeddings().weight[tok.convert_tokens_to_ids(TOY_SPECIALS)] = 0
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
-    return out_dir
+
+    def save(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return _save_whole(out_dir, save)
 
 
 def build_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) -> str:
@@ -113,20 +109,32 @@ def build_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) 
     import torch  # here, not at the top: `import toy` (so `import data`) stays light
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import StaticEmbedding
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    pre = pre_tokenizers.Whitespace()
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words(texts, pre))}}
+    from tokenizers import pre_tokenizers
+    tok = _word_tokenizer(texts, pre_tokenizers.Whitespace(), ["[PAD]", "[UNK]"])
+    weights = torch.randn(tok.get_vocab_size(), dim, generator=torch.Generator().manual_seed(seed))  # (V, dim)
+    model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
+    return _save_whole(out_dir, model.save)
+
+
+def _word_tokenizer(texts, pre, specials):
+    """A lowercase word-level tokenizer: the specials first, then every word of texts as `pre` splits them."""
+    from tokenizers import Tokenizer, models, normalizers
+    vocab = {w: i for i, w in enumerate(specials + words(texts, pre))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre
-    weights = torch.randn(len(vocab), dim, generator=torch.Generator().manual_seed(seed))  # (V, dim)
-    model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
+    return tok
+
+
+def _save_whole(out_dir, save):
+    """save(tmp) into a fresh folder beside out_dir, then rename it into place (an empty out_dir too): a kill
+    or an error never leaves half a model at out_dir, nor a stray temporary folder."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy_encoder_")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy_")
     try:
-        model.save(tmp)
-        os.replace(tmp, out_dir)  # atomic; replaces an empty out_dir too
+        save(tmp)
+        os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
