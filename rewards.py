@@ -89,6 +89,16 @@ def _blocks(text: str):
     return think, answer
 
 
+def _cot_span(text: str) -> tuple[int, int]:
+    """(start, end) of the CoT y: inside the think block, or without a complete one the text before
+    <answer> (all of it when there is no answer)."""
+    think, _ = _blocks(text)
+    if think is not None:
+        return think[2], think[3]
+    cut = text.find(ANSWER_OPEN)
+    return 0, len(text) if cut < 0 else cut
+
+
 def parse_completion(text: str) -> tuple[str | None, str | None]:
     """Split a completion into (think, answer), each stripped, None when missing.
 
@@ -108,8 +118,8 @@ def parse_completion(text: str) -> tuple[str | None, str | None]:
 def split_reasoning(text: str) -> tuple[str, str | None]:
     """(y, z) of one completion: the CoT, and the answer or None when it did not parse (eq. 2 then falls back
     to the history)."""
-    think, answer = parse_completion(text)
-    return (think if think is not None else text.split("<answer>")[0].strip()), (answer or None)
+    start, end = _cot_span(text)
+    return text[start:end].strip(), (parse_completion(text)[1] or None)
 
 
 def format_reward(text: str) -> float:
@@ -255,11 +265,8 @@ def cot_token_mask(token_ids: torch.Tensor, mask: torch.Tensor, tokenizer) -> to
     if not ids:
         return out
     text = "".join(pieces)
-    think, _ = _blocks(text)
-    if think is None:  # no think block: y is the text before <answer> (split_reasoning)
-        cut = text.find(ANSWER_OPEN)
-        think = (0, 0, 0, len(text) if cut < 0 else cut)
+    cot_start, cot_end = _cot_span(text)  # the same y as split_reasoning's
     starts = ends - torch.tensor([len(p) for p in pieces])
-    inside = (ends > think[2]) & (starts < think[3]) & (ends > starts)  # (n,) overlaps the CoT
+    inside = (ends > cot_start) & (starts < cot_end) & (ends > starts)  # (n,) overlaps the CoT
     out[mask.bool().nonzero().squeeze(1)] = inside
     return out
