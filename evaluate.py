@@ -89,12 +89,17 @@ def average_metrics(results: list[dict]) -> dict:
     return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
 
-def target_counts(train_samples: list[dict], n_items: int) -> torch.Tensor:
-    """(N+1,) long: how often each item is a train target (pad column 0 stays 0)."""
+def _train_targets(train_samples: list[dict], n_items: int) -> torch.Tensor:
+    """(S,) long: the train targets, checked to be item ids."""
     targets = torch.tensor([s["target"] for s in train_samples], dtype=torch.long)
     if targets.numel() and (targets.min() < 1 or targets.max() > n_items):
         raise ValueError(f"train targets must be item ids in 1..{n_items}; check n_items matches the dataset")
-    return torch.bincount(targets, minlength=n_items + 1)  # (N+1,)
+    return targets
+
+
+def target_counts(train_samples: list[dict], n_items: int) -> torch.Tensor:
+    """(N+1,) long: how often each item is a train target (pad column 0 stays 0)."""
+    return torch.bincount(_train_targets(train_samples, n_items), minlength=n_items + 1)  # (N+1,)
 
 
 def popularity_scores(train_samples: list[dict], n_items: int) -> torch.Tensor:
@@ -128,9 +133,7 @@ def transition_counts(train_samples: list[dict], n_items: int) -> torch.Tensor:
     is a and whose target is b (first-order Markov counts). Samples with an empty history add nothing; row 0
     stays empty. Sparse because a dense (N+1)^2 matrix is ~1 GiB in float64 at N = 12k."""
     last = _last_items(train_samples, n_items, "train")
-    target = torch.tensor([s["target"] for s in train_samples], dtype=torch.long)
-    if target.numel() and (target.min() < 1 or target.max() > n_items):
-        raise ValueError(f"train targets must be item ids in 1..{n_items}; check n_items matches the dataset")
+    target = _train_targets(train_samples, n_items)
     keep = last > 0
     pairs, counts = torch.unique(last[keep] * (n_items + 1) + target[keep], return_counts=True)  # (nnz,)
     index = torch.stack([pairs // (n_items + 1), pairs % (n_items + 1)])  # (2, nnz)
