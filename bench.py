@@ -18,6 +18,7 @@ failing section is recorded and the others still run):
   python bench.py --help  (every flag, with its default on this machine)
 """
 import copy
+import dataclasses
 import platform
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import decode
 import fastdecode
 import grpo
 import rewards
+from common import DEVICE, DTYPE
 
 SECTIONS = ("decode", "equiv", "grpo", "trl")
 
@@ -64,9 +66,7 @@ class Flags:
 # CPU sizes, so the whole run takes < 1 minute on 2 cores
 CPU_SCALE = dict(prompt_len=32, new_tokens=24, equiv_tokens=32, grpo_new_tokens=32,
                  summary_new_tokens=16)
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
-DTYPE = torch.bfloat16 if GPU else torch.float32  # the bench model's weights; the GRPO policy is fp32
+GPU = DEVICE.type == "cuda"  # DEVICE and DTYPE (the bench model's weights; the GRPO policy is fp32): common.py
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
                  rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960)  # Qwen3-0.6B config.json
@@ -111,25 +111,25 @@ def prompts(batch, length, vocab, pads=(), seed=0):
     return ids.to(DEVICE), mask.to(DEVICE)
 
 
-def run(model, ids, mask, backend, new_tokens, stats=False, greedy=False, eos_ids=()):
-    cfg = decode.DecodeConfig(max_new_tokens=new_tokens, backend=backend, greedy=greedy)
+def run(model, ids, mask, backend, new_tokens, stats=False, greedy=False, eos_ids=(), base=decode.DecodeConfig()):
+    cfg = dataclasses.replace(base, max_new_tokens=new_tokens, backend=backend, greedy=greedy)
     return decode.generate(model, ids, mask, cfg, eos_ids=list(eos_ids), pad_id=0, stats=stats,
                            generator=torch.Generator(ids.device).manual_seed(0))
 
 
 # ----------------------------------------------------------------------------- decode speed and equivalence
-def decode_ms_per_step(model, ids, mask, backend, bc):
-    """(ms per decode step, peak GiB) for one backend at one batch size. Ours runs as in GRPO rollouts
-    (sampling, logp/entropy recorded), HF as plain sampling `generate`."""
+def decode_ms_per_step(model, ids, mask, backend, bc, base=decode.DecodeConfig()):
+    """(ms per decode step, peak GiB) for one backend at one batch size, the other settings from base. Ours
+    runs as in GRPO rollouts (sampling, logp/entropy recorded), HF as plain sampling `generate`."""
     stats = backend == "fast"
-    run(model, ids, mask, backend, 8, stats)  # warm-up: allocations, cuBLAS, graph capture
+    run(model, ids, mask, backend, 8, stats, base=base)  # warm-up: allocations, cuBLAS, graph capture
     reset_peak()
     times = {1: float("inf"), bc.new_tokens: float("inf")}
     for _ in range(bc.repeats):
         for n in times:
             sync()
             start = time.perf_counter()
-            out = run(model, ids, mask, backend, n, stats)
+            out = run(model, ids, mask, backend, n, stats, base=base)
             sync()
             times[n] = min(times[n], time.perf_counter() - start)
             if out.tokens.shape[1] != n:
@@ -223,9 +223,7 @@ def grpo_step(model, bc):
         sync()
         t1 = time.perf_counter()
         decode.generate(ref, *left_align(ro.tokens, ro.mask), summ, [], 0)
-        ent = ro.entropy.float().cpu()
-        done = ro.mask.cpu()
-        reward = torch.tensor([rewards.entropy_reward(e[m]) for e, m in zip(ent, done)])  # (N*G,)
+        reward = rewards.entropy_rewards(ro.entropy.float().cpu(), ro.mask.cpu(), rewards.RewardConfig.rho)  # (N*G,)
         sync()
         t2 = time.perf_counter()
         batch = grpo.make_batch(ids, mask, ro, grpo.group_advantages(reward, G), G)

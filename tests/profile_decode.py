@@ -12,9 +12,8 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
+from types import SimpleNamespace
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
@@ -22,30 +21,12 @@ import bench  # noqa: E402
 import decode  # noqa: E402
 
 
-def step_ms(model, ids, mask, cfg, new_tokens, repeats=3):
-    """ms per decode step: (time of new_tokens - time of 1) / (new_tokens - 1), the fastest of `repeats`."""
-    def timed(n):
-        best = float("inf")
-        for _ in range(repeats):
-            bench.sync()
-            start = time.perf_counter()
-            decode.generate(model, ids, mask, dataclasses.replace(cfg, max_new_tokens=n), eos_ids=[], pad_id=0,
-                            stats=True, generator=torch.Generator(ids.device).manual_seed(0))
-            bench.sync()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    timed(8)  # warm-up: allocations, graph capture
-    return 1e3 * (timed(new_tokens) - timed(1)) / (new_tokens - 1)
-
-
 def kernels(model, ids, mask, cfg, n):
     """{kernel name: (ms, calls)} of one eager generate of n tokens; only device-side events count (an op's
     own device time would count its kernels twice)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.GPU else [])
     with profile(activities=activities) as prof:
-        decode.generate(model, ids, mask, dataclasses.replace(cfg, max_new_tokens=n), eos_ids=[], pad_id=0,
-                        stats=True, generator=torch.Generator(ids.device).manual_seed(0))
+        bench.run(model, ids, mask, "fast", n, stats=True, base=cfg)
         bench.sync()
     out = {}
     for a in prof.key_averages():
@@ -66,10 +47,12 @@ def main():
     n = args.new_tokens
     lines = [f"{bench.DEVICE} batch {args.batch}, prompt {ids.shape[1]}, {n} new tokens"]
     fast = decode.DecodeConfig(backend="fast")
-    for name, cfg in (("cuda graph, kv_bucket 256", fast), ("cuda graph, kv_bucket 128", dataclasses.replace(
-            fast, kv_bucket=128)), ("eager, kv_bucket 256", dataclasses.replace(fast, cuda_graph=False))):
-        lines.append(f"step ms, {name}: {step_ms(model, ids, mask, cfg, n):.3f}")
     eager = dataclasses.replace(fast, cuda_graph=False)
+    timing = SimpleNamespace(new_tokens=n, repeats=3)  # the two fields bench.decode_ms_per_step reads
+    for name, cfg in (("cuda graph, kv_bucket 256", fast), ("cuda graph, kv_bucket 128",
+                      dataclasses.replace(fast, kv_bucket=128)), ("eager, kv_bucket 256", eager)):
+        ms, _ = bench.decode_ms_per_step(model, ids, mask, "fast", timing, base=cfg)
+        lines.append(f"step ms, {name}: " + ("too noisy" if ms is None else f"{ms:.3f}"))
     kernels(model, ids, mask, eager, 2)  # warm-up outside the profile
     one, full = kernels(model, ids, mask, eager, 1), kernels(model, ids, mask, eager, n)
     per_step = {k: ((ms - one.get(k, (0, 0))[0]) / (n - 1), (calls - one.get(k, (0, 0))[1]) / (n - 1))
