@@ -63,3 +63,16 @@ def test_flags_parse_like_rporec(monkeypatch):
                           (["--model", "7b"], "7b"), (["--new-tokens", "1"], "new_tokens")):
         with pytest.raises(SystemExit, match=problem):
             bench.parse_config(argv)
+
+
+def test_trl_section_runs_or_names_what_is_missing(tmp_path):
+    """TRL is optional (not in requirements.txt): without it the section is recorded as skipped, naming the
+    import that failed, and the run goes on; where trl and datasets import, it measures TRL's step."""
+    res = bench.main(bench.BenchConfig(out=str(tmp_path / "t.json"), sections="trl", **SMALL))
+    try:
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError as e:
+        assert res["trl"] == {"skipped": f"trl or datasets does not import ({e}); optional: pip install trl datasets"}
+        return
+    assert res["trl"]["completions_per_s"] > 0 and res["trl"]["step_s"] > 0
