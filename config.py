@@ -10,7 +10,8 @@ import common
 import data
 import flags as flags_lib  # `flags` names the parsed {key: value} below
 import rechead
-from common import WORLD, fail
+import toy
+from common import DISTRIBUTED, WORLD, fail
 
 # may differ between runs sharing a folder: how far Stage II goes, where Stage I came from, speed knobs
 RERUN_OK = {"run.stage", "run.init", "run.resume", "run.gen_batch", "run.dist_backend", "grpo.steps", "grpo.epochs",
@@ -48,7 +49,7 @@ def resolve(cfg, flags):
         if key in flags and flags[key] != derived:
             fail(f"--{key} {flags[key]} contradicts --dataset {r.dataset} --ablate {r.ablate!r}; drop --{key}")
     cfg.data.dataset, cfg.rechead.use_cot = r.dataset, r.ablate != "cot"
-    if WORLD > 1 and cfg.rechead.sparse:  # DistributedDataParallel averages dense gradients only
+    if DISTRIBUTED and cfg.rechead.sparse:  # DistributedDataParallel averages dense gradients only
         if "rechead.sparse" in flags:
             fail("--rechead.sparse true does not work under torchrun (DDP); drop it")
         cfg.rechead.sparse = False
@@ -75,6 +76,8 @@ def resolve(cfg, flags):
         data.check_config(cfg.data)
     except ValueError as e:
         fail(str(e))
+    if r.model.startswith("random:") and r.model[len("random:"):] not in toy.STANDINS:
+        fail(f"--model {r.model}: no such stand-in; use random:NAME with NAME one of {', '.join(toy.STANDINS)}")
     if r.model == "none" and r.ablate != "cot":
         fail("--model none has no reasoning to read; add --ablate cot (the history-only Rechead)")
     stage2 = r.stage != "1" and r.ablate not in ("I", "II")

@@ -1,6 +1,8 @@
-"""The embedded toy bookstore and the toy models that go with it, all offline and built in code: `source` (the
-`toy` dataset: readers keep to 1-2 genres and read series in order), `build_backbone` (a tiny random Qwen3) and
-`build_encoder` (a tiny StaticEmbedding sentence-transformer), both with a word-level vocabulary (`words`).
+"""The embedded toy bookstore and the models built in code, all offline: `source` (the `toy` dataset: readers
+keep to 1-2 genres and read series in order), `build_backbone` (a tiny random Qwen3) and `build_encoder` (a tiny
+StaticEmbedding sentence-transformer), both with a word-level vocabulary (`words`), and `build_standin` (--model
+random:NAME: a named checkpoint's architecture at its real size with random weights and a tokenizer of its real
+size, to time and size a run where no weights can be downloaded).
 """
 import os
 import random
@@ -32,6 +34,30 @@ TOY_WORDS = ("Silent Crimson Hollow Golden Broken Northern Last Hidden Iron Pape
              "Mara Elias Nora Tobias Ivy Felix Clara Jonah Lena Arthur Rosa Milo".split(),
              "Quill Hartley Vance Okafor Lindqvist Marsh Delacroix Brennan Sato Whitlock".split())
 TOY_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]  # the toy backbone's first token ids
+# --model random:NAME: the architecture of a real checkpoint (its config.json), random weights. text_vocab is the
+# number of ordinary tokens; the checkpoint's added tokens follow at their real ids, then reserved ids fill the
+# rest of the vocabulary, so every id the model can emit decodes. "tiny" is the same layout at test size.
+STANDINS = {
+    "Qwen3-0.6B": dict(vocab_size=151936, text_vocab=151643, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960),
+    "tiny": dict(vocab_size=2048, text_vocab=1900, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rope_theta=1e6,
+                 rms_norm_eps=1e-6, max_position_embeddings=4096),
+}
+# Qwen3's added tokens in id order from text_vocab, and how many of them are special (dropped by
+# skip_special_tokens); <think> and </think> are not, so a decoded completion keeps its tags
+QWEN3_ADDED = ("<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
+               "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> "
+               "<|video_pad|> <tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> "
+               "<|repo_name|> <|file_sep|> <tool_response> </tool_response> <think> </think>").split()
+QWEN3_SPECIAL = 14
+# Qwen3's generation_config.json: the sampling that Stage I reasoning resolves to (decode.resolve_sampling)
+QWEN3_GENERATION = dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+# Qwen3's chat template for plain messages (no tools): thinking off pre-fills an empty think block
+QWEN3_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is "
+                  "defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}")
 TOY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -118,12 +144,76 @@ def build_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) 
 
 def _word_tokenizer(texts, pre, specials):
     """A lowercase word-level tokenizer: the specials first, then every word of texts as `pre` splits them."""
+    return _word_level(specials + words(texts, pre), pre)
+
+
+def _word_level(vocab, pre):
+    """A lowercase word-level tokenizer over vocab (a list: token i has id i), "[UNK]" among them."""
     from tokenizers import Tokenizer, models, normalizers
-    vocab = {w: i for i, w in enumerate(specials + words(texts, pre))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre
     return tok
+
+
+def _filler_words(n, taken):
+    """n distinct lowercase letter-only words outside `taken` (one pre-token each, digits would split)."""
+    out, i = [], 0
+    while len(out) < n:
+        w, j = "", i
+        while True:
+            w, j = chr(97 + j % 26) + w, j // 26
+            if not j:
+                break
+        if "x" + w not in taken:
+            out.append("x" + w)
+        i += 1
+    return out
+
+
+def standin_tokenizer(name, texts):
+    """The tokenizer of --model random:NAME, built in code: len(tok) equals the model's vocabulary, the named
+    checkpoint's added tokens sit at their real ids, and the chat template is the checkpoint's (thinking on
+    or off). Word level (digits one by one, as Qwen's pre-tokenizer splits them) over the words of texts, the
+    most frequent first, then filler words: a completion decodes to text that encodes back to as many tokens,
+    so prompts, CoTs and summaries have about a real tokenizer's length."""
+    from collections import Counter
+
+    from tokenizers import AddedToken, decoders, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    arch = STANDINS[name]
+    pre = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Digits(individual_digits=True)])
+    counts = Counter(w for t in [*texts, "system user assistant"] for w, _ in pre.pre_tokenize_str(t.lower()))
+    known = ["[UNK]"] + [w for w, _ in counts.most_common(arch["text_vocab"] - 1) if w != "[unk]"]
+    reserved = [f"<|reserved_{i}|>" for i in range(arch["vocab_size"] - arch["text_vocab"] - len(QWEN3_ADDED))]
+    vocab = known + _filler_words(arch["text_vocab"] - len(known), set(known)) + QWEN3_ADDED + reserved
+    tk = _word_level(vocab, pre)
+    tk.decoder = decoders.WordPiece()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
+                           QWEN3_ADDED[:QWEN3_SPECIAL] + reserved])  # already in vocab: they keep their ids
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED[QWEN3_SPECIAL:]])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="<|endoftext|>",
+                                  eos_token="<|im_end|>", chat_template=QWEN3_TEMPLATE, padding_side="left")
+
+
+def build_standin(name, texts, dtype, device, seed=0):
+    """(model, tokenizer) of --model random:NAME: a Qwen3ForCausalLM with STANDINS[name]'s architecture and random
+    weights (seeded, without touching the caller's RNG), the checkpoint's generation settings, and
+    standin_tokenizer(name, texts). Its text is noise that rarely emits an EOS: every completion runs to the
+    token cap, the worst case for time."""
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    tok = standin_tokenizer(name, texts)
+    arch = {k: v for k, v in STANDINS[name].items() if k != "text_vocab"}
+    ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with device:  # initialised where it runs: no 0.6B-parameter copy through the host
+            model = Qwen3ForCausalLM(Qwen3Config(**arch, **ids))
+    model.generation_config = GenerationConfig(**QWEN3_GENERATION, bos_token_id=tok.pad_token_id,
+                                               pad_token_id=tok.pad_token_id,
+                                               eos_token_id=[tok.eos_token_id, tok.pad_token_id])
+    return model.to(dtype).eval(), tok
 
 
 def _save_whole(out_dir, save):
