@@ -14,11 +14,17 @@ failing section is recorded and the others still run):
 - trl: TRL's GRPOTrainer on the same model, prompts, G, prompts/step, completion length, beta,
   top-20% entropy mask and micro-batch, no vLLM, gradient checkpointing off as ours (needs `trl`).
 
+Also `--project RUN`: the wall time of the full paper runs (CDs, Instruments, Games) on the machine that ran RUN,
+projected per phase from the cost that RUN measured (its metrics.json "cost", e.g. of tests/gpu_rehearsal.sh).
+
   python bench.py [--out bench.json] [--model auto|tiny|0.6b] [--sections decode,equiv,grpo,trl]
+  python bench.py --project RUN_FOLDER
   python bench.py --help  (every flag, with its default on this machine)
 """
 import copy
 import dataclasses
+import math
+import os
 import platform
 import sys
 import tempfile
@@ -35,7 +41,8 @@ import decode
 import fastdecode
 import grpo
 import rewards
-from common import DEVICE, DTYPE
+import toy
+from common import DEVICE, DTYPE, peak_gib, reset_peak, sync
 
 SECTIONS = ("decode", "equiv", "grpo", "trl")
 
@@ -56,6 +63,7 @@ class BenchConfig:
     summary_new_tokens: int = 128  # GRPO step: greedy summary length (rewards.summary_max_new_tokens)
     repeats: int = 3  # timing runs per decode point; the fastest counts (shared machines are noisy)
     seed: int = 0  # weights, prompts and sampling
+    project: str = ""  # a run folder: print the paper runs projected from its metrics.json "cost", then exit
 
 
 @dataclass
@@ -67,9 +75,7 @@ class Flags:
 CPU_SCALE = dict(prompt_len=32, new_tokens=24, equiv_tokens=32, grpo_new_tokens=32,
                  summary_new_tokens=16)
 GPU = DEVICE.type == "cuda"  # DEVICE and DTYPE (the bench model's weights; the GRPO policy is fp32): common.py
-QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                 rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960)  # Qwen3-0.6B config.json
+QWEN3_06B = {k: v for k, v in toy.STANDINS["Qwen3-0.6B"].items() if k != "text_vocab"}  # its config.json
 # CPU stand-in with the same structure. Its larger init keeps greedy output varied (at 0.02 a tiny random
 # model repeats one token), so that the equivalence check means something.
 TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -84,20 +90,6 @@ def build_model(name, seed):
     with DEVICE:
         model = transformers.Qwen3ForCausalLM(config)
     return model.to(DTYPE).eval()
-
-
-def sync():
-    if GPU:
-        torch.cuda.synchronize(DEVICE)
-
-
-def reset_peak():
-    if GPU:
-        torch.cuda.reset_peak_memory_stats(DEVICE)
-
-
-def peak_gib():
-    return torch.cuda.max_memory_allocated(DEVICE) / 2**30 if GPU else None
 
 
 def prompts(batch, length, vocab, pads=(), seed=0):
@@ -293,6 +285,67 @@ def length_reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
+# ----------------------------------------------------------------------------- projection of the paper runs
+PAPER_SAMPLES = {"cds": 13435, "instruments": 34373, "games": 63502}  # paper Table 3 (SPEC section 1)
+
+
+@dataclass
+class PaperRun:
+    """The paper's run (SPEC section 5, rporec.py's defaults), what a projection scales the measured rates to."""
+    tokens: int = 768  # reasoning and rollout length cap; a projection assumes every completion reaches it
+    prompts_per_step: int = 8  # GRPO prompts per step (G = 4 is in the measured step time)
+    epochs: int = 1  # Stage II epochs over train, run to the end (no early stop)
+    eval_every: int = 50  # Stage II evaluation period, step 0 and the last step included
+    eval_samples: int = 512  # valid subset per Stage II evaluation
+    save_every: int = 50  # Stage II checkpoint period, the last step included
+    rechead_epochs: int = 20  # Rechead epochs before early stopping (the MovieLens runs stopped at 11-13)
+    train_end: float = 0.8  # the 8:1:1 split (data.DataConfig)
+    valid_end: float = 0.9
+
+
+def project(cost, n_samples, run=PaperRun()):
+    """Projected seconds per phase of a full paper run on n_samples samples, from a run's measured cost
+    (common.cost_summary). Generation scales by tokens per sample; the GRPO step and checkpoint take their
+    measured mean (the measured run must use the paper's G, prompts per step and length); evaluations the
+    measured seconds per generated sample. Raises ValueError naming a phase the run did not measure."""
+    def per(phase, unit):
+        c = cost.get(phase, {})
+        if not c.get(unit):
+            raise ValueError(f"the run measured no {unit} in phase {phase!r}; project from a run of both stages "
+                             "with a backbone (tests/gpu_rehearsal.sh)")
+        return c["s"] / c[unit]
+
+    def per_sample(phase):  # seconds per sample at run.tokens per completion
+        return per(phase, "samples") * run.tokens / (cost[phase]["tokens"] / cost[phase]["samples"])
+
+    train = int(run.train_end * n_samples)
+    held_out = n_samples - train  # valid and test, regenerated by the best backbone at the end
+    steps = math.ceil(train * run.epochs / run.prompts_per_step)
+    evals = 1 + steps // run.eval_every + (steps % run.eval_every > 0)
+    saves = steps // run.save_every + (steps % run.save_every > 0)
+    gen = per_sample("reasoning")
+    final = per_sample("final_eval") if cost.get("final_eval", {}).get("samples") else gen  # cached: Stage I's rate
+    out = {"stage1_reasoning": n_samples * gen,
+           "rechead": train * run.rechead_epochs * per("rechead_epoch", "samples"),
+           "grpo_steps": steps * per("grpo_step", "count"),
+           "stage2_evals": evals * run.eval_samples * per_sample("stage2_eval"),
+           "checkpoints": saves * per("checkpoint", "count"),
+           "final_eval": held_out * final}
+    out["total"] = sum(out.values())
+    return {"samples": n_samples, "steps": steps, "evals": evals, "seconds": out}
+
+
+def projection_table(cost, run=PaperRun()):
+    """The markdown table of project() for the paper's three datasets, in hours."""
+    rows = {name: project(cost, n, run) for name, n in PAPER_SAMPLES.items()}
+    phases = list(next(iter(rows.values()))["seconds"])
+    lines = ["| hours | " + " | ".join(f"{k} ({r['samples']:,} samples, {r['steps']:,} steps, {r['evals']} evals)"
+                                      for k, r in rows.items()) + " |", "|---" * (len(rows) + 1) + "|"]
+    for phase in phases:
+        lines.append(f"| {phase} | " + " | ".join(f"{r['seconds'][phase] / 3600:.2f}" for r in rows.values()) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 def gib(x):
     return "n/a" if x is None else f"{x:.2f}"
@@ -329,6 +382,16 @@ def report(res):
 
 
 def main(bc):
+    if bc.project:
+        path = os.path.join(bc.project, "metrics.json")
+        cost = common.load_json(path, "rerun the run").get("cost") if os.path.exists(path) else None
+        if not cost:
+            raise SystemExit(f"error: {path} holds no \"cost\"; pass the folder of a finished rporec.py run")
+        try:
+            print(projection_table(cost))
+        except ValueError as e:
+            raise SystemExit(f"error: {bc.project}: {e}") from None
+        return {}
     name = bc.model if bc.model != "auto" else "0.6b" if GPU else "tiny"
     model = build_model(name, bc.seed)
     res = {"env": {"device": torch.cuda.get_device_name(DEVICE) if GPU else platform.processor() or "cpu",

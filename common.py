@@ -2,6 +2,7 @@
 (as nanochat keeps compute_init in common.py): processes, atomic files, safe loading, the logger and the
 plot. Caches and checkpoints live in checkpoint.py, flags in flags.py.
 """
+import contextlib
 import functools
 import hashlib
 import io
@@ -9,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import time
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ RANK = int(os.environ.get("RANK", 0))
 WORLD = max(int(os.environ.get("WORLD_SIZE", 1)), 1)
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
 MAIN = RANK == 0  # only rank 0 logs, writes checkpoints and metrics
+# launched by torchrun: a process group even of one process, so `--nproc_per_node 1` runs the collectives too
+DISTRIBUTED = WORLD > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 DEVICE = torch.device("cuda", LOCAL_RANK) if torch.cuda.is_available() else torch.device("cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # backbone weights and autocast
 
@@ -38,7 +42,7 @@ def seed_all(seed):
 
 
 def init_distributed(backend):
-    if WORLD == 1:
+    if not DISTRIBUTED:
         return
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -57,7 +61,7 @@ def shard(items):
 
 def unshard(local, n):
     """Inverse of shard for a per-item tensor: every rank's values back in global order, exactly once."""
-    if WORLD == 1:
+    if not DISTRIBUTED:
         return local
     parts = [None] * WORLD
     dist.all_gather_object(parts, local.cpu())
@@ -70,7 +74,7 @@ def unshard(local, n):
 def all_sum(*values):
     """Sums of python numbers over all ranks."""
     t = torch.tensor(values, dtype=torch.float64, device=DEVICE)
-    if WORLD > 1:
+    if DISTRIBUTED:
         dist.all_reduce(t)
     return t.tolist()
 
@@ -83,7 +87,7 @@ def mean_all(t):
 
 
 def barrier():
-    if WORLD > 1:
+    if DISTRIBUTED:
         dist.barrier()
 
 
@@ -106,6 +110,87 @@ def refuse_other_config(out, new, ok, ok_stage1):
     if diff:
         raise SystemExit(f"error: {out} holds a run with another config ({'; '.join(diff[:6])}). Pass a new --out, "
                          "or rerun with that folder's flags (add --resume to continue its Stage II)")
+
+
+# ----------------------------------------------------------------------------- cost: time, rate, memory
+def sync():
+    """Wait for the accelerator, so that a host clock measures the work queued before it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def reset_peak():
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+
+
+def peak_gib():
+    """The accelerator's peak allocated memory since reset_peak, in GiB (None on the CPU)."""
+    return round(torch.cuda.max_memory_allocated(DEVICE) / 2**30, 2) if DEVICE.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def measure(rec, key="s"):
+    """Adds to rec the block's wall seconds (rec[key]) and, on a GPU, its peak allocated memory (rec["peak_gib"],
+    the larger of the two when rec already holds one). Nothing is added when the block raises."""
+    sync()
+    reset_peak()
+    t0 = time.perf_counter()
+    yield rec
+    sync()
+    rec[key] = round(time.perf_counter() - t0, 3)
+    if DEVICE.type == "cuda":
+        rec["peak_gib"] = max(rec.get("peak_gib") or 0.0, peak_gib())
+
+
+def rate(n, seconds):
+    """n per second, or None for a block too short to time."""
+    return round(n / seconds, 1) if seconds > 0 else None
+
+
+# the log.jsonl records that cost_summary reads: {"phase": name, "s": seconds, ...}; a GRPO step also splits
+# into its parts, each "<part>_s"
+STEP_PARTS = ("rollout", "rewards", "update")
+
+
+def cost_summary(records):
+    """metrics.json's "cost": per phase of log.jsonl (its every run, resumed ones included) the count, the wall
+    seconds, the samples and tokens summed, their rates, and the peak memory (max); a GRPO step also by part.
+    Tokens are generated tokens; a GRPO step's belong to its rollout."""
+    out = {}
+
+    def add(name, s, r):
+        c = out.setdefault(name, {"count": 0, "s": 0.0})
+        c["count"] += 1
+        c["s"] += s
+        for k in ("samples", "tokens"):
+            if k in r:
+                c[k] = c.get(k, 0) + r[k]
+        if r.get("peak_gib") is not None:
+            c["peak_gib"] = max(c.get("peak_gib", 0.0), r["peak_gib"])
+
+    for r in records:
+        if "phase" not in r:
+            continue
+        add(r["phase"], r["s"], r)
+        if r["phase"] == "grpo_step":
+            for part in STEP_PARTS:
+                add(f"grpo_{part}", r[f"{part}_s"], r if part == "rollout" else {"peak_gib": r.get("peak_gib")})
+    for c in out.values():
+        c["s"] = round(c["s"], 2)
+        for k in ("samples", "tokens"):
+            if k in c:
+                c[f"{k}_s"] = rate(c[k], c["s"])
+    return out
+
+
+def print_cost(cost):
+    """One line per phase of cost_summary."""
+    for name, c in cost.items():
+        extra = "".join(f"  {c[k]:,} {k} ({c[k + '_s']:,} /s)" for k in ("samples", "tokens")
+                        if c.get(k) and c.get(k + "_s"))
+        peak = f"  peak {c['peak_gib']} GiB" if "peak_gib" in c else ""
+        print(f"{name:>16}  {c['count']:>4} x  {c['s']:>9,.1f} s{extra}{peak}")
 
 
 # ----------------------------------------------------------------------------- seeded choices
@@ -260,6 +345,8 @@ def plot_stage2(out, records, terms):
 def print_metrics(metrics, keys=("hr@10", "ndcg@10", "hr@20", "parse_rate")):
     """One line per (method, split) of metrics.json."""
     for name, m in metrics.items():
+        if name == "cost":
+            continue
         for split, v in m.items():
             if isinstance(v, dict):
                 print(f"{name:>10} {split:>5}  " + "  ".join(f"{k}={v[k]:.4f}" for k in keys if v.get(k) is not None))

@@ -166,10 +166,12 @@ def encode_prompts(tok, messages, thinking, device):
 
 
 def complete(model, tok, messages, cfg, thinking):
-    """Completion texts and the Rollout for a batch of chat messages, through generate."""
+    """Completion texts, the Rollout and the number of prompt tokens for a batch of chat messages, through
+    generate."""
     ids, mask = encode_prompts(tok, messages, thinking, model.device)
     out = generate(model, ids, mask, cfg, eos_ids(model, tok), tok.pad_token_id)
-    return tok.batch_decode(out.tokens.masked_fill(~out.mask, tok.pad_token_id), skip_special_tokens=True), out
+    texts = tok.batch_decode(out.tokens.masked_fill(~out.mask, tok.pad_token_id), skip_special_tokens=True)
+    return texts, out, int(mask.sum())
 
 
 def load_model(name, dtype, device):

@@ -97,3 +97,10 @@ def config_diff(old, new, allowed=()):
             if f"{sec}.{name}" not in allowed and json.dumps(a) != json.dumps(b):
                 out.append(f"{sec}.{name}: {a!r} -> {b!r}")
     return out
+
+
+def changed(cfg, default):
+    """["section.field=value"] for every field of cfg that differs from default's: a run's config in a line."""
+    old, new = dataclasses.asdict(default), dataclasses.asdict(cfg)
+    return [f"{sec}.{name}={value}" for sec in new for name, value in new[sec].items()
+            if json.dumps(value) != json.dumps(old.get(sec, {}).get(name))]

@@ -118,7 +118,7 @@ def test_toy_both_stages_two_steps(tmp_path):
     m = rporec.main(small(tmp_path, "--grpo.steps", "2"))
     run = tmp_path / "run"
     saved = json.load(open(run / "metrics.json"))
-    assert set(saved) == {"stage1", "popularity", "transition", "stage2"} and saved == json.loads(json.dumps(m))
+    assert set(saved) == {"stage1", "popularity", "transition", "stage2", "cost"} and saved == json.loads(json.dumps(m))
     assert set(saved["stage1"]) == {"valid", "test"} and set(saved["stage2"]) == {"valid", "test", "step"}
     for part in ("stage1", "stage2"):
         assert 0 <= saved[part]["test"]["ndcg@10"] <= 1 and 0 <= saved[part]["test"]["parse_rate"] <= 1
