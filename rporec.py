@@ -384,13 +384,17 @@ def main(argv):
     mpath = os.path.join(out, "metrics.json")
     metrics = common.load_json(mpath, "delete it; each stage you run writes its own") if os.path.exists(mpath) else {}
     head = make_head(cfg, ds)
+    checkpoint.keep_for_recommend(cfg, ds, head, model, tok)
     if cfg.run.stage in ("1", "both"):
         metrics.update(stage1(cfg, ds, head, model, tok, splits, log, out))
         if MAIN:
             common.save_json(mpath, metrics)
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
     else:
-        head.load_state_dict(config.load_rechead_file(cfg.run.init)["state"])
+        saved = config.load_rechead_file(cfg.run.init)
+        head.load_state_dict(saved["state"])
+        if MAIN and not os.path.samefile(cfg.run.init, out):  # the run folder keeps the Rechead it was trained with
+            common.save_torch(os.path.join(out, "rechead.pt"), saved)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
         st = stage2(cfg, ds, head, model, tok, splits, log, out)
         checkpoint.load_best(out, model).eval()  # the best valid step's backbone reasons again
