@@ -268,7 +268,7 @@ def test_stage2_into_another_folder_keeps_its_rechead(both_run, tmp_path):
 
 
 def test_a_stage1_run_keeps_its_backbone(tmp_path):
-    rporec.main(small(tmp_path, "--stage", "1"))
+    rporec.main(small(tmp_path, "--stage", "1", "--limit", "16"))
     run = tmp_path / "run"
     assert os.path.exists(run / "backbone" / "info.json") and not os.path.exists(run / "best")
     rec = recommend.Recommender.from_run(str(run))
