@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 import data
 import decode
-from common import DEVICE, MAIN, RANK, WORLD, barrier, load_torch, save_json, save_torch, shard, weights_digest
+from common import (DEVICE, MAIN, RANK, WORLD, barrier, load_json, load_torch, save_json, save_torch, shard,
+                    weights_digest)
 
 
 # ----------------------------------------------------------------------------- resumable JSONL cache
@@ -262,3 +263,46 @@ def load_best(out, model):
                          "step again")
     model.load_state_dict(AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32).state_dict())
     return model
+
+
+# ----------------------------------------------------------------------------- what recommend.py reads
+ITEMS = "items.json"  # the item table of a run folder
+
+
+def has_stage2(cfg):
+    """Whether the run's config has a Stage II (which keeps best/)."""
+    return cfg.run.stage != "1" and cfg.run.ablate not in ("I", "II")
+
+
+def keep_for_recommend(cfg, ds, head, model, tok):
+    """What recommend.py needs beside config.json and rechead.pt, so that a run folder copied to another machine
+    recommends there without the data folder: items.json (the item table with the source's own ids), encoder/
+    (the Rechead's pre-trained encoder: rechead.pt holds its weights, not its tokenizer and modules) and, for a
+    run without Stage II, backbone/ (the model that wrote the reasoning; Stage II keeps best/). The folders are
+    written once, each beside its place and swapped in whole."""
+    out = cfg.run.out
+    if MAIN:
+        save_json(os.path.join(out, ITEMS), {"name": ds.name, "category": ds.category, "keys": ds.item_keys,
+                                             "titles": ds.titles, "texts": ds.texts})
+        if whole_copy(os.path.join(out, "encoder"), "modules.json") is None:
+            tmp = os.path.join(out, "encoder.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            head.item_encoder.save(tmp)
+            swap_in(tmp, os.path.join(out, "encoder"))
+    if model is not None and not has_stage2(cfg) and whole_copy(os.path.join(out, "backbone"), "info.json") is None:
+        save_pretrained(os.path.join(out, "backbone"), model, tok, {"model": cfg.run.model})
+    barrier()
+
+
+def load_items(out):
+    """The item table of a run folder as a data.Dataset without samples."""
+    path = os.path.join(out, ITEMS)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found: the run folder lacks its item table (runs written before "
+                         "run folders kept it have none). Rerun its Stage I into a new folder")
+    t = load_json(path, "rerun its Stage I into a new folder to write it again")
+    if not isinstance(t, dict) or {"keys", "titles", "texts", "category"} - set(t) \
+            or not len(t["keys"]) == len(t["titles"]) == len(t["texts"]) >= 2:
+        raise SystemExit(f"error: {path} is not an item table (keys, titles and texts of one length); rerun its "
+                         "Stage I into a new folder to write it again")
+    return data.Dataset(t.get("name", ""), t["category"], t["titles"], t["texts"], {}, item_keys=t["keys"])

@@ -65,6 +65,8 @@ class Dataset:
     texts: list[str]  # by item id; [0] = "" (pad)
     splits: dict[str, list[dict]]  # train/valid/test: {"user", "history" (<= window ids), "target", "time"}
     skipped_users: int = 0  # users with a single interaction (no sample)
+    item_keys: list[str] = field(default_factory=list)  # by item id: the source's own id (MovieLens item_id,
+    # Amazon parent_asin), which recommend.py reads and writes; [0] = "" (pad)
 
     @property
     def n_items(self) -> int:
@@ -94,7 +96,7 @@ def _build(cfg, name, category, items, inter, src):
         raise ValueError(f"{src}: only {len(samples)} samples ({skipped} users with a single interaction), too "
                          "few for non-empty train/valid/test splits; use more data or looser filters")
     titles, texts = [""] + [items[k][0] for k in ids], [""] + [items[k][1] for k in ids]  # id 0 = pad
-    return Dataset(name, category, titles, texts, splits, skipped)
+    return Dataset(name, category, titles, texts, splits, skipped, [""] + [str(k) for k in ids])
 
 
 def cache_key(cfg: DataConfig) -> str:
@@ -158,9 +160,14 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     if os.path.isfile(path) and not cfg.force:
         try:
             with open(path) as f:
-                return Dataset(**json.load(f))
-        except (ValueError, TypeError) as e:
+                saved = json.load(f)
+            if saved.get("item_keys"):
+                return Dataset(**saved)
+        except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is unreadable ({e}); delete it or rerun with --force") from None
+        # a cache from before the item table kept the source's ids: the same build again, ids included; the
+        # samples and internal ids come out identical, so reasoning caches keyed on this data stay valid
+        print(f"note: {path} predates the source's item ids; rebuilding it from the source")
     reader = sources.amazon if cfg.dataset in sources.AMAZON else \
         sources.movielens if cfg.dataset.startswith("ml-") else sources.custom
     ds = _build(cfg, name, *reader(cfg))

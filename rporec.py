@@ -415,6 +415,7 @@ def main(argv):
     metrics = common.load_json(mpath, "delete it; each stage you run writes its own") if os.path.exists(mpath) else {}
     metrics.pop("cost", None)  # recomputed from log.jsonl
     head = make_head(cfg, ds)
+    checkpoint.keep_for_recommend(cfg, ds, head, model, tok)
 
     def save_metrics():  # the metrics so far and the cost of every phase logged in this run folder
         if MAIN:
@@ -427,7 +428,10 @@ def main(argv):
         if MAIN:
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
     else:
-        head.load_state_dict(config.load_rechead_file(cfg.run.init)["state"])
+        saved = config.load_rechead_file(cfg.run.init)
+        head.load_state_dict(saved["state"])
+        if MAIN and not os.path.samefile(cfg.run.init, out):  # the run folder keeps the Rechead it was trained with
+            common.save_torch(os.path.join(out, "rechead.pt"), saved)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
         st = stage2(cfg, ds, head, model, tok, splits, log, out)
         checkpoint.load_best(out, model).eval()  # the best valid step's backbone reasons again

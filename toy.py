@@ -70,10 +70,11 @@ def source(cfg):
         for noun in rng.sample(nouns.split(), 5):
             name, n = f"The {rng.choice(TOY_WORDS[0])} {noun}", rng.randint(4, 6)
             author = f"{rng.choice(TOY_WORDS[1])} {rng.choice(TOY_WORDS[2])}"
-            series.append((genre, [f"{name}, Book {k}" for k in range(1, n + 1)]))
-            for k, title in enumerate(series[-1][1], 1):
+            series.append((genre, [f"bk{len(items) + k:03d}" for k in range(1, n + 1)]))  # the store's own ids
+            for k, key in enumerate(series[-1][1], 1):
+                title = f"{name}, Book {k}"
                 desc = f"{genre}, book {k} of {n} in the series {name} by {author}: {rng.choice(hooks)}."
-                items[title] = (title, item_text(title, round(rng.uniform(3.4, 4.9), 1), rng.randint(12, 4000), desc))
+                items[key] = (title, item_text(title, round(rng.uniform(3.4, 4.9), 1), rng.randint(12, 4000), desc))
     keys, pop = list(items), [1 / (1 + j % 5) for j in range(len(series))]  # popular and niche series per genre
     t0, day, inter = int(datetime(2023, 1, 1, tzinfo=timezone.utc).timestamp()), 86400, []
     for u in range(cfg.toy_users):
