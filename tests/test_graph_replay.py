@@ -132,7 +132,7 @@ def test_emulator_catches_state_kept_outside_the_graph(qwen3, emulated_graphs, m
     """The emulator has teeth: a step that rebinds `done` instead of updating it in place decodes
     differently once replayed (a real graph would keep writing the old buffer too)."""
     def emit(self, logits, cfg, stats):
-        nxt = torch.where(self.done, self.pad, decode.choose_tokens(logits, cfg, self.noise))
+        nxt = torch.where(self.done, self.pad, fastdecode.choose_tokens(logits, cfg, self.noise))
         self.out_tok.index_copy_(1, self.step, nxt[:, None])
         self.out_mask.index_copy_(1, self.step, ~self.done[:, None])
         self.done = self.done | (nxt[:, None] == self.eos).any(1)  # rebinding: invisible to a replayed graph
