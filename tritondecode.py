@@ -41,14 +41,14 @@ def supports(head_dim, group):
 
 @triton.jit
 def _attn_split(q_ptr, k_ptr, v_ptr, start_ptr, col_ptr, out_ptr, part_ptr, stat_ptr, stride_b, stride_h, stride_n, scale,
-                HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
-                N_SPLITS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                split, n_splits, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                SINGLE: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     bh = tl.program_id(0)  # row * HKV + kv head
     s = tl.program_id(1)  # split of the bucket
     b = bh // HKV
     kvh = bh % HKV
-    lo = tl.maximum(tl.load(start_ptr + b), s * SPLIT)  # this split's share of [start_b, col]
-    hi = tl.minimum(tl.load(col_ptr) + 1, (s + 1) * SPLIT)
+    lo = tl.maximum(tl.load(start_ptr + b), s * split)  # this split's share of [start_b, col]
+    hi = tl.minimum(tl.load(col_ptr) + 1, (s + 1) * split)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (bh * G + g)[:, None] * D + d[None, :], mask=g[:, None] < G, other=0.0)  # (G_PAD, D)
@@ -76,25 +76,25 @@ def _attn_split(q_ptr, k_ptr, v_ptr, start_ptr, col_ptr, out_ptr, part_ptr, stat
         den = den * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(dt).to(v.dtype), v, input_precision=PRECISION)  # p rounded to dt
         m = m_new
-    if N_SPLITS == 1:  # the whole answer: normalise and store, no merge
+    if SINGLE:  # one split holds the whole answer: normalise and store, no merge
         out = (acc / den[:, None]).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + (bh * G + g)[:, None] * D + d[None, :], out, mask=g[:, None] < G)
     else:
-        row = (bh * G + g) * N_SPLITS + s  # (G_PAD,) partial index: ((b * H + h) * N_SPLITS + s)
+        row = (bh * G + g) * n_splits + s  # (G_PAD,) partial index: ((b * H + h) * n_splits + s)
         tl.store(part_ptr + row[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
         tl.store(stat_ptr + row * 2, m, mask=g < G)
         tl.store(stat_ptr + row * 2 + 1, den, mask=g < G)
 
 
 @triton.jit
-def _attn_merge(part_ptr, stat_ptr, out_ptr, D: tl.constexpr, N_SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+def _attn_merge(part_ptr, stat_ptr, out_ptr, n_splits, D: tl.constexpr, S_PAD: tl.constexpr):
     bh = tl.program_id(0)  # row * H + query head
     s = tl.arange(0, S_PAD)
     d = tl.arange(0, D)
-    row = bh * N_SPLITS + s
-    m = tl.load(stat_ptr + row * 2, mask=s < N_SPLITS, other=float("-inf"))  # (S_PAD,), -inf: an empty split
-    den = tl.load(stat_ptr + row * 2 + 1, mask=s < N_SPLITS, other=0.0)
-    acc = tl.load(part_ptr + row[:, None] * D + d[None, :], mask=(s < N_SPLITS)[:, None], other=0.0)  # (S_PAD, D)
+    row = bh * n_splits + s
+    m = tl.load(stat_ptr + row * 2, mask=s < n_splits, other=float("-inf"))  # (S_PAD,), -inf: an empty split
+    den = tl.load(stat_ptr + row * 2 + 1, mask=s < n_splits, other=0.0)
+    acc = tl.load(part_ptr + row[:, None] * D + d[None, :], mask=(s < n_splits)[:, None], other=0.0)  # (S_PAD, D)
     w = tl.exp(m - tl.max(m, 0))  # column col is always attended, so the max is finite; empty splits weigh 0
     out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * den, 0)
     tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty))
@@ -127,11 +127,10 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layer: int, start: to
     exact = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 decoding stays fp32 (tf32 is Triton's default)
     stages = 3 if q.element_size() == 2 else 2  # K/V tiles in flight; fp32 tiles take twice the shared memory
     _attn_split[(B * Hkv, n)](q.contiguous(), k, v, start, col, out, part, stat, k.stride(0), k.stride(1), k.stride(2),
-                              1.0 / math.sqrt(D), HKV=Hkv, G=G, G_PAD=max(MIN_DOT, triton.next_power_of_2(G)), D=D,
-                              SPLIT=split, N_SPLITS=n, BLOCK=block, PRECISION=exact,
-                              UPCAST=INTERPRETED, num_stages=stages)
+                              1.0 / math.sqrt(D), split, n, HKV=Hkv, G=G, G_PAD=max(MIN_DOT, triton.next_power_of_2(G)),
+                              D=D, SINGLE=n == 1, BLOCK=block, PRECISION=exact, UPCAST=INTERPRETED, num_stages=stages)
     if n > 1:
-        _attn_merge[(B * H,)](part, stat, out, D=D, N_SPLITS=n, S_PAD=triton.next_power_of_2(n))
+        _attn_merge[(B * H,)](part, stat, out, n, D=D, S_PAD=triton.next_power_of_2(n))
     return out
 
 

@@ -215,16 +215,15 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills():
     ptr = dict.fromkeys(("start_ptr", "col_ptr"), "*i64")
     strides = dict.fromkeys(("stride_b", "stride_h", "stride_n"), "i32")
     attn = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr"), "*bf16"), **ptr, "out_ptr": "*bf16",
-            "part_ptr": "*fp32", "stat_ptr": "*fp32", **strides, "scale": "fp32"}
+            "part_ptr": "*fp32", "stat_ptr": "*fp32", **strides, "scale": "fp32", "split": "i32", "n_splits": "i32"}
     rope = {**dict.fromkeys(("qkv_ptr", "norm_ptr", "cos_ptr", "sin_ptr"), "*bf16"), **ptr,
             **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr"), "*bf16"), **strides, "eps": "fp32"}
     (ops, usage), *others = compile_for_hopper([
-        ("_attn_split", attn, dict(HKV=8, G=2, G_PAD=16, D=128, SPLIT=256, N_SPLITS=2, BLOCK=64, PRECISION="tf32",
-                                   UPCAST=False)),
+        ("_attn_split", attn, dict(HKV=8, G=2, G_PAD=16, D=128, SINGLE=False, BLOCK=64, PRECISION="tf32", UPCAST=False)),
         ("_rope_qk_cache", rope, dict(H=16, HKV=8, D=128, NH_PAD=32, HAS_NORM=True)),
         ("_silu_mul", {"gu_ptr": "*bf16", "out_ptr": "*bf16"}, dict(N=3072, BLOCK=1024)),
-        ("_attn_merge", {"part_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"}, dict(D=128, N_SPLITS=12,
-                                                                                              S_PAD=16))])
+        ("_attn_merge", {"part_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16", "n_splits": "i32"},
+         dict(D=128, S_PAD=16))])
     assert ops["LDGSTS.E.BYPASS.128"] >= 16 and not [op for op in ops if op.startswith("LDG.E.U16")]
     assert ops["HMMA.16816.F32.BF16"] > 0 and not (ops["LDL"] or ops["STL"]) and usage.endswith("STACK:0")
     for ops, usage in others:  # the pointwise kernels and the merge
