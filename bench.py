@@ -333,7 +333,8 @@ def report(res):
         if isinstance(v, dict) and "rows" in v:
             print(f"greedy {k}: {v['rows_identical']}/{v['rows']} rows identical over {res['equiv']['tokens_per_row']} "
                   f"tokens (mean common prefix {v['mean_common_prefix']:.1f}, hf lengths {v['hf_lengths']})")
-    grpo_runs = {"grpo": res.get("grpo"), "grpo baseline": (res.get("grpo") or {}).get("baseline"), "trl": res.get("trl")}
+    grpo_runs = {"grpo": res.get("grpo"), "grpo baseline": (res.get("grpo") or {}).get("baseline"),
+                 "trl": res.get("trl")}
     for name, r in grpo_runs.items():
         if isinstance(r, dict) and "step_s" in r:
             parts = (f" = rollout {r['rollout_s']:.2f} + rewards {r['rewards_s']:.2f} + update {r['update_s']:.2f} "

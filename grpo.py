@@ -16,11 +16,12 @@ Choices the paper leaves open, made here:
   (tests/real_model_check.py; README, Choices).
 - mu > 1 (TRL's num_iterations, PPO's update epochs) optimises the batch mu times: mu optimizer
   steps, each over all micro-batches with its own grad-norm clip. pi_old is then the policy that
-  sampled, its log-probs those of pass 1's forward (same autocast, same micro-batches), so w = 1 on
-  pass 1 (the mu = 1 gradient) and moves away from 1 on the later passes, where the clip binds. With old_logp="rollout" the decoder's
-  log-probs are pi_old on every pass. pi_ref's log-probs are taken once, the entropy mask is
-  computed once per rollout batch, and update() returns the pass-averaged stats plus "passes",
-  the per-pass loss, kl, clip_low, clip_high, clip_frac and grad_norm.
+  sampled, its log-probs those of pass 1's forward (same autocast, same micro-batches), so w = 1
+  on pass 1 (the mu = 1 gradient) and moves away from 1 on the later passes, where the clip binds.
+  With old_logp="rollout" the decoder's log-probs are pi_old on every pass. pi_ref's log-probs
+  are taken once, the entropy mask is computed once per rollout batch, and update() returns the
+  pass-averaged stats plus "passes", the per-pass loss, kl, clip_low, clip_high, clip_frac and
+  grad_norm.
 - The entropies of eq. 11 (m_t and r_ent) come from the rollout's own decoding pass
   (decode.generate(stats=True)), not a second forward.
 - Logits are divided by the sampling temperature everywhere (rollout, policy, reference), so
@@ -44,8 +45,8 @@ Choices the paper leaves open, made here:
   so a 150k vocabulary never materialises logits for the whole batch: forward and backward
   (_ChunkedHead, which recomputes each chunk's logits) hold one chunk's fp32 logits at a time. Under
   autocast the head's matmuls take the autocast dtype's inputs (bf16 on GPU, as the decoder body)
-  with fp32 accumulation and fp32 logits; head_fp32 keeps them in fp32 (about 10x the time on a GPU:
-  at G = 8 and 512 tokens the fp32 head was the largest FLOP count of the update).
+  with fp32 accumulation and fp32 logits; head_fp32 keeps them in fp32 (exact inputs, but fp32
+  products run far below the bf16 tensor-core rate, and the head's are a large share of the update's).
 - With mu > 1, pi_old's log-probs are pass 1's own (detached): pass 1 runs before any step, so
   it sees exactly the policy that sampled, and no extra forward is needed.
 - Micro-batches are formed from the sequences sorted by completion length, so each pads to
@@ -60,7 +61,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 QUANTILE_MAX = 2 ** 24  # torch.quantile refuses larger inputs; beyond it we sort ourselves
 # k3 evaluates exp(ref - logp): fp32 overflows past a gap of ~88.7 (one token the policy has pushed
@@ -337,8 +337,8 @@ def _fixed_logprobs(ref_model, batch, micro, cfg, autocast_dtype):
     refs, olds = [], []
     for idx, ids, am, t in micro:
         with _autocast(device, autocast_dtype):
-            refs.append(sequence_logprobs(ref_model, ids, am, t, cfg.temperature, cfg.logit_chunk, head_fp32=cfg.head_fp32)
-                        if cfg.beta > 0 else None)
+            refs.append(sequence_logprobs(ref_model, ids, am, t, cfg.temperature, cfg.logit_chunk,
+                                          head_fp32=cfg.head_fp32) if cfg.beta > 0 else None)
         olds.append(batch["old_logp"][idx, :t] if cfg.old_logp == "rollout" else None)
     return refs, olds
 

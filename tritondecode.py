@@ -40,8 +40,8 @@ def supports(head_dim, group):
 
 
 @triton.jit
-def _attn_split(q_ptr, k_ptr, v_ptr, start_ptr, col_ptr, out_ptr, part_ptr, stat_ptr, stride_b, stride_h, stride_n, scale,
-                split, n_splits, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+def _attn_split(q_ptr, k_ptr, v_ptr, start_ptr, col_ptr, out_ptr, part_ptr, stat_ptr, stride_b, stride_h, stride_n,
+                scale, split, n_splits, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                 SINGLE: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     bh = tl.program_id(0)  # row * HKV + kv head
     s = tl.program_id(1)  # split of the bucket

@@ -84,7 +84,8 @@ def test_rope_qk_cache_matches_torch_ops(arch, dtype):
     before = torch.randn(dec.cache.shape, generator=g).to(DEV, dtype)
     dec.cache.copy_(before)
     with torch.no_grad():
-        q = tritondecode.rope_qk_cache(qkv[:, 0], w.qk_norm, dec.cos, dec.sin, dec.start, dec.col, dec.cache, 1, dec.eps)
+        q = tritondecode.rope_qk_cache(qkv[:, 0], w.qk_norm, dec.cos, dec.sin, dec.start, dec.col, dec.cache, 1,
+                                       dec.eps)
         pos = dec.col - dec.start
         q_ref, k_ref, v_ref = dec._rope(w, qkv, dec.cos[pos][:, None, None], dec.sin[pos][:, None, None])
     expected = before.clone()
@@ -182,7 +183,8 @@ tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump
 results = []
 for name, args, consts in json.loads(sys.argv[1]):
     names = list(args) + list(consts)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in args.items() if t.startswith("*") or "stride" in a}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in args.items()
+             if t.startswith("*") or "stride" in a}
     src = triton.compiler.ASTSource(fn=getattr(tritondecode, name), constexprs=consts, attrs=attrs,
                                     signature={**args, **dict.fromkeys(consts, "constexpr")})
     path = Path(tempfile.mkdtemp()) / "k.cubin"
@@ -219,7 +221,8 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills():
     rope = {**dict.fromkeys(("qkv_ptr", "norm_ptr", "cos_ptr", "sin_ptr"), "*bf16"), **ptr,
             **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr"), "*bf16"), **strides, "eps": "fp32"}
     (ops, usage), *others = compile_for_hopper([
-        ("_attn_split", attn, dict(HKV=8, G=2, G_PAD=16, D=128, SINGLE=False, BLOCK=64, PRECISION="tf32", UPCAST=False)),
+        ("_attn_split", attn, dict(HKV=8, G=2, G_PAD=16, D=128, SINGLE=False, BLOCK=64, PRECISION="tf32",
+                                   UPCAST=False)),
         ("_rope_qk_cache", rope, dict(H=16, HKV=8, D=128, NH_PAD=32, HAS_NORM=True)),
         ("_silu_mul", {"gu_ptr": "*bf16", "out_ptr": "*bf16"}, dict(N=3072, BLOCK=1024)),
         ("_attn_merge", {"part_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16", "n_splits": "i32"},
