@@ -131,7 +131,7 @@ def test_fast_backend_on_triton_kernels_equals_hf_generate(arch):
     assert torch.equal(out.tokens, hf.tokens) and torch.equal(out.mask, hf.mask)
     assert not out.mask.all() and out.mask[:, -1].any()  # EOS ended some rows, others ran to the end
     ref = generate(model, [eos], "torch", stats=True)
-    assert torch.allclose(out.logp, ref.logp, atol=1e-5) and torch.allclose(out.entropy, ref.entropy, atol=1e-5)
+    assert torch.allclose(out.logp, ref.logp, atol=1e-4) and torch.allclose(out.entropy, ref.entropy, atol=1e-4)
 
 
 def test_triton_bf16_sampling_stats_close_to_naive():
@@ -146,7 +146,11 @@ def test_kernel_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = decode.DecodeConfig()
     assert fastdecode.use_triton(model, auto, cuda) and not fastdecode.use_triton(model, auto, cpu)
-    assert fastdecode.use_triton(model, decode.DecodeConfig(kernels="triton"), cpu)  # the interpreter (conftest)
+    if tritondecode.INTERPRETED:  # conftest, without a GPU
+        assert fastdecode.use_triton(model, decode.DecodeConfig(kernels="triton"), cpu)
+    else:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            fastdecode.use_triton(model, decode.DecodeConfig(kernels="triton"), cpu)
     assert not fastdecode.use_triton(model, decode.DecodeConfig(kernels="torch"), cuda)
     monkeypatch.setattr(fastdecode, "triton_kernels", lambda: None)  # a machine without triton
     assert not fastdecode.use_triton(model, auto, cuda)
