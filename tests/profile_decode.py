@@ -11,8 +11,9 @@
    in a first run (the fastest of --repeats counts). One graph per bucket the rollout crosses; a small bucket
    reads fewer padded columns on the torch kernels (the Triton attention reads only the columns a row uses,
    whatever the bucket, but launches programs for the whole bucket).
-3. On CUDA, the attention kernel alone against torch SDPA at the same size (a full cache of prompt + rollout
-   columns): time and the bandwidth of streaming K/V once, next to a device-to-device copy's bandwidth.
+3. The attention kernel alone against torch SDPA at the same size (a full cache of prompt + rollout columns),
+   and at other split counts and tile widths: time and the bandwidth of streaming K/V once, next to a
+   device-to-device copy's bandwidth.
 
 On CPU it runs the tiny config (a smoke test of the script, not a measurement; the Triton set only under
 TRITON_INTERPRET=1, slowly).
@@ -63,11 +64,16 @@ def step_profile(model, ids, mask, cfg, n):
     return lines
 
 
-def cuda_ms(fn, iters=50):
-    """Median ms of fn() by CUDA events, after a warm-up."""
+def median_ms(fn, iters=50):
+    """Median ms of fn() after a warm-up: CUDA events on a GPU, the host clock (and 2 runs) on a CPU."""
     fn()
     times = []
-    for _ in range(iters):
+    for _ in range(iters if bench.GPU else 2):
+        if not bench.GPU:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -83,13 +89,14 @@ def attention_alone(model, batch, cols):
     import tritondecode
     c = model.config
     Hkv, H, D = c.num_key_value_heads, c.num_attention_heads, c.head_dim
-    cache = torch.randn(1, 2, batch, Hkv, cols, D, device=bench.DEVICE, dtype=torch.bfloat16)
-    q = torch.randn(batch, H, D, device=bench.DEVICE, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if bench.GPU else torch.float32
+    cache = torch.randn(1, 2, batch, Hkv, cols, D, device=bench.DEVICE, dtype=dtype)
+    q = torch.randn(batch, H, D, device=bench.DEVICE, dtype=dtype)
     start = torch.zeros(batch, device=bench.DEVICE, dtype=torch.long)
     col = torch.tensor([cols - 1], device=bench.DEVICE)
     programs = fastdecode._programs(bench.DEVICE)
     splits = tritondecode.n_splits(batch * Hkv, cols, programs)
-    mask = torch.zeros(batch, 1, 1, cols, device=bench.DEVICE, dtype=torch.bfloat16)
+    mask = torch.zeros(batch, 1, 1, cols, device=bench.DEVICE, dtype=dtype)
     kv_bytes = 2 * cache[0, 0].numel() * cache.element_size()
     lines = [f"attention alone: batch {batch}, {H} query / {Hkv} KV heads, head_dim {D}, {cols} columns attended, "
              f"K+V {kv_bytes / 1e6:.1f} MB per layer, {splits} splits ({programs} programs aimed at)"]
@@ -98,14 +105,18 @@ def attention_alone(model, batch, cols):
                                                                  cache[0, 1], attn_mask=mask)}
     ref = runs["torch SDPA"]().view(batch, H, D).float()
     err = float((runs["triton split-KV"]().float() - ref).norm() / ref.norm())
+    for s, block in sorted({(1, 64), (2 * splits, 64), (splits, 32), (splits, 128)} - {(splits, 64)}):
+        runs[f"triton, {s} splits, {block}-column tiles"] = (
+            lambda s=s, block=block: tritondecode.decode_attention(q, cache, 0, start, col, cols, s, block))
     for name, fn in runs.items():
-        ms = cuda_ms(fn)
+        ms = median_ms(fn)
         lines.append(f"  {name}: {ms * 1e3:.1f} us, {kv_bytes / ms / 1e6:.0f} GB/s")
-    src = torch.empty(2 ** 30, device=bench.DEVICE, dtype=torch.uint8)
+    size = 2 ** 30 if bench.GPU else 2 ** 24
+    src = torch.empty(size, device=bench.DEVICE, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    ms = cuda_ms(lambda: dst.copy_(src), iters=20)
-    lines.append(f"  device-to-device copy of 1 GiB: {2 * 2 ** 30 / ms / 1e6:.0f} GB/s (read + write)")
-    lines.append(f"  ||triton - sdpa|| / ||sdpa|| = {err:.2e} (bf16)")
+    ms = median_ms(lambda: dst.copy_(src), iters=20)
+    lines.append(f"  device-to-device copy of {size / 2 ** 20:.0f} MiB: {2 * size / ms / 1e6:.0f} GB/s (read + write)")
+    lines.append(f"  ||triton - sdpa|| / ||sdpa|| = {err:.2e} ({str(dtype)[6:]})")
     return lines
 
 
@@ -158,8 +169,8 @@ def main():
             say([f"  {kern} kernels, kv_bucket {bucket}: " + ("too noisy" if ms is None else f"{ms:.3f} ms")
                  + ("" if peak is None else f", peak {peak:.2f} GiB")])
             fastdecode.clear_fast_cache(model)
-    if bench.GPU and "triton" in sets:
-        say(attention_alone(model, args.batch, prompt_len + args.rollout_tokens))
+    if "triton" in sets:
+        say(attention_alone(model, args.batch, prompt_len + rollout.new_tokens))
 
 
 if __name__ == "__main__":
