@@ -9,11 +9,11 @@ compares the two on random inputs.
   (one (G, BLOCK_N) dot per tile) and keeps an unnormalised partial (acc, max, sum); stage 2 merges the
   splits. Many splits keep the card busy at batch 1, where B * Hkv programs alone would leave it idle.
 - rope_qk_cache: per-head q/k RMSNorm (Qwen3), RoPE at each row's position, the new K/V written to the
-  cache at column col, all heads in one launch (about ten torch kernels per layer before).
+  cache at column col, all heads in one launch (about ten kernels per layer on the torch path).
 - silu_mul: SwiGLU's silu(gate) * up in one pass.
 
-The pointwise kernels round to the decode dtype after each step exactly where the torch ops do, so in bf16
-they match HF's arithmetic, not only its maths. Everything runs inside the CUDA graph: launch grids depend
+The pointwise kernels round to the decode dtype after each step where the torch ops do, so in bf16 they
+follow HF's roundings, not only its maths. Everything runs inside the CUDA graph: launch grids depend
 on shapes only, never on values. Each kernel is wrapped as a torch custom op, so the CUDA-graph emulator of
 tests/test_graph_replay.py (a dispatch mode) records and replays it like any aten op.
 
@@ -32,8 +32,8 @@ MIN_DOT = 16  # tl.dot needs every block dimension >= 16: the G query heads of a
 
 def supports(head_dim, group):
     """Why the attention kernel cannot run this head layout, or None if it can."""
-    if head_dim < MIN_DOT or head_dim & (head_dim - 1):
-        return f"head_dim {head_dim} (the Triton kernels need a power of two >= {MIN_DOT})"
+    if head_dim < MIN_DOT or head_dim > 256 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} (the Triton kernels need a power of two from {MIN_DOT} to 256)"
     if group > 64:
         return f"{group} query heads per KV head (the Triton attention handles at most 64)"
     return None
