@@ -11,8 +11,8 @@
 #   profile_update.txt  grpo.update's phases and kernels, before (fp32 head) and after, micro-batch 8 and 16
 #   profile_decode.txt  the decode step's kernels per kernel set, kv_bucket at rollout length, the attention
 #                       kernel alone against SDPA and the copy bandwidth
-# TRL's GRPOTrainer is left out (26.61 s/step on the H200, results/gpu-h200); TRL=1 adds bench's trl section (its
-# wheels installed as tests/gpu_check.sh does). On a CPU the same parts run at tiny sizes, the Triton kernels in
+# TRL's GRPOTrainer is left out (26.61 s/step on the H200, results/gpu-h200); TRL=1 adds bench's trl section, which
+# measures only where trl and datasets import (this script installs nothing: tests/gpu_check.sh shows how). On a CPU the same parts run at tiny sizes, the Triton kernels in
 # Triton's interpreter: a check that the script runs end to end, not a measurement.
 set -u
 OUT=${OUT:-gpu_speed_out}
