@@ -5,12 +5,15 @@ random bf16 weights on CUDA (no download), or a tiny fp32 Qwen3 on CPU (< 1 minu
 Sections (--sections, all by default; each writes its result to --out as soon as it ends, and a
 failing section is recorded and the others still run):
 - decode: ms per decode step at each batch size, sampling, EOS off; per-step = (t(N new tokens) -
-  t(1 new token)) / (N - 1), fastest of `repeats`, prefill excluded; peak GPU memory.
+  t(1 new token)) / (N - 1), fastest of `repeats`, prefill excluded; peak GPU memory. With --baseline
+  also the fast backend on its torch kernels (the reference the Triton kernels replace).
 - equiv: greedy tokens of fast vs HF at batch 8 with mixed prompt lengths, without EOS and with an
   EOS id that row 0 emits mid-way; fp32 (exact) and, on CUDA, bf16 (kernels may flip near-ties).
 - grpo: one step as rporec.stage2 runs it (fp32 master policy, bf16 reference, bf16 autocast):
   rollout, rewards (the reference's greedy summary of every completion, as r_sim/r_comp need, plus
   r_ent; the Rechead and MiniLM scoring are left out), update. s/step, completions/s, peak memory.
+  With --baseline also the step as it was before the Triton kernels and the autocast head: decoding
+  on torch kernels, the update's output head in fp32 (under "baseline").
 - trl: TRL's GRPOTrainer on the same model, prompts, G, prompts/step, completion length, beta,
   top-20% entropy mask and micro-batch, no vLLM, gradient checkpointing off as ours (needs `trl`).
 
@@ -53,6 +56,9 @@ class BenchConfig:
     model: str = "auto"  # "0.6b" (Qwen3-0.6B config) | "tiny" | "auto" = 0.6b on CUDA, tiny on CPU
     sections: str = ",".join(SECTIONS)  # the parts to run, in order, comma-separated: decode,equiv,grpo,trl
     batches: tuple[int, ...] = (1, 64, 128)  # decode batch sizes to time, comma-separated
+    kernels: str = "auto"  # the fast backend's decode kernels (DecodeConfig.kernels) in decode, equiv and grpo
+    baseline: bool = False  # decode and grpo also as before the Triton kernels (torch kernels, fp32 output head)
+    hf_repeats: int = 0  # timing runs per decode point for HF generate; 0 = repeats
     prompt_len: int = 256  # prompt tokens per row (no padding) for the timing runs
     new_tokens: int = 128  # decode steps per timing run
     equiv_batch: int = 8  # rows in the greedy agreement check (mixed prompt lengths)
@@ -110,14 +116,14 @@ def run(model, ids, mask, backend, new_tokens, stats=False, greedy=False, eos_id
 
 
 # ----------------------------------------------------------------------------- decode speed and equivalence
-def decode_ms_per_step(model, ids, mask, backend, bc, base=decode.DecodeConfig()):
+def decode_ms_per_step(model, ids, mask, backend, bc, base=decode.DecodeConfig(), repeats=None):
     """(ms per decode step, peak GiB) for one backend at one batch size, the other settings from base. Ours
     runs as in GRPO rollouts (sampling, logp/entropy recorded), HF as plain sampling `generate`."""
     stats = backend == "fast"
-    run(model, ids, mask, backend, 8, stats, base=base)  # warm-up: allocations, cuBLAS, graph capture
+    run(model, ids, mask, backend, 8, stats, base=base)  # warm-up: allocations, cuBLAS, graph capture, Triton JIT
     reset_peak()
     times = {1: float("inf"), bc.new_tokens: float("inf")}
-    for _ in range(bc.repeats):
+    for _ in range(repeats or bc.repeats):
         for n in times:
             sync()
             start = time.perf_counter()
@@ -134,12 +140,14 @@ def decode_speed(model, bc):
     rows = []
     for batch in bc.batches:
         ids, mask = prompts(batch, bc.prompt_len, model.config.vocab_size, seed=bc.seed)
-        ours, ours_mem = decode_ms_per_step(model, ids, mask, "fast", bc)
-        fastdecode.clear_fast_cache(model)  # so HF's peak does not include our KV cache
-        hf, hf_mem = decode_ms_per_step(model, ids, mask, "hf", bc)
-        rows.append({"batch": batch, "fast_ms_per_step": ours, "hf_ms_per_step": hf,
-                     "speedup": hf / ours if ours and hf else None,
-                     "fast_peak_gib": ours_mem, "hf_peak_gib": hf_mem})
+        row = {"batch": batch}
+        for name, kernels in (("fast", bc.kernels), ("base", "torch"))[:1 + bc.baseline]:
+            ms, mem = decode_ms_per_step(model, ids, mask, "fast", bc, decode.DecodeConfig(kernels=kernels))
+            fastdecode.clear_fast_cache(model)  # so the next peak does not include this KV cache
+            row.update({f"{name}_ms_per_step": ms, f"{name}_peak_gib": mem})
+        hf, hf_mem = decode_ms_per_step(model, ids, mask, "hf", bc, repeats=bc.hf_repeats)
+        ours = row["fast_ms_per_step"]
+        rows.append({**row, "hf_ms_per_step": hf, "speedup": hf / ours if ours and hf else None, "hf_peak_gib": hf_mem})
     return rows
 
 
@@ -181,11 +189,12 @@ def greedy_equivalence(model, bc):
         eos = mid_batch_eos(hf.tokens)
         for name, eos_ids in (("no_eos", []), ("eos_mid_batch", [eos])):
             a = run(m, ids, mask, "hf", bc.equiv_tokens, greedy=True, eos_ids=eos_ids) if eos_ids else hf
-            b = run(m, ids, mask, "fast", bc.equiv_tokens, greedy=True, eos_ids=eos_ids)
+            b = run(m, ids, mask, "fast", bc.equiv_tokens, greedy=True, eos_ids=eos_ids,
+                    base=decode.DecodeConfig(kernels=bc.kernels))
             result[f"{str(dtype)[6:]}_{name}"] = {**agreement(a, b), "eos_ids": eos_ids}
         fastdecode.clear_fast_cache(m)
         del m
-    return {**result, "tokens_per_row": bc.equiv_tokens}
+    return {**result, "tokens_per_row": bc.equiv_tokens, "kernels": bc.kernels}
 
 
 # ----------------------------------------------------------------------------- GRPO step: ours and TRL's
@@ -198,13 +207,18 @@ def left_align(tokens, mask):
 
 
 def grpo_step(model, bc):
+    out = grpo_step_with(model, bc, bc.kernels, head_fp32=False)
+    return {**out, "baseline": grpo_step_with(model, bc, "torch", head_fp32=True)} if bc.baseline else out
+
+
+def grpo_step_with(model, bc, kernels, head_fp32):
     G = bc.grpo_group
     N = bc.grpo_prompts
     ref = model  # frozen, in DTYPE: pi_ref for the KL and the summarizer, as in rporec.stage2
     policy = copy.deepcopy(model).float()  # fp32 master weights; the fast backend decodes them in bf16 on CUDA
-    cfg = grpo.GRPOConfig(group_size=G, prompts_per_step=N, max_new_tokens=bc.grpo_new_tokens)
-    roll = decode.DecodeConfig(max_new_tokens=bc.grpo_new_tokens, backend="fast")
-    summ = decode.DecodeConfig(max_new_tokens=bc.summary_new_tokens, backend="fast", greedy=True)
+    cfg = grpo.GRPOConfig(group_size=G, prompts_per_step=N, max_new_tokens=bc.grpo_new_tokens, head_fp32=head_fp32)
+    roll = decode.DecodeConfig(max_new_tokens=bc.grpo_new_tokens, backend="fast", kernels=kernels)
+    summ = decode.DecodeConfig(max_new_tokens=bc.summary_new_tokens, backend="fast", greedy=True, kernels=kernels)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     ids, mask = prompts(N, bc.prompt_len, model.config.vocab_size, seed=bc.seed + 2)
     for _ in ("warm-up", "timed"):  # the warm-up allocates, captures graphs and builds AdamW state
@@ -226,7 +240,7 @@ def grpo_step(model, bc):
     fastdecode.clear_fast_cache(ref)
     return {"rollout_s": t1 - t0, "rewards_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0,
             "completions_per_s": N * G / (t3 - t0), "peak_gib": peak_gib(), "completions": N * G,
-            "completion_tokens": bc.grpo_new_tokens}
+            "completion_tokens": bc.grpo_new_tokens, "kernels": kernels, "head_fp32": head_fp32}
 
 
 def trl_step(model, bc):
@@ -357,23 +371,27 @@ def report(res):
     print(f"\n{env['device']} | torch {env['torch']} | transformers {env['transformers']} | {env['model']}")
     if isinstance(res.get("decode"), list):
         print(f"decode: prompt {bc['prompt_len']} tokens, {bc['new_tokens']} new, EOS off; fast = sampling + "
-              "logp/entropy, hf = plain sampling generate; peaks include the weights")
-        print("| batch | fast ms/step | hf ms/step | speedup | fast peak GiB | hf peak GiB |")
-        print("|---:|---:|---:|---:|---:|---:|")
+              f"logp/entropy on {res.get('kernels')} kernels, base = fast on torch kernels, hf = plain sampling "
+              "generate; peaks include the weights")
+        names = ["fast", "base", "hf"] if bc["baseline"] else ["fast", "hf"]
+        print("| batch | " + " | ".join(f"{n} ms/step" for n in names) + " | speedup | "
+              + " | ".join(f"{n} peak GiB" for n in names) + " |")
+        print("|---:" * (2 * len(names) + 2) + "|")
         for r in res["decode"]:
-            ms = [f"{r[k]:.2f}" if r[k] else "too noisy" for k in ("fast_ms_per_step", "hf_ms_per_step")]
+            ms = [f"{r[f'{n}_ms_per_step']:.2f}" if r[f"{n}_ms_per_step"] else "too noisy" for n in names]
             speedup = f"{r['speedup']:.1f}x" if r["speedup"] else "n/a"
-            peaks = f"{gib(r['fast_peak_gib'])} | {gib(r['hf_peak_gib'])}"
-            print(f"| {r['batch']} | {ms[0]} | {ms[1]} | {speedup} | {peaks} |")
+            peaks = [gib(r[f"{n}_peak_gib"]) for n in names]
+            print(f"| {r['batch']} | {' | '.join(ms)} | {speedup} | {' | '.join(peaks)} |")
     for k, v in res.get("equiv", {}).items():
         if isinstance(v, dict) and "rows" in v:
             print(f"greedy {k}: {v['rows_identical']}/{v['rows']} rows identical over {res['equiv']['tokens_per_row']} "
                   f"tokens (mean common prefix {v['mean_common_prefix']:.1f}, hf lengths {v['hf_lengths']})")
-    for name in ("grpo", "trl"):
-        r = res.get(name)
+    grpo_runs = {"grpo": res.get("grpo"), "grpo baseline": (res.get("grpo") or {}).get("baseline"),
+                 "trl": res.get("trl")}
+    for name, r in grpo_runs.items():
         if isinstance(r, dict) and "step_s" in r:
-            parts = (f" = rollout {r['rollout_s']:.2f} + rewards {r['rewards_s']:.2f} + update {r['update_s']:.2f}"
-                     if name == "grpo" else f" ({r['trl']})")
+            parts = (f" = rollout {r['rollout_s']:.2f} + rewards {r['rewards_s']:.2f} + update {r['update_s']:.2f} "
+                     f"({r['kernels']} kernels, head_fp32 {r['head_fp32']})" if name != "trl" else f" ({r['trl']})")
             print(f"GRPO step, {name}: {r['step_s']:.2f} s{parts}, {r['completions_per_s']:.1f} completions/s, "
                   f"peak {gib(r['peak_gib'])} GiB")
     for name in bc["sections"].split(","):
@@ -394,9 +412,14 @@ def main(bc):
         return {}
     name = bc.model if bc.model != "auto" else "0.6b" if GPU else "tiny"
     model = build_model(name, bc.seed)
+    try:
+        triton = fastdecode.use_triton(model, decode.DecodeConfig(kernels=bc.kernels), DEVICE)
+    except ValueError as e:
+        raise SystemExit(f"error: --kernels {bc.kernels}: {e}") from None
     res = {"env": {"device": torch.cuda.get_device_name(DEVICE) if GPU else platform.processor() or "cpu",
                    "torch": torch.__version__, "transformers": transformers.__version__,
-                   "model": f"Qwen3 {name} config, random {str(DTYPE)[6:]} weights"}, "bench": asdict(bc)}
+                   "model": f"Qwen3 {name} config, random {str(DTYPE)[6:]} weights"}, "bench": asdict(bc),
+           "kernels": "triton" if triton else "torch"}
     work = {"decode": decode_speed, "equiv": greedy_equivalence, "grpo": grpo_step, "trl": trl_step}
     for section in bc.sections.split(","):  # grpo leaves the bench model as it was: it trains a copy
         print(f"--- {section}", flush=True)
@@ -427,6 +450,8 @@ def parse_config(argv):
     bc = flags.bench
     if bc.model not in ("auto", "tiny", "0.6b"):
         raise SystemExit(f"error: unknown --model {bc.model!r}; use auto, tiny or 0.6b")
+    if bc.kernels not in fastdecode.KERNELS:
+        raise SystemExit(f"error: unknown --kernels {bc.kernels!r}; use one of {fastdecode.KERNELS}")
     unknown = [name for name in bc.sections.split(",") if name not in SECTIONS]
     if unknown:
         raise SystemExit(f"error: unknown --sections {unknown}; choose from {','.join(SECTIONS)}")

@@ -16,8 +16,8 @@ from common import DISTRIBUTED, WORLD, fail
 # may differ between runs sharing a folder: how far Stage II goes, where Stage I came from, speed knobs
 RERUN_OK = {"run.stage", "run.init", "run.resume", "run.gen_batch", "run.dist_backend", "grpo.steps", "grpo.epochs",
             "grpo.save_every", "grpo.sample_every", "grpo.micro_batch", "grpo.logit_chunk", "eval.chunk",
-            "rechead.encode_batch", "decode.backend", "decode.cuda_graph", "decode.kv_bucket", "decode.sync_every",
-            "decode.prefill_rows"}
+            "rechead.encode_batch", "decode.backend", "decode.cuda_graph", "decode.kv_bucket", "decode.kernels",
+            "decode.sync_every", "decode.prefill_rows"}
 
 
 LOWER_BOUNDS = {"run.gen_batch": 1, "grpo.group_size": 2, "grpo.prompts_per_step": 1, "grpo.micro_batch": 1,

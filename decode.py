@@ -10,11 +10,16 @@ Two backends behind one `generate`:
 
 Sampling semantics are HF's: temperature, then top-k, then top-p, greedy = argmax of raw logits.
 logp / entropy always describe log_softmax(logits / temperature), ignoring top-k/top-p truncation.
+Those rules (and the Rollout type) live in fastdecode.py, which both backends read: decode imports
+fastdecode, never the other way round.
 """
 import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+import fastdecode
+from fastdecode import Rollout, token_stats  # the output type and the stats rule both backends share
 
 
 @dataclass
@@ -28,52 +33,13 @@ class DecodeConfig:
     backend: str = "auto"  # "auto" (fast on CUDA for fastdecode.FAST_ARCHS, else hf) | "hf" | "fast"
     cuda_graph: bool = True  # fast backend on CUDA: replay each decode step as one CUDA graph
     kv_bucket: int = 256  # attention reads the cache in multiples of this many columns; one graph each
+    kernels: str = "auto"  # fast backend decode step: "triton" (tritondecode.py: split-KV attention, fused RoPE +
+    # q/k norm + cache write, SiLU) | "torch" (SDPA and torch ops, the reference) | "auto" = triton on CUDA
+    # when triton imports and the head layout fits, else torch
     sync_every: int = 16  # fast: test "every row done" each this many steps (on CUDA a host sync)
     prefill_rows: int = 16  # prompts per prefill forward; bounds the (rows, P, P) mask and activations
     dtype: str = "auto"  # fast backend compute dtype: "auto" = bfloat16 on CUDA else the weights' dtype;
     # or "float32" | "bfloat16" | "float16". The hf backend ignores it (runs the model as it is).
-
-
-@dataclass
-class Rollout:
-    tokens: torch.Tensor  # (B, T) long, completion only, pad_id after EOS
-    mask: torch.Tensor  # (B, T) bool, real completion tokens, EOS included
-    logp: torch.Tensor | None  # (B, T) float32, log-prob of the chosen token at `temperature`
-    entropy: torch.Tensor | None  # (B, T) float32, entropy of that same distribution
-
-
-def top_k_filter(logits, k):
-    """HF TopKLogitsWarper: -inf below the k-th largest logit (ties with it are kept)."""
-    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits, p):
-    """HF TopPLogitsWarper: keep the smallest set whose probability reaches p, always >= 1 token."""
-    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending, as HF
-    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p
-    drop[..., -1] = False
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-
-
-def token_stats(logits, temperature):
-    """log_softmax(logits / T) (B, V) and its entropy (B,); 0 * log 0 counts as 0."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp, -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
-
-
-def choose_tokens(logits, cfg, noise):
-    """Next token (B,) from raw logits (B, V). Sampling uses the exponential race: argmax_i p_i / E_i
-    with E_i ~ Exp(1) (noise, (B, V)) picks i with probability p_i; torch.multinomial does the same
-    for one sample, but a caller-filled noise buffer keeps the RNG out of the CUDA graph."""
-    if cfg.greedy:
-        return logits.argmax(-1)
-    x = logits.float() / cfg.temperature
-    if cfg.top_k > 0:
-        x = top_k_filter(x, cfg.top_k)
-    if cfg.top_p < 1.0:
-        x = top_p_filter(x, cfg.top_p)
-    return (x.softmax(-1) / noise).argmax(-1)
 
 
 class _Recorder:
@@ -139,8 +105,6 @@ def generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False
                          "use top_p=1.0 and top_k=0 to turn them off")
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-    import fastdecode  # here, not at the top: fastdecode imports this module's sampling helpers
-
     backend = cfg.backend
     if backend == "auto":
         backend = "fast" if input_ids.is_cuda and fastdecode.fast_unsupported(model) is None else "hf"

@@ -7,30 +7,77 @@ It computes in DecodeConfig.dtype (bf16 on CUDA by default): fp32 master weights
 copies refreshed from the masters before every batch.
 
 Prompts are left-padded, so every row writes step t's K/V to the same cache column; rows differ only in
-where their prompt starts, which the attention mask (built in the graph from a per-row start and a
-shared column tensor, both updated in place) takes care of. Attention reads the cache up to the next
-multiple of kv_bucket columns, so there is one graph per (batch size, bucket).
+where their prompt starts (a per-row start and a shared column tensor, both updated in place, tell the
+graph). Attention covers the cache up to the next multiple of kv_bucket columns, so there is one graph
+per (batch size, bucket). The decode step has two kernel sets (DecodeConfig.kernels): "torch" builds an
+attention mask from start and col for SDPA and runs RoPE, the norms and SiLU as torch ops; "triton"
+(tritondecode.py) reads start and col inside its kernels, so attention touches only the columns a row uses,
+and fuses the pointwise work into two kernels per layer. "torch" is the reference the tests hold the
+Triton kernels to; the prefill always runs on torch.
 
 Decoders (KV cache + graphs) are cached per model: at most KEEP_DECODERS, least recently used evicted,
 each with a multiple of 8 rows; a smaller batch reuses a larger decoder, padded with copies of row 0
 that are marked done at once and sliced off the outputs.
 
-Callers go through decode.generate; this module imports decode's sampling helpers, so decode imports
-it lazily.
+Callers go through decode.generate. The sampling rules and the Rollout type live here, and decode.py's
+hf backend reads them too: decode imports this module, never the other way round.
 """
 import weakref
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from decode import Rollout, choose_tokens, token_stats
-
 FAST_ARCHS = ("qwen3", "qwen2", "llama")  # pre-norm, SwiGLU, RoPE, GQA; qwen3 adds q/k RMSNorm
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # DecodeConfig.dtype choices
+KERNELS = ("auto", "triton", "torch")  # DecodeConfig.kernels choices
+PROGRAMS_PER_SM = 4  # split-KV attention: aim for this many programs per multiprocessor
 KEEP_DECODERS = 2  # per model; each holds a KV cache (GBs at rollout sizes) and its CUDA graphs
 _DECODERS = weakref.WeakKeyDictionary()  # model -> [_FastDecoder], least recently used first
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor  # (B, T) long, completion only, pad_id after EOS
+    mask: torch.Tensor  # (B, T) bool, real completion tokens, EOS included
+    logp: torch.Tensor | None  # (B, T) float32, log-prob of the chosen token at `temperature`
+    entropy: torch.Tensor | None  # (B, T) float32, entropy of that same distribution
+
+
+def top_k_filter(logits, k):
+    """HF TopKLogitsWarper: -inf below the k-th largest logit (ties with it are kept)."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """HF TopPLogitsWarper: keep the smallest set whose probability reaches p, always >= 1 token."""
+    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending, as HF
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p
+    drop[..., -1] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def token_stats(logits, temperature):
+    """log_softmax(logits / T) (B, V) and its entropy (B,); 0 * log 0 counts as 0."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp, -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
+
+
+def choose_tokens(logits, cfg, noise):
+    """Next token (B,) from raw logits (B, V). Sampling uses the exponential race: argmax_i p_i / E_i
+    with E_i ~ Exp(1) (noise, (B, V)) picks i with probability p_i; torch.multinomial does the same
+    for one sample, but a caller-filled noise buffer keeps the RNG out of the CUDA graph."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    x = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        x = top_k_filter(x, cfg.top_k)
+    if cfg.top_p < 1.0:
+        x = top_p_filter(x, cfg.top_p)
+    return (x.softmax(-1) / noise).argmax(-1)
 
 
 def fast_unsupported(model):
@@ -51,6 +98,47 @@ def fast_unsupported(model):
 def graphs_available(device):
     """CUDA graphs exist on CUDA only (tests/test_graph_replay.py emulates them on CPU)."""
     return device.type == "cuda"
+
+
+def triton_kernels():
+    """tritondecode.py, or None when triton does not import (it ships with CUDA builds of torch)."""
+    try:
+        import tritondecode
+    except ImportError:
+        return None
+    return tritondecode
+
+
+def use_triton(model, cfg, device):
+    """Whether the decode step runs tritondecode.py's kernels (DecodeConfig.kernels); a ValueError naming the fix
+    when "triton" is asked for and cannot run."""
+    if cfg.kernels == "torch":
+        return False
+    c = model.config
+    K = triton_kernels()
+    if K is None:
+        why = "triton does not import"
+    else:
+        why = K.supports(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                         c.num_attention_heads // c.num_key_value_heads)
+        if why is None and device.type != "cuda" and not K.INTERPRETED:
+            why = "on a CPU Triton kernels run only under TRITON_INTERPRET=1 (the tests)"
+    if cfg.kernels == "triton" and why:
+        raise ValueError(f"decode kernels 'triton' cannot run here: {why}; use --decode.kernels torch")
+    return why is None and (cfg.kernels == "triton" or device.type == "cuda")
+
+
+def _programs(device):
+    """Programs the split-KV attention aims to launch: PROGRAMS_PER_SM per multiprocessor (1 on a CPU)."""
+    if device.type != "cuda":
+        return 1
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _swiglu(gu):
+    """silu(gate) * up for gu = [gate | up] (..., 2I)."""
+    g, u = gu.chunk(2, -1)
+    return F.silu(g) * u
 
 
 def clear_fast_cache(model=None):
@@ -98,6 +186,7 @@ class _FastDecoder:
         self._rope_tables(model, max_len)
         self._state_buffers(batch, max_len)
         self.graphs = {}
+        self.programs = _programs(self.embed.device)
         self.pool = torch.cuda.graph_pool_handle() if self.embed.is_cuda else None  # shared by all graphs
 
     def _layer_weights(self, layer):
@@ -178,20 +267,25 @@ class _FastDecoder:
         self.eos.fill_(-1)
         self.eos[:len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
 
-    def _layers(self, h, cos, sin, attend):
-        """Pre-norm decoder layers on h (N, S, hid); attend(i, q, k, v) -> (N, S, H * D)."""
-        H, Hkv, D = self.H, self.Hkv, self.D
+    def _layers(self, h, attend, act=_swiglu):
+        """Pre-norm decoder layers on h (N, S, hid). attend(i, w, qkv) takes layer i's (N, S, (H+2Hkv)D)
+        projections through q/k norm, RoPE, the cache and attention to (N, S, H * D); act is the MLP's."""
         for i, w in enumerate(self.layers):
             qkv = F.linear(F.rms_norm(h, (self.hid,), w.ln1, self.eps), w.qkv, w.qkv_b)  # (N, S, (H+2Hkv)D)
-            qk = qkv[..., :(H + Hkv) * D].unflatten(-1, (H + Hkv, D))  # (N, S, H + Hkv, D)
-            if w.qk_norm is not None:
-                qk = F.rms_norm(qk, (D,), None, self.eps) * w.qk_norm
-            qk = qk * cos + qk.roll(D // 2, -1) * sin  # RoPE
-            v = qkv[..., (H + Hkv) * D:].unflatten(-1, (Hkv, D))  # (N, S, Hkv, D)
-            h = _residual_linear(h, attend(i, qk[..., :H, :], qk[..., H:, :], v), w.o, w.o_b)
-            g, u = F.linear(F.rms_norm(h, (self.hid,), w.ln2, self.eps), w.gu, w.gu_b).chunk(2, -1)
-            h = _residual_linear(h, F.silu(g) * u, w.down, w.down_b)
+            h = _residual_linear(h, attend(i, w, qkv), w.o, w.o_b)
+            gu = F.linear(F.rms_norm(h, (self.hid,), w.ln2, self.eps), w.gu, w.gu_b)  # (N, S, 2I)
+            h = _residual_linear(h, act(gu), w.down, w.down_b)
         return h
+
+    def _rope(self, w, qkv, cos, sin):
+        """q (N, S, H, D), k and v (N, S, Hkv, D) from qkv, with q/k norm and RoPE (cos, sin broadcast to
+        (N, S, 1, D)); tritondecode.rope_qk_cache does this for one token per row in one kernel."""
+        H, Hkv, D = self.H, self.Hkv, self.D
+        qk = qkv[..., :(H + Hkv) * D].unflatten(-1, (H + Hkv, D))  # (N, S, H + Hkv, D)
+        if w.qk_norm is not None:
+            qk = F.rms_norm(qk, (D,), None, self.eps) * w.qk_norm
+        qk = qk * cos + qk.roll(D // 2, -1) * sin
+        return qk[..., :H, :], qk[..., H:, :], qkv[..., (H + Hkv) * D:].unflatten(-1, (Hkv, D))
 
     def _logits(self, h):
         """(N, hid) -> (N, V) float32, as HF: lm_head in the model dtype, then upcast."""
@@ -207,10 +301,12 @@ class _FastDecoder:
         for r in range(0, B, rows_per_chunk):
             rows = slice(r, min(B, r + rows_per_chunk))
             pos = (self.cols[:P] - self.start[rows, None]).clamp_min(0)  # (N, P), HF: cumsum(mask) - 1
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (N, P, 1, D)
             # pad queries see themselves so no row is fully masked (no NaN reaches the cache)
             mask = (causal & attention_mask[rows, None, :].bool()) | eye  # (N, P, P)
 
-            def attend(i, q, k, v):
+            def attend(i, w, qkv):
+                q, k, v = self._rope(w, qkv, cos, sin)
                 k = k.transpose(1, 2)  # (N, Hkv, P, D)
                 v = v.transpose(1, 2)
                 self.cache[i, 0, rows, :, :P] = k
@@ -219,8 +315,7 @@ class _FastDecoder:
                                                    v.repeat_interleave(G, 1), attn_mask=mask[:, None])
                 return o.transpose(1, 2).flatten(2)  # (N, P, H * D)
 
-            h = self._layers(F.embedding(input_ids[rows], self.embed), self.cos[pos][:, :, None],
-                             self.sin[pos][:, :, None], attend)
+            h = self._layers(F.embedding(input_ids[rows], self.embed), attend)
             last.append(h[:, -1])
         return self._logits(torch.cat(last))
 
@@ -237,17 +332,18 @@ class _FastDecoder:
         self.tok.copy_(nxt)
         self.step += 1
 
-    def decode_step(self, kv_len, cfg, stats):
-        """Feed `tok` at cache column `col` (same for every row: prompts are left-padded), attend
-        over columns [start_b, col] of the first kv_len, then emit."""
-        B = self.tok.shape[0]
-        G = self.H // self.Hkv
+    def _attend_torch(self, kv_len):
+        """The reference decode attention: q/k norm and RoPE as torch ops, index_copy_ into the cache, SDPA
+        over the first kv_len columns under a mask built from start and col."""
+        B, G = self.tok.shape[0], self.H // self.Hkv
         pos = self.col - self.start  # (B,) RoPE position = real tokens before this one
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (B, 1, 1, D)
         valid = (self.cols[:kv_len] >= self.start[:, None]) & (self.cols[:kv_len] <= self.col)  # (B, kv_len)
         mask = torch.zeros(B, 1, 1, kv_len, device=valid.device, dtype=self.cache.dtype)
         mask = mask.masked_fill(~valid[:, None, None], float("-inf"))  # additive, broadcast over heads
 
-        def attend(i, q, k, v):
+        def attend(i, w, qkv):
+            q, k, v = self._rope(w, qkv, cos, sin)
             kc = self.cache[i, 0]  # (B, Hkv, max_len, D)
             vc = self.cache[i, 1]
             kc.index_copy_(2, self.col, k.transpose(1, 2))
@@ -256,29 +352,51 @@ class _FastDecoder:
             o = F.scaled_dot_product_attention(q.reshape(B, self.Hkv, G, self.D), kc[:, :, :kv_len],
                                                vc[:, :, :kv_len], attn_mask=mask)  # (B, Hkv, G, D)
             return o.reshape(B, 1, self.H * self.D)
+        return attend
 
-        h = self._layers(F.embedding(self.tok[:, None], self.embed), self.cos[pos][:, None, None],
-                         self.sin[pos][:, None, None], attend)
+    def _attend_triton(self, kv_len):
+        """The same attention through tritondecode.py: one fused kernel for q/k norm, RoPE and the cache write,
+        then split-KV attention over the columns [start_b, col] only."""
+        K = triton_kernels()
+        B = self.tok.shape[0]
+        splits = K.n_splits(B * self.Hkv, kv_len, self.programs)
+
+        def attend(i, w, qkv):
+            q = K.rope_qk_cache(qkv[:, 0], w.qk_norm, self.cos, self.sin, self.start, self.col, self.cache, i,
+                                self.eps)  # (B, H, D); k and v are in the cache at column col
+            return K.decode_attention(q, self.cache, i, self.start, self.col, kv_len, splits).view(B, 1, -1)
+        return attend
+
+    def decode_step(self, kv_len, cfg, stats, triton=False):
+        """Feed `tok` at cache column `col` (same for every row: prompts are left-padded), attend
+        over columns [start_b, col] of the first kv_len, then emit. triton: tritondecode.py's kernels."""
+        h = F.embedding(self.tok[:, None], self.embed)  # (B, 1, hid)
+        if triton:
+            silu_mul = triton_kernels().silu_mul
+            h = self._layers(h, self._attend_triton(kv_len), lambda gu: silu_mul(gu[:, 0])[:, None])
+        else:
+            h = self._layers(h, self._attend_torch(kv_len))
         self.emit(self._logits(h[:, 0]), cfg, stats)
         self.col += 1
 
-    def run_step(self, kv_len, cfg, stats, use_graph):
+    def run_step(self, kv_len, cfg, stats, use_graph, triton=False):
         """One decode step, eager or as a CUDA graph. A key's first step runs eagerly on a side stream
-        (it doubles as the warm-up) and is then captured (capture records, it does not execute)."""
+        (it doubles as the warm-up, and compiles the Triton kernels) and is then captured (capture records,
+        it does not execute)."""
         if not use_graph:
-            return self.decode_step(kv_len, cfg, stats)
-        key = (kv_len, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p, stats)
+            return self.decode_step(kv_len, cfg, stats, triton)
+        key = (kv_len, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p, stats, triton)
         if key in self.graphs:
             return self.graphs[key].replay()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.decode_step(kv_len, cfg, stats)
+            self.decode_step(kv_len, cfg, stats, triton)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                self.decode_step(kv_len, cfg, stats)
+                self.decode_step(kv_len, cfg, stats, triton)
         except RuntimeError as e:  # e.g. an op this torch build cannot capture
             raise RuntimeError(f"CUDA graph capture of the decode step failed: {e}\nThe step itself ran; rerun "
                                "with --decode.cuda_graph false (eager fast backend) or --decode.backend hf") from e
@@ -297,6 +415,8 @@ def _check(model, cfg, eos_ids):
         raise ValueError(f"at most 8 EOS ids are supported, got {len(eos_ids)}; pass the ones the model emits")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown decode dtype {cfg.dtype!r}; use one of {DTYPES}")
+    if cfg.kernels not in KERNELS:
+        raise ValueError(f"unknown decode kernels {cfg.kernels!r}; use one of {KERNELS}")
 
 
 def _decoder(model, batch, max_len, dtype):
@@ -317,6 +437,7 @@ def _decoder(model, batch, max_len, dtype):
 def generate_fast(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats, generator):
     """decode.generate's "fast" backend, on inputs decode.generate has checked; a Rollout as the hf backend's."""
     _check(model, cfg, eos_ids)
+    triton = use_triton(model, cfg, input_ids.device)
     weights = model.model.embed_tokens.weight
     if cfg.dtype != "auto":
         dtype = getattr(torch, cfg.dtype)
@@ -339,7 +460,7 @@ def generate_fast(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats,
             break
         if not cfg.greedy:
             dec.noise[:B].exponential_(generator=generator)
-        dec.run_step(min(dec.max_len, -(-(P + t) // align) * align), cfg, stats, use_graph)
+        dec.run_step(min(dec.max_len, -(-(P + t) // align) * align), cfg, stats, use_graph, triton)
     mask = dec.out_mask[:B, :int(dec.step)]
     T = int(mask.sum(1).max())  # rows finished between two checks only add all-pad columns
     mask = mask[:, :T].clone()

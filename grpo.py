@@ -16,12 +16,12 @@ Choices the paper leaves open, made here:
   (tests/real_model_check.py; README, Choices).
 - mu > 1 (TRL's num_iterations, PPO's update epochs) optimises the batch mu times: mu optimizer
   steps, each over all micro-batches with its own grad-norm clip. pi_old is then the policy that
-  sampled, its log-probs taken by one no-grad forward of the policy (same autocast, same
-  micro-batches) before the first pass, so w = 1 on pass 1 (the mu = 1 gradient) and moves away
-  from 1 on the later passes, where the clip binds. With old_logp="rollout" the decoder's
-  log-probs are pi_old on every pass. pi_ref's log-probs are taken once, the entropy mask is
-  computed once per rollout batch, and update() returns the pass-averaged stats plus "passes",
-  the per-pass loss, kl, clip_low, clip_high, clip_frac and grad_norm.
+  sampled, its log-probs those of pass 1's forward (same autocast, same micro-batches), so w = 1
+  on pass 1 (the mu = 1 gradient) and moves away from 1 on the later passes, where the clip binds.
+  With old_logp="rollout" the decoder's log-probs are pi_old on every pass. pi_ref's log-probs
+  are taken once, the entropy mask is computed once per rollout batch, and update() returns the
+  pass-averaged stats plus "passes", the per-pass loss, kl, clip_low, clip_high, clip_frac and
+  grad_norm.
 - The entropies of eq. 11 (m_t and r_ent) come from the rollout's own decoding pass
   (decode.generate(stats=True)), not a second forward.
 - Logits are divided by the sampling temperature everywhere (rollout, policy, reference), so
@@ -41,8 +41,17 @@ Choices the paper leaves open, made here:
   and gradient norm of every pass after backward. On failure it drops the gradients, skips the
   optimizer step (weights and optimizer state untouched), stops the remaining passes and names the
   reason in stats["skipped"] ("" when every pass stepped). Processes take this decision together.
-- Log-probs come from the decoder's hidden states and the output head applied in fp32 chunks under
-  activation checkpointing, so a 150k vocabulary never materialises logits for the whole batch.
+- Log-probs come from the decoder's hidden states and the output head applied in chunks of tokens,
+  so a 150k vocabulary never materialises logits for the whole batch: forward and backward
+  (_ChunkedHead, which recomputes each chunk's logits) hold one chunk's fp32 logits at a time. Under
+  autocast the head's matmuls take the autocast dtype's inputs (bf16 on GPU, as the decoder body)
+  with fp32 accumulation and fp32 logits; head_fp32 keeps them in fp32 (exact inputs, but fp32
+  products run far below the bf16 tensor-core rate, and the head's are a large share of the update's).
+- With mu > 1, pi_old's log-probs are pass 1's own (detached): pass 1 runs before any step, so
+  it sees exactly the policy that sampled, and no extra forward is needed.
+- Micro-batches are formed from the sequences sorted by completion length, so each pads to
+  lengths close to its own; the loss and its gradient are sums over sequences and do not depend
+  on how sequences are grouped.
 - Gradients are averaged across processes by hand: the chunked head bypasses model.forward, so
   the model is not wrapped in DistributedDataParallel.
 """
@@ -52,8 +61,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 QUANTILE_MAX = 2 ** 24  # torch.quantile refuses larger inputs; beyond it we sort ourselves
 # k3 evaluates exp(ref - logp): fp32 overflows past a gap of ~88.7 (one token the policy has pushed
@@ -85,6 +92,7 @@ class GRPOConfig:
     max_skips: int = 3         # stop after this many steps in a row skipped for non-finite values
     micro_batch: int = 8       # sequences per forward/backward micro-batch
     logit_chunk: int = 1024    # tokens per output-head chunk in sequence_logprobs
+    head_fp32: bool = False    # output head in fp32; else under autocast its matmuls take bf16 inputs (fp32 logits)
     grad_checkpointing: bool = False  # decoder activation checkpointing (rporec.py enables it)
     adv_eps: float = 1e-4      # added to the group std in eq. 8
     save_every: int = 50       # checkpoint every this many steps (0 = only at the end)
@@ -181,23 +189,74 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, ent_mask, eps=0.2, bet
     return loss, stats
 
 
-def _head_logprobs(h, targets, weight, bias, temperature, with_entropy):
-    """Log-prob of targets (and entropy) for hidden states h (n, H), in fp32."""
-    with torch.autocast(h.device.type, enabled=False):
-        logits = F.linear(h.float(), weight.float(), None if bias is None else bias.float())
-        logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (n, V)
-        logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+def _mm(a, b, dtype):
+    """a @ b (2-D) in fp32 from inputs rounded to dtype (fp32: exact). On CUDA a bf16/fp16 product is one
+    tensor-core GEMM with fp32 accumulation and output (torch.mm's out_dtype, torch >= 2.8); elsewhere the
+    same numbers come from fp32 copies."""
+    a, b = a.to(dtype), b.to(dtype)
+    if dtype != torch.float32 and a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """log pi(target) (n,) [and entropy (n,), no gradient] under softmax((h W^T + b) / temperature) for hidden
+    states h (n, H), `chunk` tokens at a time, the matmuls' inputs in `dtype`. Forward keeps only each token's
+    log-sum-exp; backward recomputes a chunk's logits and uses d logp / d logits = (onehot(target) - softmax)
+    / temperature, so one chunk's fp32 (chunk, V) logits exist at a time and none are kept between passes."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, temperature, chunk, dtype, with_entropy):
+        logp, lse, ent = [], [], []
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)  # once, not per chunk
+            for s in range(0, h.shape[0], chunk):
+                z = _logits(h[s:s + chunk], w, bias, temperature, dtype)  # (c, V) fp32
+                lse.append(torch.logsumexp(z, -1))
+                logp.append(z.gather(1, targets[s:s + chunk, None])[:, 0] - lse[-1])
+                if with_entropy:  # H = lse - sum(p z)
+                    ent.append(lse[-1] - (torch.softmax(z, -1) * z).sum(-1))
+        ctx.save_for_backward(h, weight, bias, targets, torch.cat(lse))
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         if not with_entropy:
-            return logp
-        return logp, -(logprobs.exp() * logprobs).sum(-1)
+            return torch.cat(logp)
+        ent = torch.cat(ent)
+        ctx.mark_non_differentiable(ent)
+        return torch.cat(logp), ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        T, dtype = ctx.temperature, ctx.dtype
+        grad_h = torch.empty(h.shape, device=h.device, dtype=torch.float32)  # (n, H)
+        grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32)  # (V, H)
+        grad_b = None if bias is None else torch.zeros(bias.shape, device=h.device, dtype=torch.float32)
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            for s in range(0, h.shape[0], ctx.chunk):
+                g = grad_logp[s:s + ctx.chunk, None].float() / T  # (c, 1)
+                dz = _logits(h[s:s + ctx.chunk], w, bias, T, dtype).sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g)
+                dz.scatter_add_(1, targets[s:s + ctx.chunk, None], g)  # (onehot - softmax) * grad / T, (c, V)
+                grad_h[s:s + ctx.chunk] = _mm(dz, w, dtype)
+                grad_w += _mm(dz.t(), h[s:s + ctx.chunk], dtype)
+                if grad_b is not None:
+                    grad_b += dz.sum(0)
+        return (grad_h.to(h.dtype), grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype),
+                None, None, None, None, None)
+
+
+def _logits(h, w, bias, temperature, dtype):
+    """(h w^T + bias) / temperature (c, V) in fp32, the product's inputs in dtype."""
+    z = _mm(h, w.t(), dtype)
+    return (z if bias is None else z + bias.float()) / temperature
 
 
 def sequence_logprobs(model, input_ids, attention_mask, n_completion: int, temperature=1.0,
-                      chunk=1024, with_entropy=False):
+                      chunk=1024, with_entropy=False, head_fp32=False):
     """log pi(o_t | x, o_<t) under softmax(logits / temperature) for the last n_completion tokens
     of input_ids (B, L) (left-padded prompt + right-padded completion) -> (B, T) fp32
-    [and entropy (B, T)]. The output head runs on chunks of `chunk` tokens, each checkpointed
-    when grad is enabled, so only one chunk's fp32 logits exist at a time."""
+    [and entropy (B, T)]. The output head runs on chunks of `chunk` tokens (_ChunkedHead), its
+    matmuls in the autocast dtype if autocast is on and not head_fp32."""
     if not 0 < n_completion < input_ids.shape[1]:
         raise ValueError(f"n_completion={n_completion} must be in 1..{input_ids.shape[1] - 1} "
                          "(at least one prompt token precedes the completion)")
@@ -208,17 +267,13 @@ def sequence_logprobs(model, input_ids, attention_mask, n_completion: int, tempe
     h = hidden[:, -T - 1:-1].reshape(B * T, -1)  # (B*T, H) states that predict the completion
     targets = input_ids[:, -T:].reshape(B * T)  # (B*T,)
     head = model.get_output_embeddings()
-    outs = []
-    for s in range(0, B * T, chunk):
-        args = (h[s:s + chunk], targets[s:s + chunk], head.weight, getattr(head, "bias", None),
-                temperature, with_entropy)
-        if torch.is_grad_enabled():
-            outs.append(checkpoint(_head_logprobs, *args, use_reentrant=False))
-        else:
-            outs.append(_head_logprobs(*args))
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and not head_fp32 else torch.float32
+    out = _ChunkedHead.apply(h, head.weight, getattr(head, "bias", None), targets, temperature, chunk, dtype,
+                             with_entropy)
     if not with_entropy:
-        return torch.cat(outs).view(B, T)
-    return torch.cat([o[0] for o in outs]).view(B, T), torch.cat([o[1] for o in outs]).view(B, T)
+        return out.view(B, T)
+    return out[0].view(B, T), out[1].view(B, T)
 
 
 @torch.no_grad()
@@ -242,12 +297,12 @@ def make_batch(prompt_ids, prompt_mask, ro, advantages, group_size) -> dict:
             "advantages": advantages.float().to(ro.tokens.device)}  # (B,)
 
 
-def _micro(batch, s, e):
-    """Inputs of sequences s:e with all-pad prompt columns and completion tail trimmed."""
-    pm, cm = batch["prompt_mask"][s:e], batch["mask"][s:e]
+def _micro(batch, idx):
+    """Inputs of the sequences idx (b,) with all-pad prompt columns and completion tail trimmed."""
+    pm, cm = batch["prompt_mask"][idx], batch["mask"][idx]
     p0 = int(pm.any(0).long().argmax())  # first prompt column used by any row (left pad)
     t = max(1, int(cm.sum(1).max()))  # longest completion in the micro-batch
-    ids = torch.cat([batch["prompt_ids"][s:e, p0:], batch["tokens"][s:e, :t]], 1)  # (b, P'+t)
+    ids = torch.cat([batch["prompt_ids"][idx, p0:], batch["tokens"][idx, :t]], 1)  # (b, P'+t)
     am = torch.cat([pm[:, p0:].long(), cm[:, :t].long()], 1)  # (b, P'+t)
     return ids, am, t
 
@@ -275,42 +330,41 @@ def _check_config(cfg: GRPOConfig):
 
 
 @torch.no_grad()
-def _fixed_logprobs(model, ref_model, batch, micro, cfg, autocast_dtype):
-    """Per micro-batch, the log-probs that stay fixed over the passes: pi_ref's (None when
-    beta == 0) and pi_old's of eq. 9 (None = logp.detach(), the mu = 1 policy default)."""
+def _fixed_logprobs(ref_model, batch, micro, cfg, autocast_dtype):
+    """Per micro-batch, the log-probs that stay fixed over the passes: pi_ref's (None when beta == 0)
+    and, with old_logp="rollout", the decoder's as pi_old (else None: pass 1 fills in its own)."""
     device = batch["tokens"].device
     refs, olds = [], []
-    for s, e, ids, am, t in micro:
+    for idx, ids, am, t in micro:
         with _autocast(device, autocast_dtype):
-            ref = sequence_logprobs(ref_model, ids, am, t, cfg.temperature, cfg.logit_chunk) if cfg.beta > 0 else None
-            old = None
-            if cfg.old_logp == "rollout":
-                old = batch["old_logp"][s:e, :t]
-            elif cfg.iterations > 1:  # the policy that sampled, before the first step moves it
-                old = sequence_logprobs(model, ids, am, t, cfg.temperature, cfg.logit_chunk)
-        refs.append(ref)
-        olds.append(old)
+            refs.append(sequence_logprobs(ref_model, ids, am, t, cfg.temperature, cfg.logit_chunk,
+                                          head_fp32=cfg.head_fp32) if cfg.beta > 0 else None)
+        olds.append(batch["old_logp"][idx, :t] if cfg.old_logp == "rollout" else None)
     return refs, olds
 
 
 def _pass(model, optimizer, batch, micro, ent_mask, refs, olds, cfg, autocast_dtype):
     """One optimisation pass of eq. 10 over all micro-batches (losses scaled so that their sum is
     the full-batch mean): backward, gradient average across processes, grad-norm clip, optimizer
-    step. Returns (stats, reason); a non-empty reason (non-finite loss or gradient norm) means the
-    gradients were dropped and the optimizer did not step."""
+    step. An empty olds[i] takes this pass's log-probs (w = 1), which are then pi_old for the later
+    passes: pass 1 runs before any step, on the policy that sampled. Returns (stats, reason); a
+    non-empty reason (non-finite loss or gradient norm) means the gradients were dropped and the
+    optimizer did not step."""
     mask, device = batch["mask"], batch["tokens"].device
     B = mask.shape[0]
     n_tok = mask.sum().clamp(min=1).item()
     optimizer.zero_grad(set_to_none=True)
     st = dict.fromkeys(STAT_KEYS, 0.0)
-    for (s, e, ids, am, t), ref, old in zip(micro, refs, olds):
+    for i, ((idx, ids, am, t), ref) in enumerate(zip(micro, refs)):
         with _autocast(device, autocast_dtype):
-            logp = sequence_logprobs(model, ids, am, t, cfg.temperature, cfg.logit_chunk)  # (b, t)
-        loss, parts = grpo_loss(logp, logp.detach() if old is None else old, ref, batch["advantages"][s:e],
-                                mask[s:e, :t], ent_mask[s:e, :t], cfg.eps, cfg.beta)
-        (loss * (e - s) / B).backward()
-        st["loss"] += loss.item() * (e - s) / B
-        share = mask[s:e].sum().item() / n_tok  # token-level stats: weight by valid tokens
+            logp = sequence_logprobs(model, ids, am, t, cfg.temperature, cfg.logit_chunk, head_fp32=cfg.head_fp32)
+        if olds[i] is None:
+            olds[i] = logp.detach()  # (b, t)
+        loss, parts = grpo_loss(logp, olds[i], ref, batch["advantages"][idx], mask[idx, :t], ent_mask[idx, :t],
+                                cfg.eps, cfg.beta)
+        (loss * len(idx) / B).backward()
+        st["loss"] += loss.item() * len(idx) / B
+        share = mask[idx].sum().item() / n_tok  # token-level stats: weight by valid tokens
         for k in ("kl", "clip_low", "clip_high", "clip_frac"):
             st[k] += parts[k] * share
     params = [p for p in model.parameters() if p.grad is not None]
@@ -336,7 +390,6 @@ def update(model, ref_model, optimizer, batch: dict, cfg: GRPOConfig, autocast_d
     stepped) and "skipped" ("" or why the step was skipped; the weights never see a NaN)."""
     _check_config(cfg)
     mask, device = batch["mask"], batch["tokens"].device
-    B = mask.shape[0]
     bad_adv, bad_ent = _any_rank([not bool(torch.isfinite(batch["advantages"]).all()),
                                   not bool(torch.isfinite(batch["entropy"][mask]).all())], device)
     if bad_adv or bad_ent:
@@ -346,11 +399,10 @@ def update(model, ref_model, optimizer, batch: dict, cfg: GRPOConfig, autocast_d
                else "non-finite entropy on a completion token (check the rollout's logits)")
         return {**dict.fromkeys(STAT_KEYS, math.nan), "kept": math.nan, "passes": [], "skipped": why}
     ent_mask = entropy_mask(batch["entropy"], mask, cfg.rho)  # (B, T), once per rollout batch
-    micro = []  # (s, e, ids, am, t) per micro-batch, the same for every pass
-    for s in range(0, B, cfg.micro_batch):
-        e = min(s + cfg.micro_batch, B)
-        micro.append((s, e, *_micro(batch, s, e)))
-    refs, olds = _fixed_logprobs(model, ref_model, batch, micro, cfg, autocast_dtype)
+    # (idx, ids, am, t) per micro-batch, the same for every pass; similar completion lengths pad together
+    order = torch.argsort(mask.sum(1), descending=True, stable=True)  # (B,)
+    micro = [(idx, *_micro(batch, idx)) for idx in order.split(cfg.micro_batch)]
+    refs, olds = _fixed_logprobs(ref_model, batch, micro, cfg, autocast_dtype)
     passes, skipped = [], ""
     for k in range(cfg.iterations):
         st, reason = _pass(model, optimizer, batch, micro, ent_mask, refs, olds, cfg, autocast_dtype)

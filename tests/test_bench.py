@@ -15,11 +15,11 @@ SMALL = dict(batches=[1, 8], prompt_len=8, new_tokens=4, equiv_tokens=16, grpo_p
 
 def test_bench_sections_write_results(tmp_path):
     out = tmp_path / "bench.json"
-    res = bench.main(bench.BenchConfig(out=str(out), sections="decode,equiv,grpo", **SMALL))
+    res = bench.main(bench.BenchConfig(out=str(out), sections="decode,equiv,grpo", baseline=True, **SMALL))
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert [r["batch"] for r in res["decode"]] == [1, 8]
     # a per-step time is positive, or None when a loaded machine's noise beat the signal: never negative
-    times = [r[k] for r in res["decode"] for k in ("fast_ms_per_step", "hf_ms_per_step")]
+    times = [r[k] for r in res["decode"] for k in ("fast_ms_per_step", "base_ms_per_step", "hf_ms_per_step")]
     assert all(t is None or t > 0 for t in times)
     assert all(r["speedup"] is None or r["speedup"] > 0 for r in res["decode"])
     for name in ("float32_no_eos", "float32_eos_mid_batch"):
@@ -27,9 +27,11 @@ def test_bench_sections_write_results(tmp_path):
         assert eq["rows_identical"] == eq["rows"] == 8, eq
     lengths = res["equiv"]["float32_eos_mid_batch"]["hf_lengths"]
     assert 8 < min(lengths) < 16 == max(lengths)  # one row really stopped mid-way, others ran on
-    g = res["grpo"]
-    assert g["completions"] == 4 and g["step_s"] == pytest.approx(g["rollout_s"] + g["rewards_s"] + g["update_s"])
-    assert g["completions_per_s"] == pytest.approx(4 / g["step_s"])
+    assert res["kernels"] == "torch"  # auto on a CPU
+    for g in (res["grpo"], res["grpo"]["baseline"]):  # the step now and as before the Triton kernels
+        assert g["completions"] == 4 and g["step_s"] == pytest.approx(g["rollout_s"] + g["rewards_s"] + g["update_s"])
+        assert g["completions_per_s"] == pytest.approx(4 / g["step_s"])
+    assert (res["grpo"]["head_fp32"], res["grpo"]["baseline"]["head_fp32"]) == (False, True)
 
 
 def test_failing_section_is_recorded_and_others_run(tmp_path, monkeypatch):
@@ -60,6 +62,7 @@ def test_flags_parse_like_rporec(monkeypatch):
     monkeypatch.setattr(bench, "GPU", True)
     assert bench.parse_config([]).new_tokens == bench.BenchConfig.new_tokens
     for argv, problem in ((["--sections", "decode", "equiv"], "comma-separated"), (["--sections", "fast"], "fast"),
+                          (["--kernels", "cuda"], "kernels"),
                           (["--model", "7b"], "7b"), (["--new-tokens", "1"], "new_tokens")):
         with pytest.raises(SystemExit, match=problem):
             bench.parse_config(argv)

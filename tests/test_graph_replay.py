@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_map
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decode  # noqa: E402
 import fastdecode  # noqa: E402
-from test_decode import NEW, P, pick_eos, run, tiny  # noqa: E402
+from test_decode import NEW, P, pick_eos, prompts, run, tiny  # noqa: E402
 
 
 class Ref:  # an op output made during capture: replay binds it anew
@@ -132,7 +132,7 @@ def test_emulator_catches_state_kept_outside_the_graph(qwen3, emulated_graphs, m
     """The emulator has teeth: a step that rebinds `done` instead of updating it in place decodes
     differently once replayed (a real graph would keep writing the old buffer too)."""
     def emit(self, logits, cfg, stats):
-        nxt = torch.where(self.done, self.pad, decode.choose_tokens(logits, cfg, self.noise))
+        nxt = torch.where(self.done, self.pad, fastdecode.choose_tokens(logits, cfg, self.noise))
         self.out_tok.index_copy_(1, self.step, nxt[:, None])
         self.out_mask.index_copy_(1, self.step, ~self.done[:, None])
         self.done = self.done | (nxt[:, None] == self.eos).any(1)  # rebinding: invisible to a replayed graph
@@ -145,3 +145,23 @@ def test_emulator_catches_state_kept_outside_the_graph(qwen3, emulated_graphs, m
     assert torch.equal(eager.tokens, decoded(qwen3, True, eos, graph=False).tokens)
     assert not torch.equal(graphed.mask, eager.mask)
 
+
+def test_graph_replay_equals_eager_on_triton_kernels(qwen3, emulated_graphs):
+    """The Triton step too: its kernels are torch custom ops, so capture records them and replay reruns them
+    on the same cache, start and col tensors (tritondecode.py, in the interpreter on a CPU)."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.7,<3.8'; .ci/run does)")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, test_tritondecode.py decodes through real CUDA graphs of the kernels")
+    outs = {}
+    for graph in (False, True):
+        fastdecode.clear_fast_cache(qwen3)
+        cfg = decode.DecodeConfig(max_new_tokens=6, backend="fast", kernels="triton", cuda_graph=graph, kv_bucket=8)
+        outs[graph] = decode.generate(qwen3, *prompts(), cfg, eos_ids=[], pad_id=0, stats=True,
+                                      generator=torch.Generator().manual_seed(3))
+    dec = fastdecode._DECODERS[qwen3][-1]
+    assert len(dec.graphs) == 2 and FakeGraph.replays == 3  # buckets 16 and 24 (P = 12): 5 steps, 2 captures
+    recorded = {str(func) for g in dec.graphs.values() for func, _, _ in g.ops}
+    assert {"rporec.rope_qk_cache.default", "rporec.decode_attention.default", "rporec.silu_mul.default"} <= recorded
+    assert not [n for n in recorded if "scaled_dot_product" in n or n in ("aten.roll.default", "aten.silu.default")]
+    for name in ("tokens", "mask", "logp", "entropy"):
+        assert torch.equal(getattr(outs[True], name), getattr(outs[False], name)), name
