@@ -144,7 +144,7 @@ def test_triton_bf16_sampling_stats_close_to_naive():
 def test_kernel_choice(monkeypatch):
     model = tiny("qwen3")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    auto = decode.DecodeConfig()
+    auto = decode.DecodeConfig(kernels="auto")
     assert fastdecode.use_triton(model, auto, cuda) and not fastdecode.use_triton(model, auto, cpu)
     if tritondecode.INTERPRETED:  # conftest, without a GPU
         assert fastdecode.use_triton(model, decode.DecodeConfig(kernels="triton"), cpu)
