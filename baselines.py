@@ -222,6 +222,8 @@ def sasrec_main(argv):
     cli.data.dataset = cli.run.dataset
     check_sasrec(cli)
     out = cli.run.out = cli.run.out or f"runs/sasrec-{cli.run.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if os.path.exists(cpath := os.path.join(out, "config.json")) and "sasrec" not in common.load_json(cpath, "pass a new --out"):
+        fail(f"{out} holds another kind of run (its config.json has no sasrec section); pass a new --out")
     common.refuse_other_config(out, dataclasses.asdict(cli), {"eval.chunk"}, {"eval.chunk"})
     try:
         ds = data.load_dataset(cli.data)

@@ -180,3 +180,11 @@ def test_compare_refuses_what_it_cannot_compare(tmp_path, case, message):
     with pytest.raises(SystemExit) as e:
         baselines.compare(args[0], args[1], **args[2])
     assert str(e.value).startswith("error:") and message in str(e.value)
+
+
+def test_sasrec_refuses_a_folder_of_another_run(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"run": {"dataset": "toy"}, "rechead": {}}))
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit, match="another kind of run"):
+        baselines.main(["sasrec", "--out", str(tmp_path)])
+    assert (tmp_path / "metrics.json").read_text() == "{}"
