@@ -2,6 +2,7 @@
 `toy` dataset: readers keep to 1-2 genres and read series in order), `build_backbone` (a tiny random Qwen3) and
 `build_encoder` (a tiny StaticEmbedding sentence-transformer), both with a word-level vocabulary (`words`).
 """
+import functools
 import os
 import random
 import shutil
@@ -71,6 +72,18 @@ def words(texts, pre_tokenizer):
     return sorted({w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(t.lower())})
 
 
+def _own_rng(build):
+    """Run a builder on a forked torch RNG: the caller's random stream is the same whether the model was built
+    or found on disk, so a run prints the same numbers from a fresh data folder and a warm one."""
+    @functools.wraps(build)
+    def wrapped(*args, **kwargs):
+        import torch
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+    return wrapped
+
+
+@_own_rng
 def build_backbone(texts, out_dir, seed=0):
     """A 2-layer random Qwen3 with a word-level tokenizer over `texts`, saved as a normal HF folder
     so that the toy run loads it exactly like a real checkpoint."""
@@ -98,6 +111,7 @@ def build_backbone(texts, out_dir, seed=0):
     return _save_whole(out_dir, save)
 
 
+@_own_rng
 def build_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) -> str:
     """Write a tiny random StaticEmbedding sentence-transformer with a lowercase word-level vocabulary
     from `texts` ([PAD], [UNK] first), loadable offline by SentenceTransformer(out_dir). Deterministic

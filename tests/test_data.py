@@ -717,3 +717,14 @@ def test_toy_builders_load_are_seeded_and_build_once(tmp_path):
     (tmp_path / "junk" / "f.txt").write_text("x")
     with pytest.raises(ValueError, match="delete it"):
         toy.build_encoder(texts, str(tmp_path / "junk"))
+
+
+def test_toy_builders_leave_the_callers_rng_alone(tmp_path):
+    """Building a toy model draws from its own seeded RNG: a run is the same from a fresh data folder and a
+    warm one."""
+    import torch
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    toy.build_backbone(["a red jazz album"], str(tmp_path / "b"))
+    toy.build_encoder(["a red jazz album"], str(tmp_path / "e"), dim=8)
+    assert torch.equal(torch.get_rng_state(), before)
