@@ -95,8 +95,9 @@ def parse_config(argv):
 def load_backbone(cfg, ds):
     """(model, tokenizer) from a hub id, a local folder or the toy builder; (None, None) for --model none."""
     name = cfg.run.model
-    if name == "toy":  # built once into the data folder; the config keeps saying "toy"
-        name = common.main_first(toy.build_backbone, ds.texts[1:], os.path.join(cfg.data.data_dir, "toy", "backbone"))
+    if name == "toy":  # built once per item table into the data folder; the config keeps saying "toy"
+        where = toy.model_dir(cfg.data.data_dir, "backbone", ds.texts[1:])
+        name = common.main_first(toy.build_backbone, ds.texts[1:], where)
     return (None, None) if name == "none" else decode.load_model(name, DTYPE, DEVICE)
 
 
@@ -135,8 +136,8 @@ def rechead_inputs(cfg, ds, samples, reasoning):
 
 def make_head(cfg, ds):
     rc = cfg.rechead
-    if rc.encoder == "toy":  # built once into the data folder; the config keeps saying "toy"
-        where = os.path.join(cfg.data.data_dir, "toy", "encoder")
+    if rc.encoder == "toy":  # built once per item table into the data folder; the config keeps saying "toy"
+        where = toy.model_dir(cfg.data.data_dir, "encoder", ds.texts[1:])
         rc = dataclasses.replace(rc, encoder=common.main_first(toy.build_encoder, ds.texts[1:], where))
     return rechead.Rechead(rc, ds.texts, DEVICE)
 

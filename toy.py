@@ -3,6 +3,8 @@
 `build_encoder` (a tiny StaticEmbedding sentence-transformer), both with a word-level vocabulary (`words`).
 """
 import functools
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -70,6 +72,12 @@ def source(cfg):
 def words(texts, pre_tokenizer):
     """The sorted lowercase words of texts as pre_tokenizer splits them: a toy model's vocabulary."""
     return sorted({w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(t.lower())})
+
+
+def model_dir(data_dir, kind, texts):
+    """<data_dir>/toy/<kind>-<hash of texts>: a toy model is built from an item table's words, so each item table
+    (the bookstore, a custom dataset) gets its own in a shared data folder."""
+    return os.path.join(data_dir, "toy", f"{kind}-{hashlib.sha1(json.dumps(texts).encode()).hexdigest()[:10]}")
 
 
 def _own_rng(build):

@@ -20,6 +20,12 @@ def small(tmp_path, *extra):
             "--grpo.prompts_per_step", "2", "--grpo.micro_batch", "4", "--grpo.eval_samples", "8", *extra]
 
 
+def toy_model(tmp_path, kind):
+    """The toy backbone or encoder folder that a run in tmp_path built for the bookstore."""
+    (path,) = (tmp_path / "data" / "toy").glob(f"{kind}-*")
+    return path
+
+
 def test_parse_config_presets_and_flags():
     cfg = rporec.parse_config(["--grpo.beta", "0", "--rechead.trainable", "false", "--official_eval"])
     assert cfg.grpo.beta == 0.0 and cfg.rechead.trainable is False and cfg.run.official_eval is True

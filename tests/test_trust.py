@@ -1,6 +1,7 @@
 """Runs you can trust: checks before any write, no code from files, caches that cannot go stale, a
 checkpoint that survives a kill between renames, NaN steps that never reach the weights, Stage II
 selection of its best valid step."""
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import checkpoint
 import common
 import decode
 import rporec
-from test_rporec import small
+from test_rporec import small, toy_model
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_corrupt_checkpoint_files_are_named(both_run, tmp_path, name):
     path = run / "ckpt" / name
     path.write_bytes(path.read_bytes()[:200])  # truncated
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(both_run / "data" / "toy" / "backbone")
+    model = AutoModelForCausalLM.from_pretrained(toy_model(both_run, "backbone"))
     with pytest.raises(SystemExit, match=f"{name}|{run / 'ckpt'}"):
         checkpoint.load(str(run), model.float(), torch.optim.AdamW(model.parameters()))
 
@@ -187,7 +188,7 @@ def test_nan_rewards_never_reach_the_weights(tmp_path, monkeypatch):
         rporec.main(small(tmp_path, "--grpo.steps", "4", "--grpo.max_skips", "2"))
     from transformers import AutoModelForCausalLM
     best = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best").state_dict()
-    start = AutoModelForCausalLM.from_pretrained(tmp_path / "data" / "toy" / "backbone").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(toy_model(tmp_path, "backbone")).state_dict()
     assert all(torch.equal(best[k], start[k]) for k in start)  # step 0 only; nothing NaN was saved
     recs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if '"reward"' in line]
     assert [bool(r["skipped"]) for r in recs] == [True, True]
@@ -230,15 +231,15 @@ def test_caches_are_keyed_by_weights_not_names(tmp_path):
     reasoning, emb = tmp_path / "data" / "reasoning", tmp_path / "data" / "embeddings"
     before = ({p.name for p in reasoning.iterdir()}, {p.name for p in emb.iterdir()})
     from transformers import AutoModelForCausalLM
-    path = tmp_path / "data" / "toy" / "backbone"
+    path = toy_model(tmp_path, "backbone")
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)
     model.save_pretrained(path)
-    enc = rporec.rechead.load_encoder(str(tmp_path / "data" / "toy" / "encoder"), 0, "cpu")
+    enc = rporec.rechead.load_encoder(str(toy_model(tmp_path, "encoder")), 0, "cpu")
     with torch.no_grad():
         enc[0].embedding.weight.mul_(2.0)
-    enc.save(str(tmp_path / "data" / "toy" / "encoder"))
+    enc.save(str(toy_model(tmp_path, "encoder")))
     shutil.rmtree(tmp_path / "run")
     rporec.main(flags)
     after = ({p.name for p in reasoning.iterdir()}, {p.name for p in emb.iterdir()})
@@ -283,3 +284,15 @@ def test_toy_numbers_do_not_depend_on_a_warm_data_folder(tmp_path):
     fresh = rporec.main(flags)
     shutil.rmtree(tmp_path / "run")
     assert rporec.main(flags)["stage1"] == fresh["stage1"]
+
+
+def test_toy_models_are_kept_per_item_table(tmp_path):
+    """A data folder shared by the bookstore and another item table builds toy models for each: the other
+    table's words are in its backbone's and its encoder's vocabularies."""
+    cfg = rporec.parse_config(small(tmp_path))
+    ds = rporec.data.load_dataset(cfg.data)
+    rporec.make_head(cfg, ds), rporec.load_backbone(cfg, ds)  # the bookstore's, built first
+    other = dataclasses.replace(ds, texts=[""] + [f"zebra quartet live {i}" for i in range(1, ds.n_items + 1)])
+    assert "zebra" in rporec.make_head(cfg, other).item_encoder[0].tokenizer.get_vocab()
+    assert "zebra" in rporec.load_backbone(cfg, other)[1].get_vocab()
+    assert "zebra" not in rporec.make_head(cfg, ds).item_encoder[0].tokenizer.get_vocab()
