@@ -116,7 +116,7 @@ def build_backbone(texts, out_dir, seed=0):
     def save(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    return _save_whole(out_dir, save)
+    return _save_whole(out_dir, save, "config.json")
 
 
 @_own_rng
@@ -135,7 +135,7 @@ def build_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) 
     tok = _word_tokenizer(texts, pre_tokenizers.Whitespace(), ["[PAD]", "[UNK]"])
     weights = torch.randn(tok.get_vocab_size(), dim, generator=torch.Generator().manual_seed(seed))  # (V, dim)
     model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
-    return _save_whole(out_dir, model.save)
+    return _save_whole(out_dir, model.save, "modules.json")
 
 
 def _word_tokenizer(texts, pre, specials):
@@ -148,15 +148,20 @@ def _word_tokenizer(texts, pre, specials):
     return tok
 
 
-def _save_whole(out_dir, save):
+def _save_whole(out_dir, save, marker):
     """save(tmp) into a fresh folder beside out_dir, then rename it into place (an empty out_dir too): a kill
-    or an error never leaves half a model at out_dir, nor a stray temporary folder."""
+    or an error never leaves half a model at out_dir, nor a stray temporary folder. When another run sharing the
+    data folder renamed its copy in first (out_dir holds `marker`), that one is kept: the builds are identical."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".toy_")
     try:
         save(tmp)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not os.path.exists(os.path.join(out_dir, marker)):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

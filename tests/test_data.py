@@ -728,3 +728,18 @@ def test_toy_builders_leave_the_callers_rng_alone(tmp_path):
     toy.build_backbone(["a red jazz album"], str(tmp_path / "b"))
     toy.build_encoder(["a red jazz album"], str(tmp_path / "e"), dim=8)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("build", [toy.build_backbone, toy.build_encoder])
+def test_a_toy_build_that_loses_the_race_keeps_the_winners_copy(tmp_path, monkeypatch, build):
+    """Two runs building the same fresh data folder: the one renaming its copy second keeps the first's
+    (identical) model instead of dying on 'Directory not empty'."""
+    real, out = toy._save_whole, str(tmp_path / "m")
+
+    def lose_the_race(out_dir, save, *rest):
+        real(out_dir, save, *rest)  # the other run renamed its copy in first
+        return real(out_dir, save, *rest)
+
+    monkeypatch.setattr(toy, "_save_whole", lose_the_race)
+    assert build(["a red jazz album"], out) == out
+    assert not [p for p in os.listdir(tmp_path) if p != "m"]  # no temporary folder left behind
