@@ -3,6 +3,7 @@ reasoning), the frozen-embedding cache, and Stage II's checkpoints and best/ bac
 its final place and swapped in whole.
 """
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
@@ -22,10 +23,12 @@ from common import DEVICE, MAIN, RANK, WORLD, barrier, load_torch, save_json, sa
 
 # ----------------------------------------------------------------------------- resumable JSONL cache
 def read_cache(path):
-    """{sample index: record}. A last line cut short by a kill is cut off the file first."""
+    """{sample index: record}. A last line cut short by a kill or a failed write is cut off the file first (under
+    the file's lock, so never a line that another run sharing the data folder is appending)."""
     if not os.path.exists(path):
         return {}
     with open(path, "rb+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         raw = f.read()
         if raw and not raw.endswith(b"\n"):
             f.truncate(raw.rfind(b"\n") + 1)
@@ -37,8 +40,10 @@ def read_cache(path):
 
 
 def append_cache(path, records):
-    """One write and an fsync per batch, so a kill loses at most the batch in flight."""
+    """One write and an fsync per batch, so a kill loses at most the batch in flight; whole lines under the file's
+    lock, so runs sharing a data folder can append to one cache."""
     with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         f.write("".join(json.dumps(r) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
@@ -56,32 +61,37 @@ def fold_shards(path):
 
 
 def reasoning_cache(cfg, model, split, seed):
-    """The reasoning cache of a split, keyed by the weights themselves (not the model's name), the prompt, the
-    resolved sampling, the seed and the data: a key that changes with any of them cannot go stale."""
-    key = json.dumps([weights_digest(model), cfg.run.thinking, cfg.run.prompt_suffix, data.PROMPT_VERSION,
-                      dataclasses.asdict(decode.resolve_sampling(cfg.decode, model)), seed, cfg.data.max_history_chars,
-                      data.cache_key(cfg.data)], sort_keys=True)
+    """The reasoning cache of a split, keyed by the weights themselves (not the model's name), the batch size (a
+    batch shares one seed), the prompt, the resolved sampling, the seed and the data: a key that changes with any
+    of them cannot go stale."""
+    key = json.dumps([weights_digest(model), cfg.run.gen_batch, cfg.run.thinking, cfg.run.prompt_suffix,
+                      data.PROMPT_VERSION, dataclasses.asdict(decode.resolve_sampling(cfg.decode, model)), seed,
+                      cfg.data.max_history_chars, data.cache_key(cfg.data)], sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cfg.data.data_dir, "reasoning", f"{cfg.data.dataset}-{digest}", f"{split}.jsonl")
 
 
 def cached_map(path, order, batch, fn, desc):
     """{i: record} for every index of order, from the JSONL cache at path, computing the missing ones with
-    fn(indices) -> (records, tokens), `batch` at a time, in order, sharded over ranks (each appends to
-    its own <path>.rankR, folded into path by rank 0), one fsync'd append per batch: a kill loses at most
-    the batch in flight, and a rerun computes only what is missing."""
+    fn(indices) -> (records, tokens). The batches are fixed slices of order, `batch` long, whatever the cache
+    holds (fn seeds each by its first index): a record depends on the seed and its batch alone, so a rerun after
+    a kill or a failed write regenerates a half-written batch whole, appends only its missing records, and ends
+    with the cache an uninterrupted run writes. Batches are sharded over ranks (each appends to its own
+    <path>.rankR, folded into path by rank 0), one fsync'd append each: a kill loses at most the batch in flight."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fold_shards(path)
     have = read_cache(path)
-    todo = shard([i for i in order if i not in have])
+    todo = shard([idx for idx in (order[b:b + batch] for b in range(0, len(order), batch))
+                  if any(i not in have for i in idx)])
     mine = f"{path}.rank{RANK}" if WORLD > 1 else path
-    bar = tqdm(total=len(todo), desc=desc, unit="sample", disable=not MAIN)
+    bar = tqdm(total=sum(i not in have for idx in todo for i in idx), desc=desc, unit="sample", disable=not MAIN)
     t0, n_tok = time.time(), 0
-    for b in range(0, len(todo), batch):
-        records, tokens = fn(todo[b:b + batch])
-        append_cache(mine, records)
+    for idx in todo:
+        records, tokens = fn(idx)
+        new = [r for r in records if r["i"] not in have]
+        append_cache(mine, new)
         n_tok += tokens
-        bar.update(len(records))
+        bar.update(len(new))
         bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
     bar.close()
     fold_shards(path)

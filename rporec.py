@@ -53,7 +53,7 @@ class RunConfig:
     thinking: bool = True     # Qwen3 chat template thinking mode
     prompt_suffix: str = ""   # appended to the paper's prompt, e.g. a <think>/<answer> format hint for
                               # backbones without a thinking mode (SmolLM2); "" = the paper's prompt
-    gen_batch: int = 64       # prompts per generation batch (Stage I reasoning, evaluation)
+    gen_batch: int = 64       # prompts per generation batch (Stage I reasoning, evaluation); a batch shares a seed
     limit: int = 0            # >0: only the first `limit` samples of each split (quick slices)
     seed: int = 0             # seeds python, numpy, torch and every sampled CoT
     dist_backend: str = "auto"  # torchrun: auto (nccl on GPUs, else gloo) | nccl | gloo

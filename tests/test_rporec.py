@@ -1,4 +1,5 @@
 """The train script end to end on the toy preset: flags, the reasoning cache, Stage II, resume."""
+import errno
 import json
 import os
 
@@ -118,6 +119,41 @@ def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
         f.write("not json\n")
     with pytest.raises(SystemExit, match="corrupt.*delete it"):
         checkpoint.read_cache(path)
+
+
+def test_a_failed_write_does_not_change_the_reruns_cots(tmp_path, monkeypatch):
+    """A full disk cuts the second batch's append short, after some of its lines; the rerun ends with the cache
+    an uninterrupted run writes, byte for byte: a CoT never depends on what was cached before."""
+    cfg = rporec.parse_config(small(tmp_path, "--gen_batch", "8"))
+    ds = rporec.data.load_dataset(cfg.data)
+    model, tok = rporec.load_backbone(cfg, ds)
+    samples = ds.splits["valid"][:40]
+    straight = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
+    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed)
+    with open(path, "rb") as f:
+        whole = f.read()
+    os.remove(path)
+    real, appends = checkpoint.append_cache, []
+
+    def disk_full(path, records):
+        appends.append(len(records))
+        if len(appends) < 2:
+            return real(path, records)
+        raw = "".join(json.dumps(r) + "\n" for r in records)
+        with open(path, "a") as f:
+            f.write(raw[:len(raw) // 2])  # what reached the disk before it filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "append_cache", disk_full)
+    with pytest.raises((OSError, SystemExit)):
+        rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
+    with open(path, "rb") as f:
+        cut = f.read()
+    assert cut.count(b"\n") > 8 and not cut.endswith(b"\n")  # some whole lines of the second batch, then half one
+    monkeypatch.setattr(checkpoint, "append_cache", real)
+    assert rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples) == straight
+    with open(path, "rb") as f:
+        assert f.read() == whole
 
 
 def test_toy_both_stages_two_steps(tmp_path):
