@@ -44,8 +44,8 @@ def write_amazon(raw, metas, reviews):
 
 
 def amazon_cfg(tmp_path, **kw):
-    return data.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path / "raw"),
-                        **{"min_items": 1, **kw})
+    return data.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), **{"raw_dir": str(tmp_path / "raw"),
+                                                                           "min_items": 1, **kw})
 
 
 def filler(n_users=4, n_items=4, day="2023-05-01"):
@@ -420,15 +420,28 @@ def test_empty_file(tmp_path, content):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_gzip(tmp_path, damage):
+@pytest.mark.parametrize("raw, fix", [("data/raw", "delete it and rerun to re-download it"),  # our download
+                                      ("raw", "copy or compress it again")])  # the user's copy in --data.raw_dir
+def test_corrupt_gzip(tmp_path, damage, raw, fix):
     metas, reviews = filler()
-    write_amazon(tmp_path / "raw", metas, reviews)
-    path = tmp_path / "raw" / f"meta_{CAT}.jsonl.gz"
+    write_amazon(tmp_path / raw, metas, reviews)
+    path = tmp_path / raw / f"meta_{CAT}.jsonl.gz"
     path.write_bytes(b"not a gzip file" if damage == "garbage" else path.read_bytes()[:-12])
-    cfg = amazon_cfg(tmp_path)
-    with pytest.raises(ValueError, match=f"meta_{CAT}.jsonl.gz is a corrupt gzip file.*delete it and rerun"):
+    cfg = amazon_cfg(tmp_path, raw_dir=None if raw == "data/raw" else str(tmp_path / raw))
+    with pytest.raises(ValueError, match=f"meta_{CAT}.jsonl.gz is a corrupt gzip file.*{fix}"):
         data.load_dataset(cfg)
     assert no_cache(cfg)
+
+
+def test_a_corrupt_custom_gzip_is_not_sent_to_a_download(tmp_path):
+    """A custom table is the user's own file: the fix is to make it again, not to 're-download' it."""
+    cfg = custom_cfg(tmp_path)
+    gz = tmp_path / "inter.tsv.gz"
+    gz.write_bytes(gzip.compress(Path(cfg.interactions).read_bytes())[:-12])  # truncated
+    cfg.interactions = str(gz)
+    with pytest.raises(ValueError, match="inter.tsv.gz is a corrupt gzip file.*copy or compress it again") as e:
+        data.load_dataset(cfg)
+    assert "download" not in str(e.value)
 
 
 def test_corrupt_zip(tmp_path):
