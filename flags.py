@@ -46,10 +46,13 @@ def _convert(text, kind, flag):
 def parse_flags(cfg, argv, bare="run"):
     """{"section.field": value} from --section.field VALUE (or =VALUE) over the dataclass sections of cfg.
     Fields of section `bare` also work bare (--model). A bare boolean flag means true."""
-    args = [p for a in argv for p in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
+    args = []  # (text, glued): glued values came as --flag=VALUE and may start with --
+    for a in argv:
+        split = a.startswith("--") and "=" in a
+        args += [(p, k == 1) for k, p in enumerate(a.split("=", 1) if split else [a])]
     flags = {}
     while args:
-        key = args.pop(0)
+        key, _ = args.pop(0)
         if not key.startswith("--"):
             raise SystemExit(f"error: unexpected argument {key!r}; flags look like --grpo.beta 0.001")
         key = key[2:].replace("-", "_")
@@ -58,13 +61,21 @@ def parse_flags(cfg, argv, bare="run"):
         if not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
             raise SystemExit(f"error: unknown flag --{key}; --help lists every flag")
         kind = typing.get_type_hints(type(section))[name]
-        if kind is bool and (not args or args[0].startswith("--")):
+        missing = not args or (args[0][0].startswith("--") and not args[0][1])  # `--stage --resume`: no stage
+        if kind is bool and missing:
             flags[f"{sec}.{name}"] = True
             continue
-        if not args:
-            raise SystemExit(f"error: --{key} needs a value")
-        flags[f"{sec}.{name}"] = _convert(args.pop(0), kind, key)
+        if missing:
+            raise SystemExit(f"error: --{key} needs a value (e.g. --{key} {_example(section, name)}); a value that "
+                             f"starts with -- is written --{key}=VALUE")
+        flags[f"{sec}.{name}"] = _convert(args.pop(0)[0], kind, key)
     return flags
+
+
+def _example(section, name):
+    """A field's default, as a flag value."""
+    value = getattr(section, name)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value if value not in ("", None) else "VALUE"
 
 
 def apply(cfg, values):

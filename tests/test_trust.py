@@ -296,3 +296,12 @@ def test_toy_models_are_kept_per_item_table(tmp_path):
     assert "zebra" in rporec.make_head(cfg, other).item_encoder[0].tokenizer.get_vocab()
     assert "zebra" in rporec.load_backbone(cfg, other)[1].get_vocab()
     assert "zebra" not in rporec.make_head(cfg, ds).item_encoder[0].tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("argv", [["--stage"], ["--stage", "--resume"], ["--out", "--stage", "1"]])
+def test_a_flag_without_its_value_says_so(argv):
+    """`--stage --resume` is a --stage without its value, not the stage '--resume'; --flag=VALUE still takes a
+    value that starts with --."""
+    with pytest.raises(SystemExit, match=f"error: {argv[0]} needs a value"):
+        rporec.parse_config(argv)
+    assert rporec.parse_config(["--prompt_suffix=--- hint"]).run.prompt_suffix == "--- hint"
