@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 import data
 import decode
-from common import DEVICE, MAIN, RANK, WORLD, barrier, load_torch, save_json, save_torch, shard, weights_digest
+from common import (DEVICE, MAIN, RANK, WORLD, barrier, load_torch, save_json, save_torch, shard, weights_digest,
+                    writing)
 
 
 # ----------------------------------------------------------------------------- resumable JSONL cache
@@ -42,7 +43,7 @@ def read_cache(path):
 def append_cache(path, records):
     """One write and an fsync per batch, so a kill loses at most the batch in flight; whole lines under the file's
     lock, so runs sharing a data folder can append to one cache."""
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write("".join(json.dumps(r) + "\n" for r in records))
         f.flush()
@@ -208,10 +209,11 @@ def save_pretrained(folder, model, tok, info):
     if MAIN:
         tmp = folder + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        save_json(os.path.join(tmp, "info.json"), info)
-        swap_in(tmp, folder)
+        with writing(folder, remove=tmp):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            save_json(os.path.join(tmp, "info.json"), info)
+            swap_in(tmp, folder)
     barrier()
 
 
@@ -223,18 +225,19 @@ def save(out, model, tok, opt, state):
     rank's RNG. Written beside the old one and swapped in; recover mends a kill between the
     two renames."""
     final, tmp = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp")
-    if MAIN:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    torch.save(_rng_state(), os.path.join(tmp, f"rng{RANK}.pt"))
-    if MAIN:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, CKPT_MARKER))
-    barrier()
-    if MAIN:
-        swap_in(tmp, final)
+    with writing(final, remove=tmp):  # a full disk keeps the last whole checkpoint
+        if MAIN:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        torch.save(_rng_state(), os.path.join(tmp, f"rng{RANK}.pt"))
+        if MAIN:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, CKPT_MARKER))
+        barrier()
+        if MAIN:
+            swap_in(tmp, final)
     barrier()
 
 

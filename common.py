@@ -2,6 +2,8 @@
 (as nanochat keeps compute_init in common.py): processes, atomic files, safe loading, the logger and the
 plot. Caches and checkpoints live in checkpoint.py, flags in flags.py.
 """
+import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -9,6 +11,9 @@ import json
 import os
 import pickle
 import random
+import shutil
+import sys
+import traceback
 
 import numpy as np
 import torch
@@ -133,13 +138,58 @@ def eval_subset(valid, n, seed):
 
 
 # ----------------------------------------------------------------------------- files
+FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no space left, a file-size limit (ulimit -f), a disk quota
+REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+SHORT_WRITE = ("unexpected pos", "file write failed", "os error 28", "os error 27", "os error 122")  # torch.save and
+# safetensors report a short write with these words, not as an OSError
+
+
+def write_error(path, e):
+    """The `error:` line for a failed write under path, or None when e is no failed write."""
+    if isinstance(e, OSError) and e.errno in REFUSED:
+        return (f"cannot write {e.filename or path} ({e.strerror}); pass an --out and a --data.data_dir that are "
+                "folders you can write to")
+    if (isinstance(e, OSError) and e.errno in FULL) or any(w in str(e) for w in SHORT_WRITE):
+        return (f"could not write {path}: the disk is full or a file-size limit (ulimit -f) was hit "
+                f"({str(e).splitlines()[0][:160]}). Free space (df -h) or raise the limit, then rerun the same "
+                "command: finished work is kept (Stage II continues with --resume when a checkpoint exists)")
+    return None
+
+
+@contextlib.contextmanager
+def writing(path, remove=None):
+    """Writes to path inside: a full disk, a file-size limit or a folder that cannot be written stops the run with
+    one `error:` line naming path (removing the half-written `remove` first), not a traceback."""
+    try:
+        yield
+    except Exception as e:
+        msg = write_error(path, e)
+        if msg is None:
+            raise
+        if remove:
+            shutil.rmtree(remove, ignore_errors=True)
+        raise SystemExit(f"error: {msg}") from e
+
+
+@contextlib.contextmanager
+def plain_errors():
+    """ValueError and OSError raised inside become one `error:` line: the data readers raise them for bad tables
+    and failed downloads, with the file and the fix in the message."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        msg = write_error(e.filename or "a file", e) if isinstance(e, OSError) and e.errno else None
+        raise SystemExit(f"error: {msg or e}") from e
+
+
 def atomic_write(path, write):
     """write(tmp_path) then rename over path: a kill leaves the old file or the new one, never half."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -206,7 +256,7 @@ class Logger:
     def __call__(self, rec):
         if MAIN:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-            with open(self.path, "a") as f:
+            with writing(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     def records(self):
@@ -265,11 +315,29 @@ def print_metrics(metrics, keys=("hr@10", "ndcg@10", "hr@20", "parse_rate")):
                 print(f"{name:>10} {split:>5}  " + "  ".join(f"{k}={v[k]:.4f}" for k in keys if v.get(k) is not None))
 
 
+DEBUG = os.environ.get("RPOREC_DEBUG", "") not in ("", "0")  # RPOREC_DEBUG=1: tracebacks behind the error lines
+
+
 def run_main(main, argv):
-    """main(argv), with a CUDA out-of-memory error turned into the fix."""
+    """main(argv), with every error a user can cause as one `error:` line and no traceback (RPOREC_DEBUG=1 adds
+    the traceback): the checks' own lines, a CUDA out-of-memory error, a failed write anywhere, Ctrl-C."""
     try:
-        return main(argv)
-    except torch.cuda.OutOfMemoryError as e:
-        raise SystemExit(f"error: CUDA out of memory ({e}).\nFinished work is kept (reasoning cache, rechead.pt, "
-                         "ckpt/): lower --gen_batch, --grpo.micro_batch or --grpo.logit_chunk, or turn on "
-                         "--grpo.grad_checkpointing, then rerun (Stage II with --resume).") from e
+        try:
+            return main(argv)
+        except torch.cuda.OutOfMemoryError as e:
+            raise SystemExit(f"error: CUDA out of memory ({e}).\nFinished work is kept (reasoning cache, rechead.pt, "
+                             "ckpt/): lower --gen_batch, --grpo.micro_batch or --grpo.logit_chunk, or turn on "
+                             "--grpo.grad_checkpointing, then rerun (Stage II with --resume).") from e
+        except KeyboardInterrupt as e:
+            print("error: interrupted. Finished work is kept (reasoning cache, rechead.pt, ckpt/): rerun the same "
+                  "command to go on (Stage II with --resume)", file=sys.stderr)
+            raise SystemExit(130) from e
+        except OSError as e:
+            msg = write_error(e.filename or "a file", e)
+            if msg is None:
+                raise
+            raise SystemExit(f"error: {msg}") from e
+    except SystemExit as e:
+        if DEBUG and e.code not in (0, None):
+            traceback.print_exception(e.__cause__ or e.__context__ or e)
+        raise

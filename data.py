@@ -170,6 +170,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         with open(tmp, "w") as f:
             f.write(json.dumps(vars(ds), separators=(",", ":")))  # dumps: the C encoder
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: name the file
+        raise OSError(f"could not write {path} ({e.strerror or e}); free space or pass another --data.data_dir") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -369,10 +369,12 @@ def main(argv):
     common.seed_all(cfg.run.seed)
     out, log = cfg.run.out, common.Logger(cfg.run.out)
     if MAIN:
-        os.makedirs(out, exist_ok=True)
+        with common.writing(out):
+            os.makedirs(out, exist_ok=True)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         common.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
-    ds = common.main_first(data.load_dataset, cfg.data)
+    with common.plain_errors():  # a bad table or a failed download: one error line
+        ds = common.main_first(data.load_dataset, cfg.data)
     splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
     model, tok = load_backbone(cfg, ds)
     if MAIN and cfg.run.model == "toy":

@@ -5,6 +5,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -305,3 +307,113 @@ def test_a_flag_without_its_value_says_so(argv):
     with pytest.raises(SystemExit, match=f"error: {argv[0]} needs a value"):
         rporec.parse_config(argv)
     assert rporec.parse_config(["--prompt_suffix=--- hint"]).run.prompt_suffix == "--- hint"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_stops_with_the_files_name(tmp_path):
+    """Real failed writes (to /dev/full, a device that is always full) become one error line naming the file
+    and saying that the disk is full; other errors pass through."""
+    with pytest.raises(SystemExit, match=r"^error: could not write run/rechead.pt: the disk is full.*unexpected pos"):
+        with common.writing("run/rechead.pt"):
+            torch.save({"a": torch.zeros(100000)}, "/dev/full")  # torch's own words: 'enforce fail ... unexpected pos'
+    with pytest.raises(SystemExit, match=r"^error: could not write run/log.jsonl: the disk is full.*No space left"):
+        with common.writing("run/log.jsonl"), open("/dev/full", "a") as f:
+            f.write("x" * 100000)
+    with pytest.raises(ValueError, match="not a write"):
+        with common.writing("run/x"):
+            raise ValueError("not a write")
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(both_run, tmp_path, monkeypatch):
+    run = copy_run(both_run, tmp_path / "c") / "run"
+    before = (run / "ckpt" / "trainer_state.pt").read_bytes()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(run / "ckpt"), AutoTokenizer.from_pretrained(run / "ckpt")
+
+    def full(folder, **kw):
+        (tmp_path / "c" / "run" / "ckpt.tmp" / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", full)
+    with pytest.raises(SystemExit, match=f"could not write {run / 'ckpt'}: the disk is full"):
+        checkpoint.save(str(run), model, tok, torch.optim.AdamW(model.parameters()), {"step": 9})
+    assert (run / "ckpt" / "trainer_state.pt").read_bytes() == before and not (run / "ckpt.tmp").exists()
+
+
+def test_a_file_size_limit_in_stage2_is_one_error_line(both_run, tmp_path):
+    """The real thing, in a process of its own: `ulimit -f` during Stage II. The run stops with one error line
+    that names best/ and says that the disk is full, and no traceback."""
+    import resource
+    flags = small(tmp_path, "--stage", "2", "--init", str(both_run / "run"), "--grpo.steps", "1")
+    flags[flags.index("--data.data_dir") + 1] = str(both_run / "data")  # warm: the toy models are built
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    p = subprocess.run([sys.executable, "rporec.py", *flags], cwd=os.path.dirname(rporec.__file__), preexec_fn=limit,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: could not write {tmp_path / 'run' / 'best'}: the "
+                                                        "disk is full or a file-size limit"), p.stderr[-2000:]
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    """RPOREC_DEBUG=1 prints the traceback behind an error line; without it there is none."""
+    inter = _rows_of(tmp_path, "inter.tsv", [{"user_id": "u", "item_id": 1, "timestamp": "yesterday"}])
+    flags = small(tmp_path, "--dataset", "custom", "--data.interactions", inter, "--data.items",
+                  _rows_of(tmp_path, "items.tsv", [{"item_id": 1, "title": "a"}]))
+    with pytest.raises(SystemExit, match="is not a number"):
+        common.run_main(rporec.main, flags)
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setattr(common, "DEBUG", True)
+    with pytest.raises(SystemExit, match="is not a number"):
+        common.run_main(rporec.main, flags)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError" in err
+
+
+def test_a_read_only_file_system_is_one_error_line(tmp_path, monkeypatch):
+    """A folder that passes the access check but whose file system refuses the write (read-only mount)."""
+    real = os.makedirs
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "run")):
+            raise OSError(30, "Read-only file system", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(rporec.os, "makedirs", read_only)
+    with pytest.raises(SystemExit, match=f"^error: cannot write {tmp_path / 'run'} \\(Read-only file system\\)"):
+        rporec.main(small(tmp_path))
+
+
+def _rows_of(tmp_path, name, rows):
+    from test_data import write_table
+    return write_table(tmp_path / name, rows)
+
+
+@pytest.mark.parametrize("case, msg", [
+    ("0-byte", "items.tsv is empty"), ("header-only", "items.tsv is empty"), ("binary", "items.tsv is not UTF-8"),
+    ("latin-1", "items.tsv is not UTF-8"), ("bad timestamp", "timestamp 'yesterday' is not a number"),
+    ("duplicate id", "item id '20' is on line 3 and again"), ("missing column", r"lacks column\(s\) timestamp"),
+    ("extra field", "line 2 has 5 fields but the header has 4"), ("unknown item", "names 1 item id"),
+    ("no user long enough", "too few for non-empty train/valid/test")])
+def test_every_custom_table_problem_is_one_error_line(tmp_path, case, msg):
+    from test_data import MOVIES, RATINGS
+    ratings, movies = [dict(r) for r in RATINGS], [dict(m) for m in MOVIES]
+    if case == "bad timestamp":
+        ratings[3]["timestamp"] = "yesterday"
+    elif case == "duplicate id":
+        movies.append(dict(movies[1]))
+    elif case == "missing column":
+        ratings = [{k: v for k, v in r.items() if k != "timestamp"} for r in ratings]
+    elif case == "unknown item":
+        ratings.append(dict(ratings[0], item_id=99))
+    elif case == "no user long enough":
+        ratings = [dict(r, user_id=f"u{k}") for k, r in enumerate(ratings)]
+    inter, items = _rows_of(tmp_path, "inter.tsv", ratings), _rows_of(tmp_path, "items.tsv", movies)
+    raw = {"0-byte": b"", "header-only": b"item_id\ttitle\n", "binary": b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe",
+           "latin-1": "item_id\ttitle\n10\tCaf\xe9 Society\n".encode("latin-1")}.get(case)
+    if raw is not None:
+        (tmp_path / "items.tsv").write_bytes(raw)
+    if case == "extra field":
+        text = (tmp_path / "inter.tsv").read_text().splitlines()
+        (tmp_path / "inter.tsv").write_text("\n".join([text[0], text[1] + "\textra", *text[2:]]) + "\n")
+    with pytest.raises(SystemExit, match=f"^error: .*{msg}"):
+        rporec.main(small(tmp_path, "--dataset", "custom", "--data.interactions", inter, "--data.items", items))
