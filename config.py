@@ -86,6 +86,12 @@ def resolve(cfg, flags):
     if r.resume and not stage2:
         fail("--resume continues Stage II; this run has none (see --stage and --ablate)")
     r.out = r.out or f"runs/{r.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for flag, path in (("--out", r.out), ("--data.data_dir", cfg.data.data_dir)):
+        where = next(p for p in _ancestors(path) if os.path.exists(p))  # the folder that will hold it
+        if not os.path.isdir(where):
+            fail(f"{flag} {path}: {where} is a file, not a folder; pass a folder (it is created when missing)")
+        if not os.access(where, os.W_OK | os.X_OK):
+            fail(f"{flag} {path}: {where} is not writable; pass a folder you can write to")
     if r.stage == "2":
         if not r.init:
             fail("--stage 2 needs --init RUN_FOLDER, the Stage I run whose rechead.pt it uses")
@@ -102,6 +108,16 @@ def resolve(cfg, flags):
     ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}
     common.refuse_other_config(r.out, dataclasses.asdict(cfg), RERUN_OK, ok)
     return cfg
+
+
+def _ancestors(path):
+    """path, its parent, ..., up to the root."""
+    path = os.path.abspath(path)
+    while True:
+        yield path
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
 
 
 def load_rechead_file(folder):

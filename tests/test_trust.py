@@ -369,6 +369,21 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     assert "Traceback" in err and "ValueError" in err
 
 
+def test_an_out_that_is_a_file_or_read_only_is_refused_before_any_write(tmp_path, monkeypatch):
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(SystemExit, match=f"--out {tmp_path / 'run'}: .* is a file, not a folder"):
+        rporec.main(small(tmp_path))
+    (tmp_path / "run").unlink()
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    flags = small(tmp_path / "ro")
+    if os.geteuid() == 0:  # root writes through permission bits: stand in for the kernel's answer
+        monkeypatch.setattr(rporec.config.os, "access", lambda p, mode: not p.startswith(str(tmp_path / "ro")))
+    with pytest.raises(SystemExit, match=f"--out {tmp_path / 'ro' / 'run'}: {tmp_path / 'ro'} is not writable"):
+        rporec.main(flags)
+    assert not (tmp_path / "ro" / "run").exists() and not (tmp_path / "ro" / "data").exists()
+
+
 def test_a_read_only_file_system_is_one_error_line(tmp_path, monkeypatch):
     """A folder that passes the access check but whose file system refuses the write (read-only mount)."""
     real = os.makedirs
