@@ -4,6 +4,7 @@ plot. Caches and checkpoints live in checkpoint.py, flags in flags.py.
 """
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import io
@@ -12,6 +13,7 @@ import os
 import pickle
 import random
 import shutil
+import socket
 import sys
 import traceback
 
@@ -193,6 +195,40 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_LOCKS = {}  # run folder -> its open lock file: this process holds the folder
+
+
+def lock_run(out):
+    """One run per folder: out is created and its run.lock locked (flock) for the life of this process, with the
+    pid written in. A second run on the folder stops at once naming the holder; the kernel drops the lock of a
+    run that ended or was killed, so a stale run.lock is simply taken over."""
+    if os.path.realpath(out) in _LOCKS:  # this process holds it already (main called twice)
+        return
+    path = os.path.join(out, "run.lock")
+    with writing(path):
+        os.makedirs(out, exist_ok=True)
+        f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().split() or ["?"]
+        f.close()
+        raise SystemExit(f"error: {out} is in use by another run (pid {' on '.join(holder)}, see {path}); wait for "
+                         "it to end, or pass another --out") from None
+    with writing(path):
+        f.truncate(0)
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.flush()
+    _LOCKS[os.path.realpath(out)] = f
+
+
+def unlock_run(out):
+    f = _LOCKS.pop(os.path.realpath(out), None)
+    if f:
+        f.close()
 
 
 def save_bytes(path, raw):

@@ -9,7 +9,7 @@ Top to bottom: config, data and backbone, sampled reasoning (Alg. 1 line 1), Sta
 eq. 1-6, lines 2-12), Stage II (GRPO with Rechead rewards, eq. 7-11, lines 13-21, keeping the best
 valid step), evaluation and main. Flag parsing and checks live in config.py; processes, files and seeded
 choices in common.py; caches and checkpoints in checkpoint.py. Each run folder holds config.json, log.jsonl,
-rechead.pt, ckpt/, best/, metrics.json and stage2.png.
+rechead.pt, ckpt/, best/, metrics.json, stage2.png and run.lock (one run per folder).
 """
 from __future__ import annotations
 
@@ -369,8 +369,7 @@ def main(argv):
     common.seed_all(cfg.run.seed)
     out, log = cfg.run.out, common.Logger(cfg.run.out)
     if MAIN:
-        with common.writing(out):
-            os.makedirs(out, exist_ok=True)
+        common.lock_run(out)  # one run per folder: a second one stops here, naming this one's pid
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         common.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
     with common.plain_errors():  # a bad table or a failed download: one error line
@@ -408,6 +407,7 @@ def main(argv):
         print(f"run folder: {out}")
     if WORLD > 1:
         dist.destroy_process_group()
+    common.unlock_run(out)
     return metrics
 
 

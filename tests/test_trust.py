@@ -432,3 +432,26 @@ def test_every_custom_table_problem_is_one_error_line(tmp_path, case, msg):
         (tmp_path / "inter.tsv").write_text("\n".join([text[0], text[1] + "\textra", *text[2:]]) + "\n")
     with pytest.raises(SystemExit, match=f"^error: .*{msg}"):
         rporec.main(small(tmp_path, "--dataset", "custom", "--data.interactions", inter, "--data.items", items))
+
+
+def test_one_run_per_folder(tmp_path):
+    """A second run on a folder in use stops at once with the holder's pid and writes nothing; once the holder
+    is gone, its run.lock is taken over."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.lock").write_text("99999999 gone-host\n")  # left by a killed run: no one holds it
+    common.lock_run(str(tmp_path / "run"))  # taken over
+    assert (tmp_path / "run" / "run.lock").read_text().split()[0] == str(os.getpid())
+    common.unlock_run(str(tmp_path / "run"))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common; common.lock_run(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(600)", str(tmp_path / "run")],
+                              cwd=os.path.dirname(rporec.__file__), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=f"run is in use by another run \\(pid {holder.pid} on "):
+            rporec.main(small(tmp_path, "--stage", "1"))
+        assert sorted(os.listdir(tmp_path / "run")) == ["run.lock"] and not (tmp_path / "data").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    rporec.main(small(tmp_path, "--stage", "1", "--model", "none", "--ablate", "cot"))  # the folder is free again
+    assert (tmp_path / "run" / "metrics.json").exists()
