@@ -374,7 +374,10 @@ def main(argv):
         common.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
     with common.plain_errors():  # a bad table or a failed download: one error line
         ds = common.main_first(data.load_dataset, cfg.data)
+    config.check_data(cfg, ds)
     splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
+    with common.plain_errors():  # e.g. --rechead.heads that does not divide the encoder's dimension
+        head = make_head(cfg, ds)  # the small model first: its checks come before the backbone loads
     model, tok = load_backbone(cfg, ds)
     if MAIN and cfg.run.model == "toy":
         print("toy preset: a tiny randomly initialised Qwen3 backbone and a random static-embedding encoder, both "
@@ -385,7 +388,6 @@ def main(argv):
                                f"top_k {s.top_k}"))
     mpath = os.path.join(out, "metrics.json")
     metrics = common.load_json(mpath, "delete it; each stage you run writes its own") if os.path.exists(mpath) else {}
-    head = make_head(cfg, ds)
     if cfg.run.stage in ("1", "both"):
         metrics.update(stage1(cfg, ds, head, model, tok, splits, log, out))
         if MAIN:

@@ -561,7 +561,7 @@ def test_movielens_damaged_line_names_file_and_line(tmp_path):
                                            r"0 < train_end < valid_end < 1"),
     ({"valid_end": 1.0}, r"--data.valid_end 1.0 must satisfy 0 < train_end < valid_end < 1"),
     ({"train_end": 0.0}, r"--data.train_end 0.0 and"),
-    ({"toy_noise": 1.5}, r"--data.toy_noise is a probability"),
+    ({"toy_noise": 1.5}, r"--data.toy_noise must be a finite number in \[0, 1\], got 1.5"),
     ({"start": "2023-13-01"}, r"--data.start '2023-13-01' is not a date; use YYYY-MM-DD"),
     ({"start": "2023-10-01"}, r"--data.start 2023-10-01 must be before --data.end 2023-10-01"),
     ({"interactions": "i.tsv"}, r"--data.interactions is read only with --dataset custom \(got --dataset toy\); "

@@ -3,10 +3,12 @@ checkpoint that survives a kill between renames, NaN steps that never reach the 
 selection of its best valid step."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import typing
 
 import pytest
 import torch
@@ -35,7 +37,7 @@ def copy_run(src, dst):
     (["--grpo.group_size", "1"], "--grpo.group_size must be >= 2"),
     (["--rechead.batch_size", "0"], "--rechead.batch_size must be >= 1"),
     (["--grpo.prompts_per_step", "0"], "--grpo.prompts_per_step must be >= 1"),
-    (["--grpo.rho", "0"], "--grpo.rho must be in"),
+    (["--grpo.rho", "0"], r"--grpo.rho must be a finite number in \(0, 1\]"),
     (["--resume"], "--resume but no checkpoint"),
     (["--model", "none"], "add --ablate cot"),
     (["--model", "none", "--ablate", "cot"], "Stage II trains the backbone"),
@@ -455,3 +457,61 @@ def test_one_run_per_folder(tmp_path):
         holder.wait()
     rporec.main(small(tmp_path, "--stage", "1", "--model", "none", "--ablate", "cot"))  # the folder is free again
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def _bad_values(rule, kind):
+    """Flag texts that `rule` refuses for a field of type `kind`."""
+    if isinstance(rule, rporec.config.flags_lib.Range):
+        integer = kind is int or int in typing.get_args(kind)
+        out = [] if integer else ["nan", "inf"]
+        if math.isfinite(rule.low):
+            out.append(str(rule.low - (0 if rule.open in ("low", "both") and not integer else 1)))
+        if math.isfinite(rule.high):
+            out.append(str(rule.high + (0 if rule.open in ("high", "both") and not integer else 1)))
+        return out
+    if isinstance(rule, rporec.config.flags_lib.OneOf):
+        return ["nope"]
+    if isinstance(rule, rporec.config.flags_lib.Text):
+        return [""]
+    return []
+
+
+def test_every_field_of_every_config_is_checked_before_any_work(tmp_path):
+    """Walks every field of every config section: each has its allowed values (config.RANGES, data.RANGES), and
+    a value outside them stops the run before any write with an error naming the flag. Fields checked by their
+    own code get a value of their own here; free fields are booleans and text."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    own = {"run.dataset": ["nope"], "run.out": [str(a_file / "run")], "run.init": [str(tmp_path / "nowhere")],
+           "data.data_dir": [str(a_file)], "data.interactions": ["a.tsv"], "data.items": ["a.tsv"],
+           "data.start": ["yesterday", "2030-01-01"], "data.end": ["2000-01-01"], "data.train_end": ["0", "0.95"],
+           "data.valid_end": ["1", "nan"], "rewards.drop": ["fun"], "eval.ks": ["5,20", "0,10"]}
+    rules = {**rporec.config.RANGES, **rporec.data.RANGES}
+    cfg, checked = rporec.Config(), 0
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            key = f"{section.name}.{f.name}"
+            assert key in rules, f"{key} has no rule in config.RANGES or data.RANGES"
+            kind = typing.get_type_hints(type(obj))[f.name]
+            bad = own.pop(key) if isinstance(rules[key], rporec.config.flags_lib.Own) else _bad_values(rules[key], kind)
+            if rules[key] is None:
+                assert kind is bool or str in (kind, *typing.get_args(kind)), f"{key} is free but not bool or text"
+            flag = f"--{f.name}" if section.name == "run" else f"--{key}"
+            for value in bad:
+                extra = ["--stage", "2"] if key == "run.init" else []
+                with pytest.raises(SystemExit) as e:
+                    rporec.main(small(tmp_path, *extra, flag, value))
+                assert (flag in str(e.value) or f"{flag[2:].split('.')[-1]}" in str(e.value)) and \
+                    str(e.value).startswith("error:"), (key, value, str(e.value))
+                assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists(), (key, value)
+                checked += 1
+    assert not own and checked > 100
+
+
+def test_checks_that_need_the_data_come_before_any_model(tmp_path):
+    with pytest.raises(SystemExit, match="--rewards.negatives 500 .* has 192 items: use at most 191"):
+        rporec.main(small(tmp_path, "--rewards.negatives", "500"))
+    with pytest.raises(SystemExit, match="encoder dimension 64 is not divisible by heads=3"):
+        rporec.main(small(tmp_path, "--rechead.heads", "3", "--out", str(tmp_path / "other")))
+    assert not list((tmp_path / "data" / "toy").glob("backbone-*"))  # the big model never loaded
