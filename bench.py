@@ -58,6 +58,15 @@ class BenchConfig:
     seed: int = 0  # weights, prompts and sampling
 
 
+R = flags_lib.Range
+RANGES = {  # every field's allowed values (flags.Range); --model and --sections are checked by name below
+    "bench.out": flags_lib.Text(), "bench.model": flags_lib.OneOf("auto", "tiny", "0.6b"),
+    "bench.sections": flags_lib.Own("a comma-separated subset of SECTIONS"), "bench.batches": flags_lib.Own(
+        "batch sizes >= 1"), "bench.prompt_len": R(1), "bench.new_tokens": R(2), "bench.equiv_batch": R(1),
+    "bench.equiv_tokens": R(2), "bench.grpo_prompts": R(1), "bench.grpo_group": R(2), "bench.grpo_new_tokens": R(1),
+    "bench.summary_new_tokens": R(1), "bench.repeats": R(1), "bench.seed": R(0, 2 ** 32 - 1)}
+
+
 @dataclass
 class Flags:
     bench: BenchConfig = field(default_factory=BenchConfig)  # flags.parse_flags reads sections; bench has one
@@ -362,14 +371,13 @@ def parse_config(argv):
             raise SystemExit(f"error: unexpected argument {arg!r}; lists are comma-separated: --sections decode,equiv")
     flags_lib.apply(flags, flags_lib.parse_flags(flags, argv, bare="bench"))
     bc = flags.bench
-    if bc.model not in ("auto", "tiny", "0.6b"):
-        raise SystemExit(f"error: unknown --model {bc.model!r}; use auto, tiny or 0.6b")
+    if errors := flags_lib.range_errors(flags, RANGES, bare="bench"):
+        raise SystemExit(f"error: {errors[0]}")
     unknown = [name for name in bc.sections.split(",") if name not in SECTIONS]
     if unknown:
         raise SystemExit(f"error: unknown --sections {unknown}; choose from {','.join(SECTIONS)}")
-    if bc.new_tokens < 2 or bc.equiv_tokens < 2:
-        raise SystemExit(f"error: --new_tokens and --equiv_tokens must be >= 2, got {bc.new_tokens} and "
-                         f"{bc.equiv_tokens}")
+    if min(bc.batches) < 1:
+        raise SystemExit(f"error: --batches {bc.batches} must be batch sizes >= 1")
     return bc
 
 
