@@ -19,6 +19,8 @@ RERUN_OK = {"run.stage", "run.init", "run.resume", "run.gen_batch", "run.dist_ba
             "decode.prefill_rows"}
 
 
+PLACES = {"run.out", "run.init", "data.data_dir", "data.raw_dir", "data.force"}  # where, not what: no run identity
+
 R, ONE, TEXT, ANY = flags_lib.Range, flags_lib.OneOf, flags_lib.Text(), flags_lib.ANY
 SEED, RATE, POSITIVE = R(0, 2 ** 32 - 1), R(0, 1, open="low"), R(0, open="low")  # numpy seeds are 32-bit
 RANGES = {  # every field's allowed values (flags.Range), checked first; data.RANGES holds the data section's
@@ -123,9 +125,9 @@ def resolve(cfg, flags):
         cfg.rechead = rechead.RecheadConfig(**saved)
     if r.resume and checkpoint.whole_copy(os.path.join(r.out, "ckpt"), checkpoint.CKPT_MARKER) is None:
         fail(f"--resume but no checkpoint in {r.out}/ckpt; drop --resume to start afresh")
-    ok = set(RERUN_OK)  # a folder that holds only Stage I takes any Stage II settings
+    ok = RERUN_OK | PLACES  # a folder that holds only Stage I takes any Stage II settings
     ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}
-    common.refuse_other_config(r.out, dataclasses.asdict(cfg), RERUN_OK, ok)
+    common.refuse_other_config(r.out, dataclasses.asdict(cfg), RERUN_OK | PLACES, ok)
     return cfg
 
 

@@ -515,3 +515,12 @@ def test_checks_that_need_the_data_come_before_any_model(tmp_path):
     with pytest.raises(SystemExit, match="encoder dimension 64 is not divisible by heads=3"):
         rporec.main(small(tmp_path, "--rechead.heads", "3", "--out", str(tmp_path / "other")))
     assert not list((tmp_path / "data" / "toy").glob("backbone-*"))  # the big model never loaded
+
+
+def test_a_moved_run_folder_resumes_with_its_data_elsewhere(both_run, tmp_path):
+    """Paths are not a run's identity: a run folder copied elsewhere resumes there, reading the same data from
+    another --data.data_dir."""
+    run = copy_run(both_run, tmp_path / "c") / "run"
+    rporec.main(small(tmp_path / "c", "--stage", "2", "--init", str(run), "--grpo.steps", "3", "--grpo.eval_every", "1",
+                      "--grpo.eval_samples", "8", "--resume"))
+    assert [json.loads(line)["step"] for line in open(run / "log.jsonl") if '"reward"' in line] == [1, 2, 3]
