@@ -151,6 +151,15 @@ def embed_frozen(head, texts, folder):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def finish_stage1(out):
+    """Mark <out>/rechead.pt finished once Stage I's metrics are saved: Stage II (--init, --resume) refuses a
+    Rechead whose training or evaluation was cut short."""
+    path = os.path.join(out, "rechead.pt")
+    if os.path.exists(path):
+        save_torch(path, {**load_torch(path, "Rechead checkpoint", f"Rerun Stage I into {out}"), "finished": True})
+
+
+
 def _rng_state():
     """Every RNG as tensors and plain numbers, so the file loads with weights_only=True."""
     py = random.getstate()

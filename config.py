@@ -116,7 +116,12 @@ def resolve(cfg, flags):
     if r.stage == "2":
         if not r.init:
             fail("--stage 2 needs --init RUN_FOLDER, the Stage I run whose rechead.pt it uses")
-        saved = load_rechead_file(r.init)["config"]["rechead"]
+        init = finished(load_rechead_file(r.init), r.init, "--init")["config"]
+        other = flags_lib.config_diff({"data": init.get("data", {})}, {"data": dataclasses.asdict(cfg.data)}, PLACES)
+        if other:
+            fail(f"--init {r.init} is a Stage I run on other data ({'; '.join(other[:4])}); pass --init a Stage I "
+                 "run on this run's data")
+        saved = init["rechead"]
         clash = [f"--{k} {v!r} (the Rechead has {saved.get(k[8:])!r})" for k, v in flags.items()
                  if k.startswith("rechead.") and saved.get(k[8:]) != v]
         if clash:
@@ -149,6 +154,25 @@ def _ancestors(path):
         if os.path.dirname(path) == path:
             return
         path = os.path.dirname(path)
+
+
+def finished(saved, folder, flag):
+    """saved (a rechead.pt's contents), if its Stage I finished; else the error and how to finish it."""
+    if not saved.get("finished"):
+        fail(f"{flag} {folder}: its Stage I did not finish (rechead.pt holds epoch {saved.get('epoch')} of a run "
+             f"that stopped before its end). Finish it with `python rporec.py --stage 1 --out {folder}` and that "
+             "run's other flags (its reasoning cache makes the rerun quick), then rerun this command")
+    return saved
+
+
+def restore_rechead(head, folder):
+    """The finished Stage I's Rechead from <folder>/rechead.pt into head."""
+    try:
+        head.load_state_dict(load_rechead_file(folder)["state"])
+    except RuntimeError as e:  # another item table or encoder: the tables' shapes differ
+        why = next((line.strip() for line in str(e).splitlines() if "mismatch" in line), str(e).splitlines()[0])
+        fail(f"{folder}/rechead.pt does not fit this run's Rechead ({why[:200]}): it was trained on other data or "
+             "with another encoder; pass --init a Stage I run on the same data")
 
 
 def load_rechead_file(folder):

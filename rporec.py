@@ -195,9 +195,9 @@ def train_rechead(cfg, ds, head, inputs, splits, log, out):
                  f"the best epoch so far")
         if m["ndcg@10"] > best:
             best, bad, best_state = m["ndcg@10"], 0, copy.deepcopy(head.state_dict())
-            if MAIN:
-                common.save_torch(os.path.join(out, "rechead.pt"),
-                                  {"state": best_state, "epoch": epoch, "config": dataclasses.asdict(cfg)})
+            if MAIN:  # not finished until Stage I's metrics are saved (checkpoint.finish_stage1)
+                common.save_torch(os.path.join(out, "rechead.pt"), {"state": best_state, "epoch": epoch,
+                                                                    "config": dataclasses.asdict(cfg)})
         else:
             bad += 1
             if bad >= rc.patience:
@@ -392,9 +392,10 @@ def main(argv):
         metrics.update(stage1(cfg, ds, head, model, tok, splits, log, out))
         if MAIN:
             common.save_json(mpath, metrics)
+            checkpoint.finish_stage1(out)  # Stage II takes only a finished Stage I
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
     else:
-        head.load_state_dict(config.load_rechead_file(cfg.run.init)["state"])
+        config.restore_rechead(head, cfg.run.init)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
         st = stage2(cfg, ds, head, model, tok, splits, log, out)
         checkpoint.load_best(out, model).eval()  # the best valid step's backbone reasons again

@@ -524,3 +524,37 @@ def test_a_moved_run_folder_resumes_with_its_data_elsewhere(both_run, tmp_path):
     rporec.main(small(tmp_path / "c", "--stage", "2", "--init", str(run), "--grpo.steps", "3", "--grpo.eval_every", "1",
                       "--grpo.eval_samples", "8", "--resume"))
     assert [json.loads(line)["step"] for line in open(run / "log.jsonl") if '"reward"' in line] == [1, 2, 3]
+
+
+def test_stage2_refuses_an_unfinished_stage1(tmp_path, monkeypatch):
+    """A Stage I killed during Rechead training leaves rechead.pt of its best epoch so far: Stage II refuses it and
+    says how to finish it; the finished rerun is taken."""
+    real, calls = rporec.evaluate_split, []
+
+    def killed_in_epoch_1(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rporec, "evaluate_split", killed_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        rporec.main(small(tmp_path, "--stage", "1", "--rechead.epochs", "3"))
+    assert (tmp_path / "run" / "rechead.pt").exists()
+    monkeypatch.setattr(rporec, "evaluate_split", real)
+    stage2 = small(tmp_path / "b", "--stage", "2", "--init", str(tmp_path / "run"), "--rechead.epochs", "3")
+    with pytest.raises(SystemExit, match=f"--init {tmp_path / 'run'}: its Stage I did not finish .*epoch 0.* Finish "
+                                         f"it with `python rporec.py --stage 1 --out {tmp_path / 'run'}`"):
+        rporec.parse_config(stage2)
+    rporec.main(small(tmp_path, "--stage", "1", "--rechead.epochs", "3"))
+    assert rporec.parse_config(stage2).run.init == str(tmp_path / "run")
+
+
+def test_stage2_refuses_a_stage1_run_on_other_data(both_run, tmp_path):
+    other = small(tmp_path, "--stage", "2", "--init", str(both_run / "run"), "--data.seed", "1")
+    with pytest.raises(SystemExit, match=r"is a Stage I run on other data \(data.seed: 0 -> 1\)"):
+        rporec.parse_config(other)
+    cfg = rporec.parse_config(small(tmp_path, "--data.seed", "1"))  # and if the files say nothing of it
+    head = rporec.make_head(cfg, rporec.data.load_dataset(cfg.data))
+    with pytest.raises(SystemExit, match="rechead.pt does not fit this run's Rechead .*size mismatch"):
+        rporec.config.restore_rechead(head, str(both_run / "run"))
