@@ -296,12 +296,25 @@ class Logger:
                 f.write(json.dumps(rec) + "\n")
 
     def records(self):
-        return [json.loads(line) for line in open(self.path)] if os.path.exists(self.path) else []
+        """Every record of log.jsonl. A last line cut short (an append that met a full disk) is left out."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+        out = []
+        for k, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                if k < len(lines) - 1:
+                    raise SystemExit(f"error: {self.path} is corrupt on line {k + 1}; delete that line") from None
+        return out
 
-    def drop_after(self, step):
-        """Resume: Stage II lines logged after the checkpoint's step will be logged again; drop them."""
+    def restart(self, stage, step=0):
+        """Before a stage runs (again) from `step`: drop that stage's lines logged after step (all of them at
+        step 0), so a rerun or a resume logs no line twice; a line cut short goes too."""
         if MAIN and os.path.exists(self.path):
-            keep = [r for r in self.records() if r["stage"] != 2 or r["step"] <= step]
+            keep = [r for r in self.records() if r["stage"] != stage or (step and r.get("step", 0) <= step)]
             save_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 

@@ -128,7 +128,13 @@ def resolve(cfg, flags):
             fail(f"--rechead.* flags do not apply to --stage 2: the Rechead and its config come from --init: "
                  f"{', '.join(clash)}")
         cfg.rechead = rechead.RecheadConfig(**saved)
-    if r.resume and checkpoint.whole_copy(os.path.join(r.out, "ckpt"), checkpoint.CKPT_MARKER) is None:
+    if r.resume and r.stage == "both":  # Stage I is not run again: it must have finished in this folder
+        stage1 = os.path.join(r.out, "rechead.pt")
+        if not os.path.exists(stage1):
+            fail(f"--resume but no checkpoint in {r.out}/ckpt and no finished Stage I there; drop --resume to start "
+                 "afresh")
+        finished(load_rechead_file(r.out), r.out, "--resume")
+    elif r.resume and checkpoint.whole_copy(os.path.join(r.out, "ckpt"), checkpoint.CKPT_MARKER) is None:
         fail(f"--resume but no checkpoint in {r.out}/ckpt; drop --resume to start afresh")
     ok = RERUN_OK | PLACES  # a folder that holds only Stage I takes any Stage II settings
     ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}

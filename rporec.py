@@ -209,6 +209,7 @@ def train_rechead(cfg, ds, head, inputs, splits, log, out):
 def stage1(cfg, ds, head, model, tok, splits, log, out):
     """Algorithm 1 lines 1-12: reasoning for every split, then the Rechead; returns its metrics and the
     popularity and transition baselines."""
+    log.restart(1)
     reasoning = {k: generate_reasoning(cfg, ds, model, tok, k, v) for k, v in splits.items()}
     inputs = {k: rechead_inputs(cfg, ds, splits[k], rs) for k, (rs, _) in reasoning.items()}
     if model is not None:
@@ -289,9 +290,9 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
     total = g.epochs * math.ceil(len(train) / g.prompts_per_step)
     total = min(total, g.steps) if g.steps else total
     st = {"step": 0, "best_step": 0, "best": -1.0, "bad": 0, "skips": 0, "stopped": False}
-    if cfg.run.resume:
+    if cfg.run.resume and checkpoint.recover(out):  # else Stage I just finished: Stage II starts at step 0
         st = {k: v for k, v in checkpoint.load(out, model, opt).items() if k in st}
-    log.drop_after(st["step"])
+    log.restart(2, st["step"])
     subset = common.eval_subset(splits["valid"], g.eval_samples, cfg.run.seed)
     roll = dataclasses.replace(cfg.decode, greedy=False, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
                                top_p=1.0, top_k=0)  # pi_old must be the distribution that sampled
@@ -388,14 +389,14 @@ def main(argv):
                                f"top_k {s.top_k}"))
     mpath = os.path.join(out, "metrics.json")
     metrics = common.load_json(mpath, "delete it; each stage you run writes its own") if os.path.exists(mpath) else {}
-    if cfg.run.stage in ("1", "both"):
+    if cfg.run.stage == "1" or (cfg.run.stage == "both" and not cfg.run.resume):
         metrics.update(stage1(cfg, ds, head, model, tok, splits, log, out))
         if MAIN:
             common.save_json(mpath, metrics)
             checkpoint.finish_stage1(out)  # Stage II takes only a finished Stage I
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
-    else:
-        config.restore_rechead(head, cfg.run.init)
+    else:  # Stage II alone, or resumed: the finished Stage I's Rechead
+        config.restore_rechead(head, cfg.run.init or out)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
         st = stage2(cfg, ds, head, model, tok, splits, log, out)
         checkpoint.load_best(out, model).eval()  # the best valid step's backbone reasons again

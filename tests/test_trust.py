@@ -558,3 +558,29 @@ def test_stage2_refuses_a_stage1_run_on_other_data(both_run, tmp_path):
     head = rporec.make_head(cfg, rporec.data.load_dataset(cfg.data))
     with pytest.raises(SystemExit, match="rechead.pt does not fit this run's Rechead .*size mismatch"):
         rporec.config.restore_rechead(head, str(both_run / "run"))
+
+
+def test_resume_after_stage1_does_not_rerun_it(both_run, tmp_path, monkeypatch):
+    """`--stage both --resume` continues Stage II and never runs Stage I again; log.jsonl gains no line twice, and
+    a last line cut short by a full disk does not stop it."""
+    run = copy_run(both_run, tmp_path / "c") / "run"
+    before = (run / "log.jsonl").read_text()
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"stage": 2, "step": 3, "rew')  # an append that met a full disk
+    monkeypatch.setattr(rporec, "stage1", lambda *a: pytest.fail("Stage I ran again"))
+    m = rporec.main(small(tmp_path / "c", "--grpo.steps", "2", "--grpo.eval_every", "1", "--grpo.eval_samples", "8",
+                          "--resume"))
+    assert (run / "log.jsonl").read_text() == before
+    assert m["stage1"] == json.load(open(both_run / "run" / "metrics.json"))["stage1"]
+
+
+def test_resume_after_stage1_alone_starts_stage2(tmp_path, monkeypatch):
+    """Killed after Stage I finished and before Stage II's first checkpoint: --resume starts Stage II at step 0
+    on the finished Stage I, which it does not run again."""
+    rporec.main(small(tmp_path, "--stage", "1"))
+    stage1_lines = (tmp_path / "run" / "log.jsonl").read_text()
+    monkeypatch.setattr(rporec, "stage1", lambda *a: pytest.fail("Stage I ran again"))
+    rporec.main(small(tmp_path, "--grpo.steps", "1", "--resume"))
+    lines = (tmp_path / "run" / "log.jsonl").read_text()
+    assert lines.startswith(stage1_lines) and lines.count('"stage": 1') == stage1_lines.count('"stage": 1')
+    assert [json.loads(line)["step"] for line in lines.splitlines() if '"reward"' in line] == [1]
