@@ -13,8 +13,10 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import socket
 import sys
+import threading
 import traceback
 
 import numpy as np
@@ -87,6 +89,42 @@ def mean_all(t):
     t = t.detach().double().reshape(-1)
     s, n = all_sum(float(t.sum()), t.numel())
     return s / max(n, 1)
+
+
+class Preemption:
+    """While active (a `with` block): the first SIGTERM (a scheduler's notice before it kills a job) or Ctrl-C
+    only asks the loop to stop at its next step boundary (`requested`, agreed by every rank); a second one stops
+    at once."""
+
+    def __init__(self):
+        self.signum, self.old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and stopping "
+                   "(send it again to stop at once)")
+
+    def requested(self):
+        return all_sum(float(self.signum is not None))[0] > 0
+
+    def stop(self, out, step, total):
+        """Exit after the checkpoint of `step` is saved, with how to go on; 128 + the signal, as a killed job."""
+        name = signal.Signals(self.signum or signal.SIGTERM).name
+        if MAIN:
+            print(f"stopped by {name} after step {step} of {total}; {out}/ckpt holds it. To go on, rerun the same "
+                  f"command with --out {out} --resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + (self.signum or signal.SIGTERM))
 
 
 def barrier():

@@ -276,9 +276,10 @@ def summarise(cfg, head, ref, tok, y, todo):
     return summaries, cos, (lens[0], lens[1])
 
 
-def stage2(cfg, ds, head, model, tok, splits, log, out):
+def stage2(cfg, ds, head, model, tok, splits, log, out, stop):
     """Algorithm 1 lines 13-21: G rollouts per prompt, rewards from the frozen Rechead, GRPO updates, epochs
-    over train until the valid curve stops improving. Step 0 (the Stage I backbone) is a candidate."""
+    over train until the valid curve stops improving. Step 0 (the Stage I backbone) is a candidate. On SIGTERM or
+    Ctrl-C (stop: common.Preemption) the step in flight finishes, is checkpointed, and the run exits."""
     g, train = cfg.grpo, splits["train"]
     head.eval().requires_grad_(False)
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref (KL) and the summarizer of r_sim, r_comp
@@ -350,8 +351,11 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
         if (step + 1) % g.eval_every == 0 or step + 1 == total:
             validate(step + 1)
         st["step"] = step + 1
-        if (g.save_every and st["step"] % g.save_every == 0) or st["step"] == total or st["stopped"]:
+        halt = stop.requested()
+        if (g.save_every and st["step"] % g.save_every == 0) or st["step"] == total or st["stopped"] or halt:
             checkpoint.save(out, model, tok, opt, st)
+        if halt:
+            stop.stop(out, st["step"], total)
     return st
 
 
@@ -398,7 +402,8 @@ def main(argv):
     else:  # Stage II alone, or resumed: the finished Stage I's Rechead
         config.restore_rechead(head, cfg.run.init or out)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
-        st = stage2(cfg, ds, head, model, tok, splits, log, out)
+        with common.Preemption() as stop:  # SIGTERM or Ctrl-C: finish the step, checkpoint it, exit
+            st = stage2(cfg, ds, head, model, tok, splits, log, out, stop)
         checkpoint.load_best(out, model).eval()  # the best valid step's backbone reasons again
         metrics["stage2"] = {k: score_split(cfg, ds, head, model, tok, k, splits[k]) for k in ("valid", "test")}
         metrics["stage2"]["step"] = st["best_step"]

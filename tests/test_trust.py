@@ -584,3 +584,46 @@ def test_resume_after_stage1_alone_starts_stage2(tmp_path, monkeypatch):
     lines = (tmp_path / "run" / "log.jsonl").read_text()
     assert lines.startswith(stage1_lines) and lines.count('"stage": 1') == stage1_lines.count('"stage": 1')
     assert [json.loads(line)["step"] for line in lines.splitlines() if '"reward"' in line] == [1]
+
+
+def test_sigterm_in_stage2_checkpoints_the_step_and_resumes_to_the_same_run(tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's notice) during step 2 with no checkpoint due before step 50: the step finishes, is
+    checkpointed, the run exits 143 saying how to go on; --resume then ends with an uninterrupted run's weights,
+    metrics and log. Nothing is lost."""
+    import signal
+    flags = ("--grpo.steps", "4", "--grpo.save_every", "50", "--grpo.eval_every", "2")
+    straight = rporec.main(small(tmp_path / "a", *flags))
+    real, steps = rporec.reward_parts, []
+
+    def preempted(*a):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+
+    monkeypatch.setattr(rporec, "reward_parts", preempted)
+    with pytest.raises(SystemExit) as e:
+        rporec.main(small(tmp_path / "b", *flags))
+    assert e.value.code == 128 + signal.SIGTERM
+    run = tmp_path / "b" / "run"
+    assert torch.load(run / "ckpt" / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with Stage II
+    monkeypatch.setattr(rporec, "reward_parts", real)
+    resumed = rporec.main(small(tmp_path / "b", *flags, "--resume"))
+    assert resumed == straight
+    from transformers import AutoModelForCausalLM
+    a, b = (AutoModelForCausalLM.from_pretrained(p / "run" / "ckpt").state_dict() for p in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = lambda p: [line for line in open(p / "run" / "log.jsonl") if '"stage": 2' in line]
+    strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "s"} for line in lines]  # s: seconds
+    assert strip(log(tmp_path / "a")) == strip(log(tmp_path / "b"))
+
+
+def test_a_second_signal_stops_at_once():
+    import signal
+    with common.Preemption() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
