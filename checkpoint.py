@@ -250,6 +250,14 @@ def save(out, model, tok, opt, state):
     barrier()
 
 
+def restart_advice(out, stage1, fix):
+    """What to do after Stage II stopped on a failure that a --resume would only replay (its steps are seeded)."""
+    kept = (f"{out}/ckpt holds the last checkpoint and {out}/best the best valid step so far"
+            if whole_copy(os.path.join(out, "ckpt"), CKPT_MARKER) else "No checkpoint was written yet")
+    return (f"{kept}. {fix}, then run Stage II again into a new folder: python rporec.py --stage 2 --init {stage1} "
+            "--out NEW_FOLDER and this run's other flags")
+
+
 def recover(out):
     """The path of the whole checkpoint in <out> (recover_dir), or None."""
     return recover_dir(os.path.join(out, "ckpt"), CKPT_MARKER)

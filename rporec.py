@@ -343,8 +343,12 @@ def stage2(cfg, ds, head, model, tok, splits, log, out, stop):
         if up["skipped"]:
             tqdm.write(f"warning: step {step + 1} skipped, nothing reached the weights: {up['skipped']}")
             if st["skips"] >= g.max_skips:
-                fail(f"{st['skips']} GRPO steps in a row had non-finite values ({up['skipped']}). ckpt/ and best/ "
-                     "hold the last good weights; lower --grpo.lr or check the rewards, then --resume")
+                fail(f"{st['skips']} GRPO steps in a row had non-finite values ({up['skipped']}). " +
+                     checkpoint.restart_advice(out, cfg.run.init or out, "Lower --grpo.lr or check the rewards"))
+        elif not grpo.finite_outputs(model, p_ids[:1], p_mask[:1], amp):  # nothing of it is saved
+            fail(f"step {step + 1}'s update broke the weights: the policy's outputs are no longer finite, though every "
+                 f"gradient was (is --grpo.lr {g.lr:g} far too high?). " +
+                 checkpoint.restart_advice(out, cfg.run.init or out, "Lower --grpo.lr"))
         if MAIN and g.sample_every and (step + 1) % g.sample_every == 0:
             tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.3f}; target: {ds.titles[samples[0]['target']]})\n"
                        f"{texts[0][:1500]}\n--- its summary: {summaries[0][:300]}")

@@ -627,3 +627,18 @@ def test_a_second_signal_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_update_that_breaks_the_weights_stops_the_run(tmp_path):
+    """--grpo.lr 1e10: every gradient is finite, the update is not NaN, but the weights it leaves give NaN outputs.
+    The run stops after that step with the fix, saves nothing of it, and does not advise a --resume."""
+    with pytest.raises(SystemExit) as e:
+        rporec.main(small(tmp_path, "--grpo.lr", "1e10", "--grpo.steps", "3"))
+    msg = str(e.value)
+    assert msg.startswith("error: step 1's update broke the weights") and "--grpo.lr 1e+10 far too high" in msg
+    assert "No checkpoint was written yet" in msg and "--resume" not in msg
+    assert not (tmp_path / "run" / "ckpt").exists()
+    from transformers import AutoModelForCausalLM
+    best = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(toy_model(tmp_path, "backbone")).state_dict()
+    assert all(torch.equal(best[k], start[k]) for k in start)  # step 0, not the broken weights
