@@ -250,12 +250,13 @@ def save(out, model, tok, opt, state):
     barrier()
 
 
-def restart_advice(out, stage1, fix):
+def restart_advice(cfg, fix):
     """What to do after Stage II stopped on a failure that a --resume would only replay (its steps are seeded)."""
+    out = cfg.run.out
     kept = (f"{out}/ckpt holds the last checkpoint and {out}/best the best valid step so far"
             if whole_copy(os.path.join(out, "ckpt"), CKPT_MARKER) else "No checkpoint was written yet")
-    return (f"{kept}. {fix}, then run Stage II again into a new folder: python rporec.py --stage 2 --init {stage1} "
-            "--out NEW_FOLDER and this run's other flags")
+    return (f"{kept}. {fix}, then run Stage II again into a new folder: python rporec.py --stage 2 --init "
+            f"{cfg.run.init or out} --out NEW_FOLDER and this run's other flags")
 
 
 def recover(out):

@@ -343,12 +343,11 @@ def stage2(cfg, ds, head, model, tok, splits, log, out, stop):
         if up["skipped"]:
             tqdm.write(f"warning: step {step + 1} skipped, nothing reached the weights: {up['skipped']}")
             if st["skips"] >= g.max_skips:
-                fail(f"{st['skips']} GRPO steps in a row had non-finite values ({up['skipped']}). " +
-                     checkpoint.restart_advice(out, cfg.run.init or out, "Lower --grpo.lr or check the rewards"))
-        elif not grpo.finite_outputs(model, p_ids[:1], p_mask[:1], amp):  # nothing of it is saved
-            fail(f"step {step + 1}'s update broke the weights: the policy's outputs are no longer finite, though every "
-                 f"gradient was (is --grpo.lr {g.lr:g} far too high?). " +
-                 checkpoint.restart_advice(out, cfg.run.init or out, "Lower --grpo.lr"))
+                fail(f"{st['skips']} GRPO steps in a row had non-finite values ({up['skipped']}). "
+                     + checkpoint.restart_advice(cfg, "Lower --grpo.lr or check the rewards"))
+        elif not grpo.finite_outputs(model, p_ids[:1], p_mask[:1], amp):  # checked before anything is saved
+            fail(f"step {step + 1}'s update broke the weights: every gradient was finite, the policy's outputs are not "
+                 f"(--grpo.lr {g.lr:g} far too high?). " + checkpoint.restart_advice(cfg, "Lower --grpo.lr"))
         if MAIN and g.sample_every and (step + 1) % g.sample_every == 0:
             tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.3f}; target: {ds.titles[samples[0]['target']]})\n"
                        f"{texts[0][:1500]}\n--- its summary: {summaries[0][:300]}")
@@ -381,12 +380,11 @@ def main(argv):
         common.lock_run(out)  # one run per folder: a second one stops here, naming this one's pid
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         common.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
-    with common.plain_errors():  # a bad table or a failed download: one error line
+    with common.plain_errors():  # a bad table, a failed download, --rechead.heads not dividing the encoder's width
         ds = common.main_first(data.load_dataset, cfg.data)
-    config.check_data(cfg, ds)
-    splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
-    with common.plain_errors():  # e.g. --rechead.heads that does not divide the encoder's dimension
+        config.check_data(cfg, ds)
         head = make_head(cfg, ds)  # the small model first: its checks come before the backbone loads
+    splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
     model, tok = load_backbone(cfg, ds)
     if MAIN and cfg.run.model == "toy":
         print("toy preset: a tiny randomly initialised Qwen3 backbone and a random static-embedding encoder, both "
