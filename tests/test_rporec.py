@@ -127,7 +127,7 @@ def test_a_failed_write_does_not_change_the_reruns_cots(tmp_path, monkeypatch):
     cfg = rporec.parse_config(small(tmp_path, "--gen_batch", "8"))
     ds = rporec.data.load_dataset(cfg.data)
     model, tok = rporec.load_backbone(cfg, ds)
-    samples = ds.splits["valid"][:40]
+    samples = ds.splits["valid"][:24]
     straight = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
     path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed)
     with open(path, "rb") as f:

@@ -33,6 +33,13 @@ def copy_run(src, dst):
     return dst
 
 
+def on_data(flags, root):
+    """flags reading the data folder of the run in root: its toy models and reasoning are built already."""
+    flags = list(flags)
+    flags[flags.index("--data.data_dir") + 1] = str(root / "data")
+    return flags
+
+
 @pytest.mark.parametrize("flags, msg", [
     (["--grpo.group_size", "1"], "--grpo.group_size must be >= 2"),
     (["--rechead.batch_size", "0"], "--rechead.batch_size must be >= 1"),
@@ -346,8 +353,7 @@ def test_a_file_size_limit_in_stage2_is_one_error_line(both_run, tmp_path):
     """The real thing, in a process of its own: `ulimit -f` during Stage II. The run stops with one error line
     that names best/ and says that the disk is full, and no traceback."""
     import resource
-    flags = small(tmp_path, "--stage", "2", "--init", str(both_run / "run"), "--grpo.steps", "1")
-    flags[flags.index("--data.data_dir") + 1] = str(both_run / "data")  # warm: the toy models are built
+    flags = on_data(small(tmp_path, "--stage", "2", "--init", str(both_run / "run"), "--grpo.steps", "1"), both_run)
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     p = subprocess.run([sys.executable, "rporec.py", *flags], cwd=os.path.dirname(rporec.__file__), preexec_fn=limit,
                        capture_output=True, text=True, timeout=600)
@@ -526,7 +532,7 @@ def test_a_moved_run_folder_resumes_with_its_data_elsewhere(both_run, tmp_path):
     assert [json.loads(line)["step"] for line in open(run / "log.jsonl") if '"reward"' in line] == [1, 2, 3]
 
 
-def test_stage2_refuses_an_unfinished_stage1(tmp_path, monkeypatch):
+def test_stage2_refuses_an_unfinished_stage1(both_run, tmp_path, monkeypatch):
     """A Stage I killed during Rechead training leaves rechead.pt of its best epoch so far: Stage II refuses it and
     says how to finish it; the finished rerun is taken."""
     real, calls = rporec.evaluate_split, []
@@ -539,14 +545,14 @@ def test_stage2_refuses_an_unfinished_stage1(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rporec, "evaluate_split", killed_in_epoch_1)
     with pytest.raises(KeyboardInterrupt):
-        rporec.main(small(tmp_path, "--stage", "1", "--rechead.epochs", "3"))
+        rporec.main(on_data(small(tmp_path, "--stage", "1", "--rechead.epochs", "3"), both_run))
     assert (tmp_path / "run" / "rechead.pt").exists()
     monkeypatch.setattr(rporec, "evaluate_split", real)
     stage2 = small(tmp_path / "b", "--stage", "2", "--init", str(tmp_path / "run"), "--rechead.epochs", "3")
     with pytest.raises(SystemExit, match=f"--init {tmp_path / 'run'}: its Stage I did not finish .*epoch 0.* Finish "
                                          f"it with `python rporec.py --stage 1 --out {tmp_path / 'run'}`"):
         rporec.parse_config(stage2)
-    rporec.main(small(tmp_path, "--stage", "1", "--rechead.epochs", "3"))
+    rporec.main(on_data(small(tmp_path, "--stage", "1", "--rechead.epochs", "3"), both_run))
     assert rporec.parse_config(stage2).run.init == str(tmp_path / "run")
 
 
@@ -574,13 +580,13 @@ def test_resume_after_stage1_does_not_rerun_it(both_run, tmp_path, monkeypatch):
     assert m["stage1"] == json.load(open(both_run / "run" / "metrics.json"))["stage1"]
 
 
-def test_resume_after_stage1_alone_starts_stage2(tmp_path, monkeypatch):
+def test_resume_after_stage1_alone_starts_stage2(both_run, tmp_path, monkeypatch):
     """Killed after Stage I finished and before Stage II's first checkpoint: --resume starts Stage II at step 0
     on the finished Stage I, which it does not run again."""
-    rporec.main(small(tmp_path, "--stage", "1"))
+    rporec.main(on_data(small(tmp_path, "--stage", "1"), both_run))
     stage1_lines = (tmp_path / "run" / "log.jsonl").read_text()
     monkeypatch.setattr(rporec, "stage1", lambda *a: pytest.fail("Stage I ran again"))
-    rporec.main(small(tmp_path, "--grpo.steps", "1", "--resume"))
+    rporec.main(on_data(small(tmp_path, "--grpo.steps", "1", "--resume"), both_run))
     lines = (tmp_path / "run" / "log.jsonl").read_text()
     assert lines.startswith(stage1_lines) and lines.count('"stage": 1') == stage1_lines.count('"stage": 1')
     assert [json.loads(line)["step"] for line in lines.splitlines() if '"reward"' in line] == [1]
@@ -603,13 +609,13 @@ def test_sigterm_in_stage2_checkpoints_the_step_and_resumes_to_the_same_run(tmp_
 
     monkeypatch.setattr(rporec, "reward_parts", preempted)
     with pytest.raises(SystemExit) as e:
-        rporec.main(small(tmp_path / "b", *flags))
+        rporec.main(on_data(small(tmp_path / "b", *flags), tmp_path / "a"))
     assert e.value.code == 128 + signal.SIGTERM
     run = tmp_path / "b" / "run"
     assert torch.load(run / "ckpt" / "trainer_state.pt", weights_only=True)["step"] == 2
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with Stage II
     monkeypatch.setattr(rporec, "reward_parts", real)
-    resumed = rporec.main(small(tmp_path / "b", *flags, "--resume"))
+    resumed = rporec.main(on_data(small(tmp_path / "b", *flags, "--resume"), tmp_path / "a"))
     assert resumed == straight
     from transformers import AutoModelForCausalLM
     a, b = (AutoModelForCausalLM.from_pretrained(p / "run" / "ckpt").state_dict() for p in (tmp_path / "a", tmp_path / "b"))
@@ -629,16 +635,17 @@ def test_a_second_signal_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_an_update_that_breaks_the_weights_stops_the_run(tmp_path):
+def test_an_update_that_breaks_the_weights_stops_the_run(both_run, tmp_path):
     """--grpo.lr 1e10: every gradient is finite, the update is not NaN, but the weights it leaves give NaN outputs.
     The run stops after that step with the fix, saves nothing of it, and does not advise a --resume."""
     with pytest.raises(SystemExit) as e:
-        rporec.main(small(tmp_path, "--grpo.lr", "1e10", "--grpo.steps", "3"))
+        rporec.main(on_data(small(tmp_path, "--stage", "2", "--init", str(both_run / "run"), "--grpo.lr", "1e10",
+                                  "--grpo.steps", "3"), both_run))
     msg = str(e.value)
     assert msg.startswith("error: step 1's update broke the weights") and "--grpo.lr 1e+10 far too high" in msg
     assert "No checkpoint was written yet" in msg and "--resume" not in msg
     assert not (tmp_path / "run" / "ckpt").exists()
     from transformers import AutoModelForCausalLM
     best = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best").state_dict()
-    start = AutoModelForCausalLM.from_pretrained(toy_model(tmp_path, "backbone")).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(toy_model(both_run, "backbone")).state_dict()
     assert all(torch.equal(best[k], start[k]) for k in start)  # step 0, not the broken weights
