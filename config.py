@@ -165,9 +165,10 @@ def _ancestors(path):
 def finished(saved, folder, flag):
     """saved (a rechead.pt's contents), if its Stage I finished; else the error and how to finish it."""
     if not saved.get("finished"):
-        fail(f"{flag} {folder}: its Stage I did not finish (rechead.pt holds epoch {saved.get('epoch')} of a run "
-             f"that stopped before its end). Finish it with `python rporec.py --stage 1 --out {folder}` and that "
-             "run's other flags (its reasoning cache makes the rerun quick), then rerun this command")
+        fail(f"{flag} {folder}: its Stage I did not finish (rechead.pt, from epoch {saved.get('epoch')}, is not "
+             "marked finished: the run stopped before its end, or older code wrote it). Finish it with "
+             f"`python rporec.py --stage 1 --out {folder}` and that run's other flags (its reasoning cache makes the "
+             "rerun quick), then rerun this command")
     return saved
 
 
