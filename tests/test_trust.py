@@ -1,6 +1,7 @@
-"""Runs you can trust: checks before any write, no code from files, caches that cannot go stale, a
-checkpoint that survives a kill between renames, NaN steps that never reach the weights, Stage II
-selection of its best valid step."""
+"""Runs you can trust: checks of every field before any write, no code from files, caches that cannot go stale,
+a checkpoint that survives a kill between renames, NaN steps and broken updates that never reach a saved weight,
+Stage II selection of its best valid step, one run per folder, preemption and resumes that lose nothing, one
+error line for every error a user can cause."""
 import dataclasses
 import json
 import math
