@@ -72,6 +72,17 @@ class BenchConfig:
     project: str = ""  # a run folder: print the paper runs projected from its metrics.json "cost", then exit
 
 
+R = flags_lib.Range
+RANGES = {  # every field's allowed values (flags.Range); --model and --sections are checked by name below
+    "bench.out": flags_lib.Text(), "bench.model": flags_lib.OneOf("auto", "tiny", "0.6b"),
+    "bench.sections": flags_lib.Own("a comma-separated subset of SECTIONS"), "bench.batches": flags_lib.Own(
+        "batch sizes >= 1"), "bench.prompt_len": R(1), "bench.new_tokens": R(2), "bench.equiv_batch": R(1),
+    "bench.equiv_tokens": R(2), "bench.grpo_prompts": R(1), "bench.grpo_group": R(2), "bench.grpo_new_tokens": R(1),
+    "bench.summary_new_tokens": R(1), "bench.repeats": R(1), "bench.seed": R(0, 2 ** 32 - 1),
+    "bench.kernels": flags_lib.OneOf(*fastdecode.KERNELS), "bench.baseline": flags_lib.ANY,
+    "bench.hf_repeats": R(0), "bench.project": flags_lib.Own("a run folder holding metrics.json")}
+
+
 @dataclass
 class Flags:
     bench: BenchConfig = field(default_factory=BenchConfig)  # flags.parse_flags reads sections; bench has one
@@ -402,7 +413,7 @@ def report(res):
 def main(bc):
     if bc.project:
         path = os.path.join(bc.project, "metrics.json")
-        cost = common.load_json(path, "rerun the run").get("cost") if os.path.exists(path) else None
+        cost = common.load_json(path, "rerun the run").get("cost")
         if not cost:
             raise SystemExit(f"error: {path} holds no \"cost\"; pass the folder of a finished rporec.py run")
         try:
@@ -448,16 +459,16 @@ def parse_config(argv):
             raise SystemExit(f"error: unexpected argument {arg!r}; lists are comma-separated: --sections decode,equiv")
     flags_lib.apply(flags, flags_lib.parse_flags(flags, argv, bare="bench"))
     bc = flags.bench
-    if bc.model not in ("auto", "tiny", "0.6b"):
-        raise SystemExit(f"error: unknown --model {bc.model!r}; use auto, tiny or 0.6b")
-    if bc.kernels not in fastdecode.KERNELS:
-        raise SystemExit(f"error: unknown --kernels {bc.kernels!r}; use one of {fastdecode.KERNELS}")
+    if errors := flags_lib.range_errors(flags, RANGES, bare="bench"):
+        raise SystemExit(f"error: {errors[0]}")
     unknown = [name for name in bc.sections.split(",") if name not in SECTIONS]
     if unknown:
         raise SystemExit(f"error: unknown --sections {unknown}; choose from {','.join(SECTIONS)}")
-    if bc.new_tokens < 2 or bc.equiv_tokens < 2:
-        raise SystemExit(f"error: --new_tokens and --equiv_tokens must be >= 2, got {bc.new_tokens} and "
-                         f"{bc.equiv_tokens}")
+    if min(bc.batches) < 1:
+        raise SystemExit(f"error: --batches {bc.batches} must be batch sizes >= 1")
+    if bc.project and not os.path.isfile(os.path.join(bc.project, "metrics.json")):
+        raise SystemExit(f"error: --project {bc.project} must be a run folder holding metrics.json; pass the --out "
+                         "of a finished rporec.py run")
     return bc
 
 

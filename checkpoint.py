@@ -3,6 +3,7 @@ reasoning), the frozen-embedding cache, and Stage II's checkpoints and best/ bac
 its final place and swapped in whole.
 """
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
@@ -18,15 +19,17 @@ from tqdm import tqdm
 import data
 import decode
 from common import (DEVICE, MAIN, RANK, WORLD, barrier, load_json, load_torch, save_json, save_torch, shard,
-                    weights_digest)
+                    weights_digest, writing)
 
 
 # ----------------------------------------------------------------------------- resumable JSONL cache
 def read_cache(path):
-    """{sample index: record}. A last line cut short by a kill is cut off the file first."""
+    """{sample index: record}. A last line cut short by a kill or a failed write is cut off the file first (under
+    the file's lock, so never a line that another run sharing the data folder is appending)."""
     if not os.path.exists(path):
         return {}
     with open(path, "rb+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         raw = f.read()
         if raw and not raw.endswith(b"\n"):
             f.truncate(raw.rfind(b"\n") + 1)
@@ -38,8 +41,10 @@ def read_cache(path):
 
 
 def append_cache(path, records):
-    """One write and an fsync per batch, so a kill loses at most the batch in flight."""
-    with open(path, "a") as f:
+    """One write and an fsync per batch, so a kill loses at most the batch in flight; whole lines under the file's
+    lock, so runs sharing a data folder can append to one cache."""
+    with writing(path), open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         f.write("".join(json.dumps(r) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
@@ -57,32 +62,37 @@ def fold_shards(path):
 
 
 def reasoning_cache(cfg, model, split, seed):
-    """The reasoning cache of a split, keyed by the weights themselves (not the model's name), the prompt, the
-    resolved sampling, the seed and the data: a key that changes with any of them cannot go stale."""
-    key = json.dumps([weights_digest(model), cfg.run.thinking, cfg.run.prompt_suffix, data.PROMPT_VERSION,
-                      dataclasses.asdict(decode.resolve_sampling(cfg.decode, model)), seed, cfg.data.max_history_chars,
-                      data.cache_key(cfg.data)], sort_keys=True)
+    """The reasoning cache of a split, keyed by the weights themselves (not the model's name), the batch size (a
+    batch shares one seed), the prompt, the resolved sampling, the seed and the data: a key that changes with any
+    of them cannot go stale."""
+    key = json.dumps([weights_digest(model), cfg.run.gen_batch, cfg.run.thinking, cfg.run.prompt_suffix,
+                      data.PROMPT_VERSION, dataclasses.asdict(decode.resolve_sampling(cfg.decode, model)), seed,
+                      cfg.data.max_history_chars, data.cache_key(cfg.data)], sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cfg.data.data_dir, "reasoning", f"{cfg.data.dataset}-{digest}", f"{split}.jsonl")
 
 
 def cached_map(path, order, batch, fn, desc):
     """{i: record} for every index of order, from the JSONL cache at path, computing the missing ones with
-    fn(indices) -> (records, tokens), `batch` at a time, in order, sharded over ranks (each appends to
-    its own <path>.rankR, folded into path by rank 0), one fsync'd append per batch: a kill loses at most
-    the batch in flight, and a rerun computes only what is missing."""
+    fn(indices) -> (records, tokens). The batches are fixed slices of order, `batch` long, whatever the cache
+    holds (fn seeds each by its first index): a record depends on the seed and its batch alone, so a rerun after
+    a kill or a failed write regenerates a half-written batch whole, appends only its missing records, and ends
+    with the cache an uninterrupted run writes. Batches are sharded over ranks (each appends to its own
+    <path>.rankR, folded into path by rank 0), one fsync'd append each: a kill loses at most the batch in flight."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fold_shards(path)
     have = read_cache(path)
-    todo = shard([i for i in order if i not in have])
+    todo = shard([idx for idx in (order[b:b + batch] for b in range(0, len(order), batch))
+                  if any(i not in have for i in idx)])
     mine = f"{path}.rank{RANK}" if WORLD > 1 else path
-    bar = tqdm(total=len(todo), desc=desc, unit="sample", disable=not MAIN)
+    bar = tqdm(total=sum(i not in have for idx in todo for i in idx), desc=desc, unit="sample", disable=not MAIN)
     t0, n_tok = time.time(), 0
-    for b in range(0, len(todo), batch):
-        records, tokens = fn(todo[b:b + batch])
-        append_cache(mine, records)
+    for idx in todo:
+        records, tokens = fn(idx)
+        new = [r for r in records if r["i"] not in have]
+        append_cache(mine, new)
         n_tok += tokens
-        bar.update(len(records))
+        bar.update(len(new))
         bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
     bar.close()
     fold_shards(path)
@@ -141,6 +151,15 @@ def embed_frozen(head, texts, folder):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def finish_stage1(out):
+    """Mark <out>/rechead.pt finished once Stage I's metrics are saved: Stage II (--init, --resume) refuses a
+    Rechead whose training or evaluation was cut short."""
+    path = os.path.join(out, "rechead.pt")
+    if os.path.exists(path):
+        save_torch(path, {**load_torch(path, "Rechead checkpoint", f"Rerun Stage I into {out}"), "finished": True})
+
+
+
 def _rng_state():
     """Every RNG as tensors and plain numbers, so the file loads with weights_only=True."""
     py = random.getstate()
@@ -199,10 +218,11 @@ def save_pretrained(folder, model, tok, info):
     if MAIN:
         tmp = folder + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        save_json(os.path.join(tmp, "info.json"), info)
-        swap_in(tmp, folder)
+        with writing(folder, remove=tmp):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            save_json(os.path.join(tmp, "info.json"), info)
+            swap_in(tmp, folder)
     barrier()
 
 
@@ -214,19 +234,29 @@ def save(out, model, tok, opt, state):
     rank's RNG. Written beside the old one and swapped in; recover mends a kill between the
     two renames."""
     final, tmp = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp")
-    if MAIN:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+    with writing(final, remove=tmp):  # a full disk keeps the last whole checkpoint
+        if MAIN:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        torch.save(_rng_state(), os.path.join(tmp, f"rng{RANK}.pt"))
+        if MAIN:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, CKPT_MARKER))
+        barrier()
+        if MAIN:
+            swap_in(tmp, final)
     barrier()
-    torch.save(_rng_state(), os.path.join(tmp, f"rng{RANK}.pt"))
-    if MAIN:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save({**state, "world": WORLD, "optimizer": opt.state_dict()}, os.path.join(tmp, CKPT_MARKER))
-    barrier()
-    if MAIN:
-        swap_in(tmp, final)
-    barrier()
+
+
+def restart_advice(cfg, fix):
+    """What to do after Stage II stopped on a failure that a --resume would only replay (its steps are seeded)."""
+    out = cfg.run.out
+    kept = (f"{out}/ckpt holds the last checkpoint and {out}/best the best valid step so far"
+            if whole_copy(os.path.join(out, "ckpt"), CKPT_MARKER) else "No checkpoint was written yet")
+    return (f"{kept}. {fix}, then run Stage II again into a new folder: python rporec.py --stage 2 --init "
+            f"{cfg.run.init or out} --out NEW_FOLDER and this run's other flags")
 
 
 def recover(out):
@@ -287,8 +317,9 @@ def keep_for_recommend(cfg, ds, head, model, tok):
         if whole_copy(os.path.join(out, "encoder"), "modules.json") is None:
             tmp = os.path.join(out, "encoder.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            head.item_encoder.save(tmp)
-            swap_in(tmp, os.path.join(out, "encoder"))
+            with writing(os.path.join(out, "encoder"), remove=tmp):
+                head.item_encoder.save(tmp)
+                swap_in(tmp, os.path.join(out, "encoder"))
     if model is not None and not has_stage2(cfg) and whole_copy(os.path.join(out, "backbone"), "info.json") is None:
         save_pretrained(os.path.join(out, "backbone"), model, tok, {"model": cfg.run.model})
     barrier()

@@ -3,6 +3,8 @@
 plot. Caches and checkpoints live in checkpoint.py, flags in flags.py.
 """
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import io
@@ -10,7 +12,13 @@ import json
 import os
 import pickle
 import random
+import shutil
+import signal
+import socket
+import sys
+import threading
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -84,6 +92,42 @@ def mean_all(t):
     t = t.detach().double().reshape(-1)
     s, n = all_sum(float(t.sum()), t.numel())
     return s / max(n, 1)
+
+
+class Preemption:
+    """While active (a `with` block): the first SIGTERM (a scheduler's notice before it kills a job) or Ctrl-C
+    only asks the loop to stop at its next step boundary (`requested`, agreed by every rank); a second one stops
+    at once."""
+
+    def __init__(self):
+        self.signum, self.old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and stopping "
+                   "(send it again to stop at once)")
+
+    def requested(self):
+        return all_sum(float(self.signum is not None))[0] > 0
+
+    def stop(self, out, step, total):
+        """Exit after the checkpoint of `step` is saved, with how to go on; 128 + the signal, as a killed job."""
+        name = signal.Signals(self.signum or signal.SIGTERM).name
+        if MAIN:
+            print(f"stopped by {name} after step {step} of {total}; {out}/ckpt holds it. To go on, rerun the same "
+                  f"command with --out {out} --resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + (self.signum or signal.SIGTERM))
 
 
 def barrier():
@@ -218,16 +262,95 @@ def eval_subset(valid, n, seed):
 
 
 # ----------------------------------------------------------------------------- files
+FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no space left, a file-size limit (ulimit -f), a disk quota
+REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+SHORT_WRITE = ("unexpected pos", "file write failed", "os error 28", "os error 27", "os error 122")  # torch.save and
+# safetensors report a short write with these words, not as an OSError
+
+
+def write_error(path, e):
+    """The `error:` line for a failed write under path, or None when e is no failed write."""
+    if isinstance(e, OSError) and e.errno in REFUSED:
+        return (f"cannot write {e.filename or path} ({e.strerror}); pass an --out and a --data.data_dir that are "
+                "folders you can write to")
+    if (isinstance(e, OSError) and e.errno in FULL) or any(w in str(e) for w in SHORT_WRITE):
+        return (f"could not write {path}: the disk is full or a file-size limit (ulimit -f) was hit "
+                f"({str(e).splitlines()[0][:160]}). Free space (df -h) or raise the limit, then rerun the same "
+                "command: finished work is kept (Stage II continues with --resume when a checkpoint exists)")
+    return None
+
+
+@contextlib.contextmanager
+def writing(path, remove=None):
+    """Writes to path inside: a full disk, a file-size limit or a folder that cannot be written stops the run with
+    one `error:` line naming path (removing the half-written `remove` first), not a traceback."""
+    try:
+        yield
+    except Exception as e:
+        msg = write_error(path, e)
+        if msg is None:
+            raise
+        if remove:
+            shutil.rmtree(remove, ignore_errors=True)
+        raise SystemExit(f"error: {msg}") from e
+
+
+@contextlib.contextmanager
+def plain_errors():
+    """ValueError and OSError raised inside become one `error:` line: the data readers raise them for bad tables
+    and failed downloads, with the file and the fix in the message."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        msg = write_error(e.filename or "a file", e) if isinstance(e, OSError) and e.errno else None
+        raise SystemExit(f"error: {msg or e}") from e
+
+
 def atomic_write(path, write):
     """write(tmp_path) then rename over path: a kill leaves the old file or the new one, never half."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_LOCKS = {}  # run folder -> its open lock file: this process holds the folder
+
+
+def lock_run(out):
+    """One run per folder: out is created and its run.lock locked (flock) for the life of this process, with the
+    pid written in. A second run on the folder stops at once naming the holder; the kernel drops the lock of a
+    run that ended or was killed, so a stale run.lock is simply taken over."""
+    if os.path.realpath(out) in _LOCKS:  # this process holds it already (main called twice)
+        return
+    path = os.path.join(out, "run.lock")
+    with writing(path):
+        os.makedirs(out, exist_ok=True)
+        f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().split() or ["?"]
+        f.close()
+        raise SystemExit(f"error: {out} is in use by another run (pid {' on '.join(holder)}, see {path}); wait for "
+                         "it to end, or pass another --out") from None
+    with writing(path):
+        f.truncate(0)
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.flush()
+    _LOCKS[os.path.realpath(out)] = f
+
+
+def unlock_run(out):
+    f = _LOCKS.pop(os.path.realpath(out), None)
+    if f:
+        f.close()
 
 
 def save_bytes(path, raw):
@@ -291,16 +414,29 @@ class Logger:
     def __call__(self, rec):
         if MAIN:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-            with open(self.path, "a") as f:
+            with writing(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     def records(self):
-        return [json.loads(line) for line in open(self.path)] if os.path.exists(self.path) else []
+        """Every record of log.jsonl. A last line cut short (an append that met a full disk) is left out."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+        out = []
+        for k, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                if k < len(lines) - 1:
+                    raise SystemExit(f"error: {self.path} is corrupt on line {k + 1}; delete that line") from None
+        return out
 
-    def drop_after(self, step):
-        """Resume: Stage II lines logged after the checkpoint's step will be logged again; drop them."""
+    def restart(self, stage, step=0):
+        """Before a stage runs (again) from `step`: drop that stage's lines logged after step (all of them at
+        step 0), so a rerun or a resume logs no line twice; a line cut short goes too."""
         if MAIN and os.path.exists(self.path):
-            keep = [r for r in self.records() if r["stage"] != 2 or r["step"] <= step]
+            keep = [r for r in self.records() if r["stage"] != stage or (step and r.get("step", 0) <= step)]
             save_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
@@ -352,11 +488,29 @@ def print_metrics(metrics, keys=("hr@10", "ndcg@10", "hr@20", "parse_rate")):
                 print(f"{name:>10} {split:>5}  " + "  ".join(f"{k}={v[k]:.4f}" for k in keys if v.get(k) is not None))
 
 
+DEBUG = os.environ.get("RPOREC_DEBUG", "") not in ("", "0")  # RPOREC_DEBUG=1: tracebacks behind the error lines
+
+
 def run_main(main, argv):
-    """main(argv), with a CUDA out-of-memory error turned into the fix."""
+    """main(argv), with every error a user can cause as one `error:` line and no traceback (RPOREC_DEBUG=1 adds
+    the traceback): the checks' own lines, a CUDA out-of-memory error, a failed write anywhere, Ctrl-C."""
     try:
-        return main(argv)
-    except torch.cuda.OutOfMemoryError as e:
-        raise SystemExit(f"error: CUDA out of memory ({e}).\nFinished work is kept (reasoning cache, rechead.pt, "
-                         "ckpt/): lower --gen_batch, --grpo.micro_batch or --grpo.logit_chunk, or turn on "
-                         "--grpo.grad_checkpointing, then rerun (Stage II with --resume).") from e
+        try:
+            return main(argv)
+        except torch.cuda.OutOfMemoryError as e:
+            raise SystemExit(f"error: CUDA out of memory ({e}).\nFinished work is kept (reasoning cache, rechead.pt, "
+                             "ckpt/): lower --gen_batch, --grpo.micro_batch or --grpo.logit_chunk, or turn on "
+                             "--grpo.grad_checkpointing, then rerun (Stage II with --resume).") from e
+        except KeyboardInterrupt as e:
+            print("error: interrupted. Finished work is kept (reasoning cache, rechead.pt, ckpt/): rerun the same "
+                  "command to go on (Stage II with --resume)", file=sys.stderr)
+            raise SystemExit(130) from e
+        except OSError as e:
+            msg = write_error(e.filename or "a file", e)
+            if msg is None:
+                raise
+            raise SystemExit(f"error: {msg}") from e
+    except SystemExit as e:
+        if DEBUG and e.code not in (0, None):
+            traceback.print_exception(e.__cause__ or e.__context__ or e)
+        raise

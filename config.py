@@ -20,11 +20,40 @@ RERUN_OK = {"run.stage", "run.init", "run.resume", "run.gen_batch", "run.dist_ba
             "decode.sync_every", "decode.prefill_rows"}
 
 
-LOWER_BOUNDS = {"run.gen_batch": 1, "grpo.group_size": 2, "grpo.prompts_per_step": 1, "grpo.micro_batch": 1,
-                "grpo.iterations": 1, "grpo.eval_every": 1, "grpo.eval_samples": 1, "grpo.patience": 1,
-                "grpo.epochs": 1, "grpo.steps": 0, "grpo.save_every": 0, "grpo.max_new_tokens": 1, "grpo.max_skips": 1,
-                "rechead.batch_size": 1, "rechead.epochs": 1, "rechead.negatives": 1, "rechead.history_items": 0,
-                "rewards.negatives": 1, "decode.max_new_tokens": 1, "eval.chunk": 1}
+PLACES = {"run.out", "run.init", "data.data_dir", "data.raw_dir", "data.force"}  # where, not what: no run identity
+
+R, ONE, TEXT, ANY = flags_lib.Range, flags_lib.OneOf, flags_lib.Text(), flags_lib.ANY
+SEED, RATE, POSITIVE = R(0, 2 ** 32 - 1), R(0, 1, open="low"), R(0, open="low")  # numpy seeds are 32-bit
+RANGES = {  # every field's allowed values (flags.Range), checked first; data.RANGES holds the data section's
+    "run.dataset": flags_lib.Own("a key of rporec.PRESETS"), "run.model": TEXT, "run.stage": ONE("1", "2", "both"),
+    "run.out": flags_lib.Own("a folder you can write to"), "run.init": flags_lib.Own("a finished Stage I run folder"),
+    "run.resume": ANY, "run.ablate": ONE("", "cot", "I", "II"), "run.thinking": ANY, "run.prompt_suffix": ANY,
+    "run.gen_batch": R(1), "run.limit": R(0), "run.seed": SEED, "run.dist_backend": ONE("auto", "nccl", "gloo"),
+    "run.official_eval": ANY,
+    "rechead.encoder": TEXT, "rechead.trainable": ANY, "rechead.official": ANY, "rechead.use_cot": ANY,
+    "rechead.gamma": R(0, 1, open="both"), "rechead.gate_shift": R(), "rechead.layers": R(1),
+    "rechead.heads": R(1),  # and it divides the encoder dimension: checked when the encoder is loaded
+    "rechead.dropout": R(0, 1, open="high"), "rechead.ffn_layers": R(0), "rechead.max_seq_length": R(0),
+    "rechead.history_chars": R(0), "rechead.history_items": R(0), "rechead.item_ids": ANY, "rechead.sparse": ANY,
+    "rechead.lr": POSITIVE, "rechead.batch_size": R(1), "rechead.negatives": R(1), "rechead.epochs": R(1),
+    "rechead.patience": R(1), "rechead.encode_batch": R(1),
+    "decode.max_new_tokens": R(1), "decode.temperature": R(0, open="low", none=True),
+    "decode.top_p": R(0, 1, open="low", none=True), "decode.top_k": R(0, none=True), "decode.greedy": ANY,
+    "decode.backend": ONE("auto", "hf", "fast"), "decode.cuda_graph": ANY, "decode.kv_bucket": R(1),
+    "decode.sync_every": R(1), "decode.prefill_rows": R(1),
+    "decode.dtype": ONE("auto", "float32", "bfloat16", "float16"), "decode.kernels": ONE("auto", "triton", "torch"),
+    "grpo.group_size": R(2), "grpo.prompts_per_step": R(1), "grpo.temperature": POSITIVE, "grpo.max_new_tokens": R(1),
+    "grpo.eps": R(0, 1, open="both"), "grpo.old_logp": ONE("policy", "rollout"), "grpo.iterations": R(1),
+    "grpo.beta": R(0), "grpo.rho": RATE, "grpo.lr": POSITIVE, "grpo.max_grad_norm": POSITIVE,
+    "grpo.weight_decay": R(0), "grpo.epochs": R(1), "grpo.steps": R(0), "grpo.eval_every": R(1),
+    "grpo.eval_samples": R(1), "grpo.patience": R(1), "grpo.max_skips": R(1), "grpo.micro_batch": R(1),
+    "grpo.logit_chunk": R(1), "grpo.grad_checkpointing": ANY, "grpo.head_fp32": ANY, "grpo.adv_eps": POSITIVE, "grpo.save_every": R(0),
+    "grpo.sample_every": R(0),
+    **{f"rewards.w_{t}": R(0) for t in ("fmt", "clean", "ndcg", "sim", "comp", "ent")},
+    "rewards.kappa": POSITIVE, "rewards.delta": R(-1, 1), "rewards.negatives": R(1), "rewards.seed": SEED,
+    "rewards.rho": RATE, "rewards.summary_max_new_tokens": R(1),
+    "rewards.drop": flags_lib.Own("comma-separated reward terms"),
+    "eval.ks": flags_lib.Own("cut-offs >= 1, 10 among them"), "eval.chunk": R(1), "eval.mask_history": ANY}
 
 
 def parse(cfg, presets, argv, doc):
@@ -36,7 +65,7 @@ def parse(cfg, presets, argv, doc):
     flags = flags_lib.parse_flags(cfg, argv)
     dataset = flags.get("run.dataset", cfg.run.dataset)
     if dataset not in presets:
-        raise SystemExit(f"error: unknown dataset {dataset!r}; choose one of {sorted(presets)}")
+        raise SystemExit(f"error: unknown dataset {dataset!r} (--dataset); choose one of {sorted(presets)}")
     flags_lib.apply(cfg, {**presets[dataset], **flags})
     return resolve(cfg, flags)
 
@@ -53,26 +82,18 @@ def resolve(cfg, flags):
         if "rechead.sparse" in flags:
             fail("--rechead.sparse true does not work under torchrun (DDP); drop it")
         cfg.rechead.sparse = False
-    for name, value, choices in (("stage", r.stage, ("1", "2", "both")), ("ablate", r.ablate, ("", "cot", "I", "II")),
-                                 ("grpo.old_logp", g.old_logp, ("policy", "rollout"))):
-        if value not in choices:
-            fail(f"--{name} must be one of {choices}, got {value!r}")
-    if 10 not in cfg.eval.ks:
-        fail(f"--eval.ks {cfg.eval.ks} must include 10: model selection uses valid NDCG@10")
-    for key, low in LOWER_BOUNDS.items():
-        sec, name = key.split(".")
-        if getattr(getattr(cfg, sec), name) < low:
-            fail(f"--{key} must be >= {low}, got {getattr(getattr(cfg, sec), name)}")
-    for name, value in (("grpo.rho", g.rho), ("rewards.rho", cfg.rewards.rho)):
-        if not 0 < value <= 1:
-            fail(f"--{name} must be in (0, 1], got {value}; 0.2 keeps the top 20%")
+    if errors := flags_lib.range_errors(cfg, RANGES, bare="run"):
+        fail(errors[0])
+    if 10 not in cfg.eval.ks or min(cfg.eval.ks) < 1:
+        fail(f"--eval.ks {cfg.eval.ks} must be cut-offs >= 1, 10 among them: model selection uses valid NDCG@10")
     for key, value in (("rechead.batch_size", cfg.rechead.batch_size), ("grpo.prompts_per_step", g.prompts_per_step)):
         if value % WORLD:
             fail(f"--{key} {value} does not divide by {WORLD} processes")
-    if g.temperature <= 0 or g.lr <= 0 or g.beta < 0 or g.eps <= 0:
-        fail("--grpo.temperature, --grpo.lr and --grpo.eps must be > 0 and --grpo.beta >= 0")
     try:
         cfg.rewards.dropped()
+    except ValueError as e:
+        fail(f"--rewards.drop: {e}")
+    try:
         data.check_config(cfg.data)
     except ValueError as e:
         fail(str(e))
@@ -89,22 +110,79 @@ def resolve(cfg, flags):
     if r.resume and not stage2:
         fail("--resume continues Stage II; this run has none (see --stage and --ablate)")
     r.out = r.out or f"runs/{r.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for flag, path in (("--out", r.out), ("--data.data_dir", cfg.data.data_dir)):
+        where = next(p for p in _ancestors(path) if os.path.exists(p))  # the folder that will hold it
+        if not os.path.isdir(where):
+            fail(f"{flag} {path}: {where} is a file, not a folder; pass a folder (it is created when missing)")
+        if not os.access(where, os.W_OK | os.X_OK):
+            fail(f"{flag} {path}: {where} is not writable; pass a folder you can write to")
     if r.stage == "2":
         if not r.init:
             fail("--stage 2 needs --init RUN_FOLDER, the Stage I run whose rechead.pt it uses")
-        saved = load_rechead_file(r.init)["config"]["rechead"]
+        init = finished(load_rechead_file(r.init), r.init, "--init")["config"]
+        other = flags_lib.config_diff({"data": init.get("data", {})}, {"data": dataclasses.asdict(cfg.data)}, PLACES)
+        if other:
+            fail(f"--init {r.init} is a Stage I run on other data ({'; '.join(other[:4])}); pass --init a Stage I "
+                 "run on this run's data")
+        saved = init["rechead"]
         clash = [f"--{k} {v!r} (the Rechead has {saved.get(k[8:])!r})" for k, v in flags.items()
                  if k.startswith("rechead.") and saved.get(k[8:]) != v]
         if clash:
             fail(f"--rechead.* flags do not apply to --stage 2: the Rechead and its config come from --init: "
                  f"{', '.join(clash)}")
         cfg.rechead = rechead.RecheadConfig(**saved)
-    if r.resume and checkpoint.whole_copy(os.path.join(r.out, "ckpt"), checkpoint.CKPT_MARKER) is None:
+    if r.resume and r.stage == "both":  # Stage I is not run again: it must have finished in this folder
+        stage1 = os.path.join(r.out, "rechead.pt")
+        if not os.path.exists(stage1):
+            fail(f"--resume but no checkpoint in {r.out}/ckpt and no finished Stage I there; drop --resume to start "
+                 "afresh")
+        finished(load_rechead_file(r.out), r.out, "--resume")
+    elif r.resume and checkpoint.whole_copy(os.path.join(r.out, "ckpt"), checkpoint.CKPT_MARKER) is None:
         fail(f"--resume but no checkpoint in {r.out}/ckpt; drop --resume to start afresh")
-    ok = set(RERUN_OK)  # a folder that holds only Stage I takes any Stage II settings
+    ok = RERUN_OK | PLACES  # a folder that holds only Stage I takes any Stage II settings
     ok |= {f"{s}.{f.name}" for s in ("grpo", "rewards") for f in dataclasses.fields(getattr(cfg, s))}
-    common.refuse_other_config(r.out, dataclasses.asdict(cfg), RERUN_OK, ok)
+    common.refuse_other_config(r.out, dataclasses.asdict(cfg), RERUN_OK | PLACES, ok)
     return cfg
+
+
+def check_data(cfg, ds):
+    """The checks that need the data: run right after it loads, before any model loads."""
+    if ds.n_items < 2:
+        fail(f"{ds.name} has {ds.n_items} item(s); ranking needs at least 2")
+    stage2 = cfg.run.stage != "1" and cfg.run.ablate not in ("I", "II")
+    if stage2 and cfg.rewards.negatives > ds.n_items - 1:
+        fail(f"--rewards.negatives {cfg.rewards.negatives} asks for that many distinct items besides the target, but "
+             f"{ds.name} has {ds.n_items} items: use at most {ds.n_items - 1}")
+
+
+def _ancestors(path):
+    """path, its parent, ..., up to the root."""
+    path = os.path.abspath(path)
+    while True:
+        yield path
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+
+
+def finished(saved, folder, flag):
+    """saved (a rechead.pt's contents), if its Stage I finished; else the error and how to finish it."""
+    if not saved.get("finished"):
+        fail(f"{flag} {folder}: its Stage I did not finish (rechead.pt, from epoch {saved.get('epoch')}, is not "
+             "marked finished: the run stopped before its end, or older code wrote it). Finish it with "
+             f"`python rporec.py --stage 1 --out {folder}` and that run's other flags (its reasoning cache makes the "
+             "rerun quick), then rerun this command")
+    return saved
+
+
+def restore_rechead(head, folder):
+    """The finished Stage I's Rechead from <folder>/rechead.pt into head."""
+    try:
+        head.load_state_dict(load_rechead_file(folder)["state"])
+    except RuntimeError as e:  # another item table or encoder: the tables' shapes differ
+        why = next((line.strip() for line in str(e).splitlines() if "mismatch" in line), str(e).splitlines()[0])
+        fail(f"{folder}/rechead.pt does not fit this run's Rechead ({why[:200]}): it was trained on other data or "
+             "with another encoder; pass --init a Stage I run on the same data")
 
 
 def load_rechead_file(folder):

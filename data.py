@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+import flags
 import sources
 import toy
 
@@ -55,6 +56,18 @@ class DataConfig:
     seed: int = 0  # toy generator seed
     toy_users: int = 350  # toy: number of readers
     toy_noise: float = 0.1  # toy: chance that a read is a random book instead of the reader's series
+
+
+R, DATES = flags.Range, flags.Own("a date, YYYY-MM-DD, start before end")
+SPLIT = flags.Own("0 < train_end < valid_end < 1")
+RANGES = {  # every field's allowed values, checked by check_config before any work (see flags.Range)
+    "data.dataset": flags.OneOf(*DATASETS), "data.data_dir": flags.Own("a folder (rporec: writable)"),
+    "data.raw_dir": flags.ANY, "data.interactions": flags.Own("a table file, only with --dataset custom"),
+    "data.items": flags.Own("a table file, only with --dataset custom"), "data.category": flags.Text(),
+    "data.min_items": R(0), "data.window": R(1), "data.start": DATES, "data.end": DATES, "data.extend_months": R(1),
+    "data.max_title_words": R(1), "data.max_desc_words": R(0), "data.train_end": SPLIT, "data.valid_end": SPLIT,
+    "data.max_history_chars": R(1), "data.force": flags.ANY, "data.seed": R(0, 2 ** 32 - 1), "data.toy_users": R(1),
+    "data.toy_noise": R(0, 1)}
 
 
 @dataclass
@@ -116,6 +129,8 @@ def check_config(cfg: DataConfig):
     checking that the given tables exist, so callers can run it before any work."""
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r} (--dataset); choose one of {', '.join(DATASETS)}")
+    if errors := flags.range_errors(DataCli(data=cfg), RANGES):
+        raise ValueError(errors[0])
     tables = {"--data.interactions": cfg.interactions, "--data.items": cfg.items}
     if cfg.dataset != "custom" and (given := [k for k, v in tables.items() if v]):
         raise ValueError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} read only with --dataset "
@@ -130,16 +145,10 @@ def check_config(cfg: DataConfig):
                                  "(optionally .gz)")
             if not os.path.isfile(path):
                 raise ValueError(f"{flag} {path} not found; check the path")
-    for name, low in (("window", 1), ("min_items", 0), ("extend_months", 1), ("max_title_words", 1),
-                      ("max_desc_words", 0), ("max_history_chars", 1), ("toy_users", 1)):
-        if (value := getattr(cfg, name)) < low:  # extend_months < 1 would move the amazon window start forever
-            raise ValueError(f"--data.{name} must be >= {low}, got {value}")
     if not 0 < cfg.train_end < cfg.valid_end < 1:
         raise ValueError(f"--data.train_end {cfg.train_end} and --data.valid_end {cfg.valid_end} must satisfy "
                          "0 < train_end < valid_end < 1: train, valid and test are the time-sorted samples cut at "
                          "those fractions (default 0.8, 0.9)")
-    if not 0 <= cfg.toy_noise <= 1:
-        raise ValueError(f"--data.toy_noise is a probability, got {cfg.toy_noise}; use a value in [0, 1]")
     dates = {}
     for name in ("start", "end"):
         try:
@@ -177,6 +186,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         with open(tmp, "w") as f:
             f.write(json.dumps(vars(ds), separators=(",", ":")))  # dumps: the C encoder
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: name the file
+        raise OSError(f"could not write {path} ({e.strerror or e}); free space or pass another "
+                      "--data.data_dir") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -233,7 +245,6 @@ class DataCli:
 def main(argv=None):
     """CLI: every DataConfig field is a flag, bare (--dataset cds, --raw-dir D, --force) or spelled as in rporec.py
     (--data.raw_dir D), since check_config's errors name that spelling."""
-    import flags  # here, not at the top: only the CLI needs it
     argv = sys.argv[1:] if argv is None else argv
     cli = DataCli()
     if "--help" in argv or "-h" in argv:

@@ -4,6 +4,7 @@ dataclasses, typed by their annotations, with --help built from each field's com
 import dataclasses
 import inspect
 import json
+import math
 import re
 import typing
 
@@ -46,10 +47,13 @@ def _convert(text, kind, flag):
 def parse_flags(cfg, argv, bare="run"):
     """{"section.field": value} from --section.field VALUE (or =VALUE) over the dataclass sections of cfg.
     Fields of section `bare` also work bare (--model). A bare boolean flag means true."""
-    args = [p for a in argv for p in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
+    args = []  # (text, glued): glued values came as --flag=VALUE and may start with --
+    for a in argv:
+        split = a.startswith("--") and "=" in a
+        args += [(p, k == 1) for k, p in enumerate(a.split("=", 1) if split else [a])]
     flags = {}
     while args:
-        key = args.pop(0)
+        key, _ = args.pop(0)
         if not key.startswith("--"):
             raise SystemExit(f"error: unexpected argument {key!r}; flags look like --grpo.beta 0.001")
         key = key[2:].replace("-", "_")
@@ -58,13 +62,21 @@ def parse_flags(cfg, argv, bare="run"):
         if not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
             raise SystemExit(f"error: unknown flag --{key}; --help lists every flag")
         kind = typing.get_type_hints(type(section))[name]
-        if kind is bool and (not args or args[0].startswith("--")):
+        missing = not args or (args[0][0].startswith("--") and not args[0][1])  # `--stage --resume`: no stage
+        if kind is bool and missing:
             flags[f"{sec}.{name}"] = True
             continue
-        if not args:
-            raise SystemExit(f"error: --{key} needs a value")
-        flags[f"{sec}.{name}"] = _convert(args.pop(0), kind, key)
+        if missing:
+            raise SystemExit(f"error: --{key} needs a value (e.g. --{key} {_example(section, name)}); a value that "
+                             f"starts with -- is written --{key}=VALUE")
+        flags[f"{sec}.{name}"] = _convert(args.pop(0)[0], kind, key)
     return flags
+
+
+def _example(section, name):
+    """A field's default, as a flag value."""
+    value = getattr(section, name)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value if value not in ("", None) else "VALUE"
 
 
 def apply(cfg, values):
@@ -104,3 +116,81 @@ def changed(cfg, default):
     old, new = dataclasses.asdict(default), dataclasses.asdict(cfg)
     return [f"{sec}.{name}={value}" for sec in new for name, value in new[sec].items()
             if json.dumps(value) != json.dumps(old.get(sec, {}).get(name))]
+
+
+# ----------------------------------------------------------------------------- allowed values of each field
+def _num(x):
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+class Range:
+    """A number field's allowed values: finite, from low to high, `open` naming the excluded ends ("low", "high",
+    "both"); none=True also allows None."""
+
+    def __init__(self, low=-math.inf, high=math.inf, open="", none=False):
+        self.low, self.high, self.open, self.none = low, high, open, none
+
+    def error(self, value, kind):
+        if value is None and self.none:
+            return None
+        lo_open, hi_open = self.open in ("low", "both"), self.open in ("high", "both")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+            (self.low < value if lo_open else self.low <= value) and \
+            (value < self.high if hi_open else value <= self.high)
+        return None if ok else self.text(kind)
+
+    def text(self, kind=float):
+        lo_open, hi_open = self.open in ("low", "both"), self.open in ("high", "both")
+        if math.isfinite(self.low) and math.isfinite(self.high):
+            span = f"in {'(' if lo_open else '['}{_num(self.low)}, {_num(self.high)}{')' if hi_open else ']'}"
+        elif math.isfinite(self.low):
+            span = f"{'>' if lo_open else '>='} {_num(self.low)}"
+        else:
+            span = f"{'<' if hi_open else '<='} {_num(self.high)}" if math.isfinite(self.high) else ""
+        number = int in typing.get_args(kind) or kind is int
+        text = span if number and span else f"a finite number {span}".strip()
+        return text + (" (or none)" if self.none else "")
+
+
+class OneOf:
+    """A field that takes one of a few values."""
+
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def error(self, value, kind):
+        return None if value in self.choices else f"one of {self.choices}"
+
+
+class Text:
+    """A string field that must not be empty (a model name, a category word)."""
+
+    def error(self, value, kind):
+        return None if isinstance(value, str) and value.strip() else "a non-empty string"
+
+
+class Own:
+    """A field checked by its own code (a date, a list of terms, a path), with what that check asks."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def error(self, value, kind):
+        return None
+
+
+ANY = None  # any value of the field's type: booleans, free text such as the prompt suffix
+
+
+def range_errors(cfg, rules, bare=None):
+    """'--flag must be ..., got value' for every field of cfg's sections that its rule in rules refuses (fields
+    of section `bare` are named bare, as parse_flags takes them)."""
+    out = []
+    for key, rule in rules.items():
+        section, name = key.split(".")
+        obj = getattr(cfg, section)
+        value = getattr(obj, name)
+        if rule is not None and (msg := rule.error(value, typing.get_type_hints(type(obj))[name])):
+            out.append(f"--{name if section == bare else key} must be {msg}, got {value!r}")
+    return out
+

@@ -382,6 +382,16 @@ def _pass(model, optimizer, batch, micro, ent_mask, refs, olds, cfg, autocast_dt
     return st, reason
 
 
+@torch.no_grad()
+def finite_outputs(model, ids, mask, autocast_dtype=None) -> bool:
+    """Whether the policy's next-token logits on prompts ids, mask (b, P) are finite on every process. A finite
+    but far too large update (a far too high lr) can break the weights with every gradient finite; the next
+    rollout would then sample from NaN probabilities."""
+    with _autocast(ids.device, autocast_dtype):
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits  # (b, 1, V)
+    return not _any_rank([not bool(torch.isfinite(logits).all())], ids.device)[0]
+
+
 def update(model, ref_model, optimizer, batch: dict, cfg: GRPOConfig, autocast_dtype=None) -> dict:
     """Eq. 10 (ratio of eq. 9, entropy mask of eq. 11) optimised on a rollout batch (make_batch):
     cfg.iterations passes of micro-batches of cfg.micro_batch sequences, one grad-norm clip and

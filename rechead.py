@@ -105,7 +105,8 @@ class Rechead(nn.Module):
         self.item_encoder = load_encoder(cfg.encoder, cfg.max_seq_length, self.device).requires_grad_(False)
         self.d = d = self.item_encoder.get_embedding_dimension()
         if d % cfg.heads:
-            raise ValueError(f"encoder dimension {d} is not divisible by heads={cfg.heads}; pick heads dividing {d}")
+            raise ValueError(f"encoder dimension {d} is not divisible by heads={cfg.heads} (--rechead.heads); pick heads "
+                             f"dividing {d}")
         if cfg.history_items < 0:
             raise ValueError(f"history_items={cfg.history_items}; use 0 (all history items) or a positive count")
         self._cache: dict[str, torch.Tensor] = {}  # text -> frozen pre-trained embedding (d,)

@@ -9,7 +9,7 @@ Top to bottom: config, data and backbone, sampled reasoning (Alg. 1 line 1), Sta
 eq. 1-6, lines 2-12), Stage II (GRPO with Rechead rewards, eq. 7-11, lines 13-21, keeping the best
 valid step), evaluation and main. Flag parsing and checks live in config.py; processes, files and seeded
 choices in common.py; caches and checkpoints in checkpoint.py. Each run folder holds config.json, log.jsonl,
-rechead.pt, ckpt/, best/, metrics.json and stage2.png.
+rechead.pt, ckpt/, best/, metrics.json, stage2.png and run.lock (one run per folder).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -55,7 +56,7 @@ class RunConfig:
     thinking: bool = True     # Qwen3 chat template thinking mode
     prompt_suffix: str = ""   # appended to the paper's prompt, e.g. a <think>/<answer> format hint for
                               # backbones without a thinking mode (SmolLM2); "" = the paper's prompt
-    gen_batch: int = 64       # prompts per generation batch (Stage I reasoning, evaluation)
+    gen_batch: int = 64       # prompts per generation batch (Stage I reasoning, evaluation); a batch shares a seed
     limit: int = 0            # >0: only the first `limit` samples of each split (quick slices)
     seed: int = 0             # seeds python, numpy, torch and every sampled CoT
     dist_backend: str = "auto"  # torchrun: auto (nccl on GPUs, else gloo) | nccl | gloo
@@ -97,8 +98,9 @@ def parse_config(argv):
 def load_backbone(cfg, ds):
     """(model, tokenizer) from a hub id, a local folder or the toy builder; (None, None) for --model none."""
     name = cfg.run.model
-    if name == "toy":  # built once into the data folder; the config keeps saying "toy"
-        name = common.main_first(toy.build_backbone, ds.texts[1:], os.path.join(cfg.data.data_dir, "toy", "backbone"))
+    if name == "toy":  # built once per item table into the data folder; the config keeps saying "toy"
+        where = toy.model_dir(cfg.data.data_dir, "backbone", ds.texts[1:])
+        name = common.main_first(toy.build_backbone, ds.texts[1:], where)
     if name.startswith("random:"):  # real size, random weights, built in memory: its vocabulary covers the prompts
         texts = ds.texts[1:] + [data.PROMPT.format(c=ds.category), rewards.SUMMARY_PROMPT]
         return toy.build_standin(name[len("random:"):], texts, DTYPE, DEVICE)
@@ -146,8 +148,8 @@ def rechead_inputs(cfg, ds, samples, reasoning):
 
 def make_head(cfg, ds):
     rc = cfg.rechead
-    if rc.encoder == "toy":  # built once into the data folder; the config keeps saying "toy"
-        where = os.path.join(cfg.data.data_dir, "toy", "encoder")
+    if rc.encoder == "toy":  # built once per item table into the data folder; the config keeps saying "toy"
+        where = toy.model_dir(cfg.data.data_dir, "encoder", ds.texts[1:])
         rc = dataclasses.replace(rc, encoder=common.main_first(toy.build_encoder, ds.texts[1:], where))
     return rechead.Rechead(rc, ds.texts, DEVICE)
 
@@ -207,9 +209,9 @@ def train_rechead(cfg, ds, head, inputs, splits, log, out):
                  f"the best epoch so far")
         if m["ndcg@10"] > best:
             best, bad, best_state = m["ndcg@10"], 0, copy.deepcopy(head.state_dict())
-            if MAIN:
-                common.save_torch(os.path.join(out, "rechead.pt"),
-                                  {"state": best_state, "epoch": epoch, "config": dataclasses.asdict(cfg)})
+            if MAIN:  # not finished until Stage I's metrics are saved (checkpoint.finish_stage1)
+                common.save_torch(os.path.join(out, "rechead.pt"), {"state": best_state, "epoch": epoch,
+                                                                    "config": dataclasses.asdict(cfg)})
         else:
             bad += 1
             if bad >= rc.patience:
@@ -221,6 +223,7 @@ def train_rechead(cfg, ds, head, inputs, splits, log, out):
 def stage1(cfg, ds, head, model, tok, splits, log, out):
     """Algorithm 1 lines 1-12: reasoning for every split, then the Rechead; returns its metrics and the
     popularity and transition baselines."""
+    log.restart(1)
     reasoning = {}
     for k, v in splits.items():
         cost = {"stage": 1, "phase": "reasoning", "split": k}
@@ -290,9 +293,10 @@ def summarise(cfg, head, ref, tok, y, todo):
     return summaries, cos, (lens[0], lens[1])
 
 
-def stage2(cfg, ds, head, model, tok, splits, log, out):
+def stage2(cfg, ds, head, model, tok, splits, log, out, stop):
     """Algorithm 1 lines 13-21: G rollouts per prompt, rewards from the frozen Rechead, GRPO updates, epochs
-    over train until the valid curve stops improving. Step 0 (the Stage I backbone) is a candidate."""
+    over train until the valid curve stops improving. Step 0 (the Stage I backbone) is a candidate. On SIGTERM or
+    Ctrl-C (stop: common.Preemption) the step in flight finishes, is checkpointed, and the run exits."""
     g, train = cfg.grpo, splits["train"]
     head.eval().requires_grad_(False)
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref (KL) and the summarizer of r_sim, r_comp
@@ -304,9 +308,9 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
     total = g.epochs * math.ceil(len(train) / g.prompts_per_step)
     total = min(total, g.steps) if g.steps else total
     st = {"step": 0, "best_step": 0, "best": -1.0, "bad": 0, "skips": 0, "stopped": False}
-    if cfg.run.resume:
+    if cfg.run.resume and checkpoint.recover(out):  # else Stage I just finished: Stage II starts at step 0
         st = {k: v for k, v in checkpoint.load(out, model, opt).items() if k in st}
-    log.drop_after(st["step"])
+    log.restart(2, st["step"])
     subset = common.eval_subset(splits["valid"], g.eval_samples, cfg.run.seed)
     roll = dataclasses.replace(cfg.decode, greedy=False, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
                                top_p=1.0, top_k=0)  # pi_old must be the distribution that sampled
@@ -363,18 +367,24 @@ def stage2(cfg, ds, head, model, tok, splits, log, out):
         if up["skipped"]:
             tqdm.write(f"warning: step {step + 1} skipped, nothing reached the weights: {up['skipped']}")
             if st["skips"] >= g.max_skips:
-                fail(f"{st['skips']} GRPO steps in a row had non-finite values ({up['skipped']}). ckpt/ and best/ "
-                     "hold the last good weights; lower --grpo.lr or check the rewards, then --resume")
+                fail(f"{st['skips']} GRPO steps in a row had non-finite values ({up['skipped']}). "
+                     + checkpoint.restart_advice(cfg, "Lower --grpo.lr or check the rewards"))
+        elif not grpo.finite_outputs(model, p_ids[:1], p_mask[:1], amp):  # checked before anything is saved
+            fail(f"step {step + 1}'s update broke the weights: every gradient was finite, the policy's outputs are not "
+                 f"(--grpo.lr {g.lr:g} far too high?). " + checkpoint.restart_advice(cfg, "Lower --grpo.lr"))
         if MAIN and g.sample_every and (step + 1) % g.sample_every == 0:
             tqdm.write(f"--- step {step + 1} sample (reward {r[0]:.3f}; target: {ds.titles[samples[0]['target']]})\n"
                        f"{texts[0][:1500]}\n--- its summary: {summaries[0][:300]}")
         if (step + 1) % g.eval_every == 0 or step + 1 == total:
             validate(step + 1)
         st["step"] = step + 1
-        if (g.save_every and st["step"] % g.save_every == 0) or st["step"] == total or st["stopped"]:
+        halt = stop.requested()
+        if (g.save_every and st["step"] % g.save_every == 0) or st["step"] == total or st["stopped"] or halt:
             with common.measure({"stage": 2, "step": st["step"], "phase": "checkpoint"}) as cost:
                 checkpoint.save(out, model, tok, opt, st)
             log(cost)
+        if halt:
+            stop.stop(out, st["step"], total)
     return st
 
 
@@ -393,11 +403,14 @@ def main(argv):
     common.seed_all(cfg.run.seed)
     out, log = cfg.run.out, common.Logger(cfg.run.out)
     if MAIN:
-        os.makedirs(out, exist_ok=True)
+        common.lock_run(out)  # one run per folder: a second one stops here, naming this one's pid
         common.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
         print(f"config: {out}/config.json; set apart from the defaults:")
         print(textwrap.fill(" ".join(flags.changed(cfg, Config())), 110, initial_indent="  ", subsequent_indent="  "))
-    ds = common.main_first(data.load_dataset, cfg.data)
+    with common.plain_errors():  # a bad table, a failed download, --rechead.heads not dividing the encoder's width
+        ds = common.main_first(data.load_dataset, cfg.data)
+        config.check_data(cfg, ds)
+        head = make_head(cfg, ds)  # the small model first: its checks come before the backbone loads
     splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
     model, tok = load_backbone(cfg, ds)
     if MAIN and cfg.run.model == "toy":
@@ -414,7 +427,6 @@ def main(argv):
     mpath = os.path.join(out, "metrics.json")
     metrics = common.load_json(mpath, "delete it; each stage you run writes its own") if os.path.exists(mpath) else {}
     metrics.pop("cost", None)  # recomputed from log.jsonl
-    head = make_head(cfg, ds)
     checkpoint.keep_for_recommend(cfg, ds, head, model, tok)
 
     def save_metrics():  # the metrics so far and the cost of every phase logged in this run folder
@@ -422,22 +434,25 @@ def main(argv):
             metrics["cost"] = common.cost_summary(log.records())
             common.save_json(mpath, metrics)
 
-    if cfg.run.stage in ("1", "both"):
+    if cfg.run.stage == "1" or (cfg.run.stage == "both" and not cfg.run.resume):
         metrics.update(stage1(cfg, ds, head, model, tok, splits, log, out))
         save_metrics()
         if MAIN:
+            checkpoint.finish_stage1(out)  # Stage II takes only a finished Stage I
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
-    else:
-        saved = config.load_rechead_file(cfg.run.init)
-        head.load_state_dict(saved["state"])
-        if MAIN and not os.path.samefile(cfg.run.init, out):  # the run folder keeps the Rechead it was trained with
-            common.save_torch(os.path.join(out, "rechead.pt"), saved)
+    else:  # Stage II alone, or resumed: the finished Stage I's Rechead
+        config.restore_rechead(head, cfg.run.init or out)
+        if MAIN and cfg.run.init and not os.path.samefile(cfg.run.init, out):  # the folder keeps its Rechead
+            common.atomic_write(os.path.join(out, "rechead.pt"),
+                                lambda tmp: shutil.copyfile(os.path.join(cfg.run.init, "rechead.pt"), tmp))
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
-        st = stage2(cfg, ds, head, model, tok, splits, log, out)
+        with common.Preemption() as stop:  # SIGTERM or Ctrl-C: finish the step, checkpoint it, exit
+            st = stage2(cfg, ds, head, model, tok, splits, log, out, stop)
         checkpoint.load_best(out, model).eval()  # the best valid step's backbone reasons again
         metrics["stage2"] = {"step": st["best_step"]}
+        log.restart("final")  # a resumed run evaluates again: its lines replace the last ones
         for k in ("valid", "test"):
-            cost = {"stage": 2, "step": st["step"], "phase": "final_eval", "split": k}
+            cost = {"stage": "final", "phase": "final_eval", "split": k}
             with common.measure(cost):  # generation and scoring
                 metrics["stage2"][k] = score_split(cfg, ds, head, model, tok, k, splits[k], cost=cost)
             log(cost)
@@ -445,7 +460,7 @@ def main(argv):
         if MAIN:
             common.plot_stage2(out, log.records(), rewards.TERMS)
             print(f"stage 2 done after {time.time() - t_start:.0f} s; best valid step {st['best_step']}")
-    log({"stage": cfg.run.stage, "phase": "run", "s": round(time.time() - t_start, 2)})
+    log({"stage": "run", "phase": "run", "s": round(time.time() - t_start, 2)})  # an invocation that got here
     save_metrics()
     if MAIN:
         common.print_metrics(metrics)
@@ -454,6 +469,7 @@ def main(argv):
         print(f"run folder: {out}")
     if DISTRIBUTED:
         dist.destroy_process_group()
+    common.unlock_run(out)
     return metrics
 
 

@@ -101,9 +101,10 @@ def _csv_rows(f, path, required, delimiter):
         yield reader.line_num, row
 
 
-def _rows(path, required):
+def _rows(path, required, downloaded=False):
     """(line, dict row) of a .tsv/.csv (with header) or .jsonl file, gzipped or not; checks required columns.
-    utf-8-sig: a byte-order mark (Excel's UTF-8 export) is dropped instead of hiding in the first column name."""
+    utf-8-sig: a byte-order mark (Excel's UTF-8 export) is dropped instead of hiding in the first column name.
+    downloaded: the file came from a download, so a corrupt one is fixed by fetching it again."""
     if not (ext := table_ext(path)):
         raise ValueError(f"{path}: unknown table format; use {', '.join(TABLES)} (optionally .gz)")
     n = 0
@@ -115,7 +116,9 @@ def _rows(path, required):
                                          disable=not path.endswith(".gz")), 1):  # bars for the big raw files
                 yield row
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise ValueError(f"{path} is a corrupt gzip file ({e}); delete it and rerun to re-download it") from None
+        fix = "delete it and rerun to re-download it" if downloaded else \
+            f"it is not a whole gzip file (gzip -t {path} shows it): copy or compress it again"
+        raise ValueError(f"{path} is a corrupt gzip file ({e}); {fix}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
     if n == 0:
@@ -181,7 +184,8 @@ def amazon(cfg):
     meta = download(f"{AMAZON_URL}raw/meta_categories/meta_{cat}.jsonl.gz", os.path.join(raw, f"meta_{cat}.jsonl.gz"))
     rev = download(f"{AMAZON_URL}benchmark/5core/rating_only/{cat}.csv.gz", os.path.join(raw, f"{cat}.csv.gz"))
     items = {}
-    for _, m in _rows(meta, ("parent_asin",)):  # a repeated asin: the last row wins (official dict)
+    got = cfg.raw_dir is None  # the default raw folder holds only downloads; --data.raw_dir the user's own copies
+    for _, m in _rows(meta, ("parent_asin",), got):  # a repeated asin: the last row wins (official dict)
         title, desc = str(m.get("title") or ""), m.get("description") or []
         if not title or "<span id" in title or len(title.split(" ")) > cfg.max_title_words:
             continue
@@ -195,7 +199,7 @@ def amazon(cfg):
         text = item_text(title, m.get("average_rating", ""), m.get("rating_number", ""), desc)
         items[m["parent_asin"]] = (title, text)
     reviews = [(r["user_id"], r["parent_asin"], _ts(r["timestamp"], rev, line))
-               for line, r in _rows(rev, ("user_id", "parent_asin", "timestamp")) if r["parent_asin"] in items]
+               for line, r in _rows(rev, ("user_id", "parent_asin", "timestamp"), got) if r["parent_asin"] in items]
     if not reviews:
         raise ValueError(f"{rev} has no review of an item kept from {meta}; check that both files are {cat}")
     first_year = datetime.fromtimestamp(min(r[2] for r in reviews) / 1000, timezone.utc).year

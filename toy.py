@@ -4,6 +4,9 @@ StaticEmbedding sentence-transformer), both with a word-level vocabulary (`words
 random:NAME: a named checkpoint's architecture at its real size with random weights and a tokenizer of its real
 size, to time and size a run where no weights can be downloaded).
 """
+import functools
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -98,6 +101,24 @@ def words(texts, pre_tokenizer):
     return sorted({w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(t.lower())})
 
 
+def model_dir(data_dir, kind, texts):
+    """<data_dir>/toy/<kind>-<hash of texts>: a toy model is built from an item table's words, so each item table
+    (the bookstore, a custom dataset) gets its own in a shared data folder."""
+    return os.path.join(data_dir, "toy", f"{kind}-{hashlib.sha1(json.dumps(texts).encode()).hexdigest()[:10]}")
+
+
+def _own_rng(build):
+    """Run a builder on a forked torch RNG: the caller's random stream is the same whether the model was built
+    or found on disk, so a run prints the same numbers from a fresh data folder and a warm one."""
+    @functools.wraps(build)
+    def wrapped(*args, **kwargs):
+        import torch
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+    return wrapped
+
+
+@_own_rng
 def build_backbone(texts, out_dir, seed=0):
     """A 2-layer random Qwen3 with a word-level tokenizer over `texts`, saved as a normal HF folder
     so that the toy run loads it exactly like a real checkpoint."""
@@ -122,9 +143,10 @@ def build_backbone(texts, out_dir, seed=0):
     def save(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    return _save_whole(out_dir, save)
+    return _save_whole(out_dir, save, "config.json")
 
 
+@_own_rng
 def build_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) -> str:
     """Write a tiny random StaticEmbedding sentence-transformer with a lowercase word-level vocabulary
     from `texts` ([PAD], [UNK] first), loadable offline by SentenceTransformer(out_dir). Deterministic
@@ -140,7 +162,7 @@ def build_encoder(texts: list[str], out_dir: str, dim: int = 64, seed: int = 0) 
     tok = _word_tokenizer(texts, pre_tokenizers.Whitespace(), ["[PAD]", "[UNK]"])
     weights = torch.randn(tok.get_vocab_size(), dim, generator=torch.Generator().manual_seed(seed))  # (V, dim)
     model = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
-    return _save_whole(out_dir, model.save)
+    return _save_whole(out_dir, model.save, "modules.json")
 
 
 def _word_tokenizer(texts, pre, specials):
@@ -217,15 +239,20 @@ def build_standin(name, texts, dtype, device, seed=0):
     return model.to(dtype).eval(), tok
 
 
-def _save_whole(out_dir, save):
+def _save_whole(out_dir, save, marker):
     """save(tmp) into a fresh folder beside out_dir, then rename it into place (an empty out_dir too): a kill
-    or an error never leaves half a model at out_dir, nor a stray temporary folder."""
+    or an error never leaves half a model at out_dir, nor a stray temporary folder. When another run sharing the
+    data folder renamed its copy in first (out_dir holds `marker`), that one is kept: the builds are identical."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".toy_")
     try:
         save(tmp)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not os.path.exists(os.path.join(out_dir, marker)):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

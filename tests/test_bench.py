@@ -79,3 +79,22 @@ def test_trl_section_runs_or_names_what_is_missing(tmp_path):
         assert res["trl"] == {"skipped": f"trl or datasets does not import ({e}); optional: pip install trl datasets"}
         return
     assert res["trl"]["completions_per_s"] > 0 and res["trl"]["step_s"] > 0
+
+
+def test_every_bench_field_is_checked():
+    """bench.RANGES covers every BenchConfig field, and a value outside a field's range is refused, naming it."""
+    import dataclasses
+    import typing
+    from test_trust import _bad_values
+    own = {"bench.sections": ["fast"], "bench.batches": ["0,8"], "bench.project": ["/nonexistent/run"]}
+    for f in dataclasses.fields(bench.BenchConfig):
+        rule = bench.RANGES[f"bench.{f.name}"]
+        if rule is bench.flags_lib.ANY:  # free: a boolean
+            continue
+        kind = typing.get_type_hints(bench.BenchConfig)[f.name]
+        bad = own.pop(f"bench.{f.name}") if isinstance(rule, bench.flags_lib.Own) else _bad_values(rule, kind)
+        assert bad, f.name
+        for value in bad:
+            with pytest.raises(SystemExit, match=f"^error: .*--{f.name}"):
+                bench.parse_config([f"--{f.name}", value])
+    assert not own

@@ -44,8 +44,8 @@ def write_amazon(raw, metas, reviews):
 
 
 def amazon_cfg(tmp_path, **kw):
-    return data.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), raw_dir=str(tmp_path / "raw"),
-                        **{"min_items": 1, **kw})
+    return data.DataConfig(dataset="cds", data_dir=str(tmp_path / "data"), **{"raw_dir": str(tmp_path / "raw"),
+                                                                           "min_items": 1, **kw})
 
 
 def filler(n_users=4, n_items=4, day="2023-05-01"):
@@ -420,15 +420,28 @@ def test_empty_file(tmp_path, content):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_gzip(tmp_path, damage):
+@pytest.mark.parametrize("raw, fix", [("data/raw", "delete it and rerun to re-download it"),  # our download
+                                      ("raw", "copy or compress it again")])  # the user's copy in --data.raw_dir
+def test_corrupt_gzip(tmp_path, damage, raw, fix):
     metas, reviews = filler()
-    write_amazon(tmp_path / "raw", metas, reviews)
-    path = tmp_path / "raw" / f"meta_{CAT}.jsonl.gz"
+    write_amazon(tmp_path / raw, metas, reviews)
+    path = tmp_path / raw / f"meta_{CAT}.jsonl.gz"
     path.write_bytes(b"not a gzip file" if damage == "garbage" else path.read_bytes()[:-12])
-    cfg = amazon_cfg(tmp_path)
-    with pytest.raises(ValueError, match=f"meta_{CAT}.jsonl.gz is a corrupt gzip file.*delete it and rerun"):
+    cfg = amazon_cfg(tmp_path, raw_dir=None if raw == "data/raw" else str(tmp_path / raw))
+    with pytest.raises(ValueError, match=f"meta_{CAT}.jsonl.gz is a corrupt gzip file.*{fix}"):
         data.load_dataset(cfg)
     assert no_cache(cfg)
+
+
+def test_a_corrupt_custom_gzip_is_not_sent_to_a_download(tmp_path):
+    """A custom table is the user's own file: the fix is to make it again, not to 're-download' it."""
+    cfg = custom_cfg(tmp_path)
+    gz = tmp_path / "inter.tsv.gz"
+    gz.write_bytes(gzip.compress(Path(cfg.interactions).read_bytes())[:-12])  # truncated
+    cfg.interactions = str(gz)
+    with pytest.raises(ValueError, match="inter.tsv.gz is a corrupt gzip file.*copy or compress it again") as e:
+        data.load_dataset(cfg)
+    assert "download" not in str(e.value)
 
 
 def test_corrupt_zip(tmp_path):
@@ -548,7 +561,7 @@ def test_movielens_damaged_line_names_file_and_line(tmp_path):
                                            r"0 < train_end < valid_end < 1"),
     ({"valid_end": 1.0}, r"--data.valid_end 1.0 must satisfy 0 < train_end < valid_end < 1"),
     ({"train_end": 0.0}, r"--data.train_end 0.0 and"),
-    ({"toy_noise": 1.5}, r"--data.toy_noise is a probability"),
+    ({"toy_noise": 1.5}, r"--data.toy_noise must be a finite number in \[0, 1\], got 1.5"),
     ({"start": "2023-13-01"}, r"--data.start '2023-13-01' is not a date; use YYYY-MM-DD"),
     ({"start": "2023-10-01"}, r"--data.start 2023-10-01 must be before --data.end 2023-10-01"),
     ({"interactions": "i.tsv"}, r"--data.interactions is read only with --dataset custom \(got --dataset toy\); "
@@ -717,3 +730,29 @@ def test_toy_builders_load_are_seeded_and_build_once(tmp_path):
     (tmp_path / "junk" / "f.txt").write_text("x")
     with pytest.raises(ValueError, match="delete it"):
         toy.build_encoder(texts, str(tmp_path / "junk"))
+
+
+def test_toy_builders_leave_the_callers_rng_alone(tmp_path):
+    """Building a toy model draws from its own seeded RNG: a run is the same from a fresh data folder and a
+    warm one."""
+    import torch
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    toy.build_backbone(["a red jazz album"], str(tmp_path / "b"))
+    toy.build_encoder(["a red jazz album"], str(tmp_path / "e"), dim=8)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("build", [toy.build_backbone, toy.build_encoder])
+def test_a_toy_build_that_loses_the_race_keeps_the_winners_copy(tmp_path, monkeypatch, build):
+    """Two runs building the same fresh data folder: the one renaming its copy second keeps the first's
+    (identical) model instead of dying on 'Directory not empty'."""
+    real, out = toy._save_whole, str(tmp_path / "m")
+
+    def lose_the_race(out_dir, save, *rest):
+        real(out_dir, save, *rest)  # the other run renamed its copy in first
+        return real(out_dir, save, *rest)
+
+    monkeypatch.setattr(toy, "_save_whole", lose_the_race)
+    assert build(["a red jazz album"], out) == out
+    assert not [p for p in os.listdir(tmp_path) if p != "m"]  # no temporary folder left behind

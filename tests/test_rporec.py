@@ -1,4 +1,5 @@
 """The train script end to end on the toy preset: flags, the reasoning cache, Stage II, resume."""
+import errno
 import json
 import os
 
@@ -20,6 +21,12 @@ def small(tmp_path, *extra):
             "--grpo.prompts_per_step", "2", "--grpo.micro_batch", "4", "--grpo.eval_samples", "8", *extra]
 
 
+def toy_model(tmp_path, kind):
+    """The toy backbone or encoder folder that a run in tmp_path built for the bookstore."""
+    (path,) = (tmp_path / "data" / "toy").glob(f"{kind}-*")
+    return path
+
+
 def test_parse_config_presets_and_flags():
     cfg = rporec.parse_config(["--grpo.beta", "0", "--rechead.trainable", "false", "--official_eval"])
     assert cfg.grpo.beta == 0.0 and cfg.rechead.trainable is False and cfg.run.official_eval is True
@@ -32,7 +39,7 @@ def test_parse_config_presets_and_flags():
     assert cfg.eval.ks == (5, 10) and cfg.eval.mask_history is True
     for bad, msg in ((["--dataset", "nope"], "unknown dataset"), (["--grpo.nope", "1"], "unknown flag"),
                      (["--stage", "3"], "--stage"), (["--rechead.trainable", "maybe"], "true/false"),
-                     (["--grpo.steps", "many"], "takes a int"), (["--eval.ks", "5,20"], "must include 10"),
+                     (["--grpo.steps", "many"], "takes a int"), (["--eval.ks", "5,20"], "10 among them"),
                      (["--eval.ks", "ten"], "takes a tuple")):
         with pytest.raises(SystemExit, match=msg):
             rporec.parse_config(bad)
@@ -112,6 +119,41 @@ def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
         f.write("not json\n")
     with pytest.raises(SystemExit, match="corrupt.*delete it"):
         checkpoint.read_cache(path)
+
+
+def test_a_failed_write_does_not_change_the_reruns_cots(tmp_path, monkeypatch):
+    """A full disk cuts the second batch's append short, after some of its lines; the rerun ends with the cache
+    an uninterrupted run writes, byte for byte: a CoT never depends on what was cached before."""
+    cfg = rporec.parse_config(small(tmp_path, "--gen_batch", "8"))
+    ds = rporec.data.load_dataset(cfg.data)
+    model, tok = rporec.load_backbone(cfg, ds)
+    samples = ds.splits["valid"][:24]
+    straight = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
+    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed)
+    with open(path, "rb") as f:
+        whole = f.read()
+    os.remove(path)
+    real, appends = checkpoint.append_cache, []
+
+    def disk_full(path, records):
+        appends.append(len(records))
+        if len(appends) < 2:
+            return real(path, records)
+        raw = "".join(json.dumps(r) + "\n" for r in records)
+        with open(path, "a") as f:
+            f.write(raw[:len(raw) // 2])  # what reached the disk before it filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "append_cache", disk_full)
+    with pytest.raises((OSError, SystemExit)):
+        rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
+    with open(path, "rb") as f:
+        cut = f.read()
+    assert cut.count(b"\n") > 8 and not cut.endswith(b"\n")  # some whole lines of the second batch, then half one
+    monkeypatch.setattr(checkpoint, "append_cache", real)
+    assert rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples) == straight
+    with open(path, "rb") as f:
+        assert f.read() == whole
 
 
 def test_toy_both_stages_two_steps(tmp_path):
