@@ -479,13 +479,16 @@ def plot_stage2(out, records, terms):
 
 
 def print_metrics(metrics, keys=("hr@10", "ndcg@10", "hr@20", "parse_rate")):
-    """One line per (method, split) of metrics.json."""
+    """One line per (method, split) of metrics.json, then one per phase of its cost."""
     for name, m in metrics.items():
         if name == "cost":
             continue
         for split, v in m.items():
             if isinstance(v, dict):
                 print(f"{name:>10} {split:>5}  " + "  ".join(f"{k}={v[k]:.4f}" for k in keys if v.get(k) is not None))
+    if metrics.get("cost"):
+        print('cost (metrics.json "cost"; a line per step and phase in log.jsonl):')
+        print_cost(metrics["cost"])
 
 
 DEBUG = os.environ.get("RPOREC_DEBUG", "") not in ("", "0")  # RPOREC_DEBUG=1: tracebacks behind the error lines

@@ -3,6 +3,8 @@ every check that can fail, before any work or any write. A flag that contradicts
 Stage II Rechead config comes from its --init folder; a run folder refuses another config (common)."""
 import dataclasses
 import os
+import shutil
+import textwrap
 import time
 
 import checkpoint
@@ -175,14 +177,28 @@ def finished(saved, folder, flag):
     return saved
 
 
-def restore_rechead(head, folder):
-    """The finished Stage I's Rechead from <folder>/rechead.pt into head."""
+def restore_rechead(head, folder, out=None):
+    """The finished Stage I's Rechead from <folder>/rechead.pt into head, and a copy into the run folder out, if
+    given (which then holds the Rechead it ran with)."""
     try:
         head.load_state_dict(load_rechead_file(folder)["state"])
     except RuntimeError as e:  # another item table or encoder: the tables' shapes differ
         why = next((line.strip() for line in str(e).splitlines() if "mismatch" in line), str(e).splitlines()[0])
         fail(f"{folder}/rechead.pt does not fit this run's Rechead ({why[:200]}): it was trained on other data or "
              "with another encoder; pass --init a Stage I run on the same data")
+    if out and common.MAIN and not os.path.samefile(folder, out):
+        src = os.path.join(folder, "rechead.pt")
+        common.atomic_write(os.path.join(out, "rechead.pt"), lambda tmp: shutil.copyfile(src, tmp))
+
+
+def start_run(cfg, default):
+    """On the main process, before any other write: take <out>'s run lock (a second run stops there, naming this
+    one), write config.json, and print the fields set apart from `default`, a run's config in a few lines."""
+    out = cfg.run.out
+    common.lock_run(out)
+    common.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
+    print(f"config: {out}/config.json; set apart from the defaults:")
+    print(textwrap.fill(" ".join(flags_lib.changed(cfg, default)), 110, initial_indent="  ", subsequent_indent="  "))
 
 
 def load_rechead_file(folder):

@@ -17,9 +17,7 @@ import copy
 import dataclasses
 import math
 import os
-import shutil
 import sys
-import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +32,6 @@ import config
 import data
 import decode
 import evaluate
-import flags
 import grpo
 import rechead
 import rewards
@@ -403,23 +400,15 @@ def main(argv):
     common.seed_all(cfg.run.seed)
     out, log = cfg.run.out, common.Logger(cfg.run.out)
     if MAIN:
-        common.lock_run(out)  # one run per folder: a second one stops here, naming this one's pid
-        common.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
-        print(f"config: {out}/config.json; set apart from the defaults:")
-        print(textwrap.fill(" ".join(flags.changed(cfg, Config())), 110, initial_indent="  ", subsequent_indent="  "))
+        config.start_run(cfg, Config())  # the run lock, config.json, and the config in a few lines
     with common.plain_errors():  # a bad table, a failed download, --rechead.heads not dividing the encoder's width
         ds = common.main_first(data.load_dataset, cfg.data)
         config.check_data(cfg, ds)
         head = make_head(cfg, ds)  # the small model first: its checks come before the backbone loads
     splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
     model, tok = load_backbone(cfg, ds)
-    if MAIN and cfg.run.model == "toy":
-        print("toy preset: a tiny randomly initialised Qwen3 backbone and a random static-embedding encoder, both "
-              "built in code (no download). Its reasoning is noise; the numbers only exercise the code.")
-    if MAIN and cfg.run.model.startswith("random:"):
-        print(f"stand-in backbone {cfg.run.model}: the real architecture and vocabulary with random weights, built in "
-              "code. Its text is noise that almost never stops before the token cap: the timings are the worst case "
-              "and the metrics mean nothing.")
+    if MAIN and toy.notice(cfg.run.model):
+        print(toy.notice(cfg.run.model))
     if MAIN and model is not None:
         s = decode.resolve_sampling(cfg.decode, model)
         print("reasoning: " + ("greedy" if s.greedy else f"sampled, temperature {s.temperature} top_p {s.top_p} "
@@ -440,11 +429,8 @@ def main(argv):
         if MAIN:
             checkpoint.finish_stage1(out)  # Stage II takes only a finished Stage I
             print(f"stage 1 done after {time.time() - t_start:.0f} s")
-    else:  # Stage II alone, or resumed: the finished Stage I's Rechead
-        config.restore_rechead(head, cfg.run.init or out)
-        if MAIN and cfg.run.init and not os.path.samefile(cfg.run.init, out):  # the folder keeps its Rechead
-            common.atomic_write(os.path.join(out, "rechead.pt"),
-                                lambda tmp: shutil.copyfile(os.path.join(cfg.run.init, "rechead.pt"), tmp))
+    else:  # Stage II alone, or resumed: the finished Stage I's Rechead, copied into this folder
+        config.restore_rechead(head, cfg.run.init or out, out)
     if cfg.run.stage in ("2", "both") and cfg.run.ablate not in ("I", "II"):
         with common.Preemption() as stop:  # SIGTERM or Ctrl-C: finish the step, checkpoint it, exit
             st = stage2(cfg, ds, head, model, tok, splits, log, out, stop)
@@ -463,9 +449,7 @@ def main(argv):
     log({"stage": "run", "phase": "run", "s": round(time.time() - t_start, 2)})  # an invocation that got here
     save_metrics()
     if MAIN:
-        common.print_metrics(metrics)
-        print("cost (metrics.json \"cost\"; per-step lines in log.jsonl):")
-        common.print_cost(metrics["cost"])
+        common.print_metrics(metrics)  # and the cost of each phase
         print(f"run folder: {out}")
     if DISTRIBUTED:
         dist.destroy_process_group()

@@ -219,6 +219,18 @@ def standin_tokenizer(name, texts):
                                   eos_token="<|im_end|>", chat_template=QWEN3_TEMPLATE, padding_side="left")
 
 
+def notice(model):
+    """What the run says when --model is one of the models built here, else ""."""
+    if model == "toy":
+        return ("toy preset: a tiny randomly initialised Qwen3 backbone and a random static-embedding encoder, both "
+                "built in code (no download). Its reasoning is noise; the numbers only exercise the code.")
+    if model.startswith("random:"):
+        return (f"stand-in backbone {model}: the real architecture and vocabulary with random weights, built in code. "
+                "Its text is noise that almost never stops before the token cap: the timings are the worst case and "
+                "the metrics mean nothing.")
+    return ""
+
+
 def build_standin(name, texts, dtype, device, seed=0):
     """(model, tokenizer) of --model random:NAME: a Qwen3ForCausalLM with STANDINS[name]'s architecture and random
     weights (seeded, without touching the caller's RNG), the checkpoint's generation settings, and
