@@ -1,4 +1,4 @@
-"""Benchmark for issue #6: the fast decode backend (fastdecode.py: static KV cache, one CUDA graph per step) against
+"""Benchmark of the fast decode backend (fastdecode.py: static KV cache, one CUDA graph per step) against
 HF `generate`, and a full GRPO step against TRL's GRPOTrainer, on Qwen3-0.6B's architecture with
 random bf16 weights on CUDA (no download), or a tiny fp32 Qwen3 on CPU (< 1 minute).
 

@@ -1,7 +1,7 @@
 """decode.py's "fast" backend: a compact decode forward for the Qwen3 / Qwen2 / Llama family over the
 model's own weights (only QKV and gate/up are concatenated, to cut GEMM launches), a static KV cache,
 and on CUDA the whole single-token step (all layers, final norm, lm_head, sampling, EOS bookkeeping)
-replayed as one CUDA graph. HF decode at batch 64 is launch-bound (~1,800 tiny kernels per step, issue #6).
+replayed as one CUDA graph. HF decode at batch 64 is launch-bound (~1,800 tiny kernels per step).
 
 It computes in DecodeConfig.dtype (bf16 on CUDA by default): fp32 master weights decode in bf16 through
 copies refreshed from the masters before every batch.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check of issue 14, for a lent card: `OUT=/some/dir bash tests/gpu_check.sh`. Each part writes
+# The GPU check of the decoder and bench.py, for a lent card: `OUT=/some/dir bash tests/gpu_check.sh`. Each part writes
 # its result under $OUT as soon as it ends, so a timeout still leaves the parts that finished.
 # TRL is not in the GPU image: put its wheels in .whl/ first (pip download --no-deps trl==1.16.0
 # datasets==5.2.0 dill multiprocess xxhash -d .whl, and the binary ones again with --only-binary=:all:

@@ -178,7 +178,7 @@ def test_ndcg_rewards_batched():
 
 
 def test_ndcg_rewards_non_finite_rows_give_nan():
-    """NaN compares False, so a NaN target used to rank 1st and collect r_ndcg = 1 (issue 11)."""
+    """NaN compares False, so a NaN target used to rank 1st and collect r_ndcg = 1."""
     scores = torch.tensor([[NAN, 0.1, 0.2],    # NaN target
                            [0.5, NAN, 0.2],    # NaN negative
                            [INF, 0.1, 0.2],    # infinite target
