@@ -318,7 +318,8 @@ PAPER_SAMPLES = {"cds": 13435, "instruments": 34373, "games": 63502}  # paper Ta
 class PaperRun:
     """The paper's run (SPEC section 5, rporec.py's defaults), what a projection scales the measured rates to."""
     tokens: int = 768  # reasoning and rollout length cap; a projection assumes every completion reaches it
-    prompts_per_step: int = 8  # GRPO prompts per step (G = 4 is in the measured step time)
+    group_size: int = 4  # G; the measured GRPO step must have the paper's G, prompts per step and length
+    prompts_per_step: int = 8  # GRPO prompts per step
     epochs: int = 1  # Stage II epochs over train, run to the end (no early stop)
     eval_every: int = 50  # Stage II evaluation period, step 0 and the last step included
     eval_samples: int = 512  # valid subset per Stage II evaluation
@@ -358,6 +359,14 @@ def project(cost, n_samples, run=PaperRun()):
            "final_eval": held_out * final}
     out["total"] = sum(out.values())
     return {"samples": n_samples, "steps": steps, "evals": evals, "seconds": out}
+
+
+def step_mismatch(run_cfg, run=PaperRun()):
+    """The GRPO settings of a run's config.json that differ from the paper run's ({field: value}): its measured
+    step time then does not transfer."""
+    g = run_cfg.get("grpo", {})
+    want = {"group_size": run.group_size, "prompts_per_step": run.prompts_per_step, "max_new_tokens": run.tokens}
+    return {k: g.get(k) for k, v in want.items() if g.get(k) != v}
 
 
 def projection_table(cost, run=PaperRun()):
@@ -416,6 +425,11 @@ def main(bc):
         cost = common.load_json(path, "rerun the run").get("cost")
         if not cost:
             raise SystemExit(f"error: {path} holds no \"cost\"; pass the folder of a finished rporec.py run")
+        cfg_path = os.path.join(bc.project, "config.json")
+        off = step_mismatch(common.load_json(cfg_path, "rerun the run")) if os.path.exists(cfg_path) else {}
+        if off:
+            print(f"warning: {bc.project} ran its GRPO steps with {off}, not the paper's group_size 4, prompts_per_step "
+                  "8 and max_new_tokens 768: its grpo_steps row does not transfer to the paper run")
         try:
             print(projection_table(cost))
         except ValueError as e:

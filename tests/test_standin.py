@@ -117,6 +117,9 @@ def test_projection_arithmetic():
     with pytest.raises(ValueError, match="no count in phase 'grpo_step'"):
         bench.project({k: v for k, v in cost.items() if k != "grpo_step"}, 1000)
     assert "| total |" in bench.projection_table(cost)
+    paper = {"grpo": {"group_size": 4, "prompts_per_step": 8, "max_new_tokens": 768}}
+    assert bench.step_mismatch(paper) == {}
+    assert bench.step_mismatch({"grpo": {**paper["grpo"], "group_size": 8}}) == {"group_size": 8}
 
 
 def test_changed_lists_only_what_differs():
