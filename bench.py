@@ -361,12 +361,16 @@ def project(cost, n_samples, run=PaperRun()):
     return {"samples": n_samples, "steps": steps, "evals": evals, "seconds": out}
 
 
+def paper_step(run=PaperRun()):
+    """The paper run's GRPO step settings, by their GRPOConfig names."""
+    return {"group_size": run.group_size, "prompts_per_step": run.prompts_per_step, "max_new_tokens": run.tokens}
+
+
 def step_mismatch(run_cfg, run=PaperRun()):
     """The GRPO settings of a run's config.json that differ from the paper run's ({field: value}): its measured
     step time then does not transfer."""
     g = run_cfg.get("grpo", {})
-    want = {"group_size": run.group_size, "prompts_per_step": run.prompts_per_step, "max_new_tokens": run.tokens}
-    return {k: g.get(k) for k, v in want.items() if g.get(k) != v}
+    return {k: g.get(k) for k, v in paper_step(run).items() if g.get(k) != v}
 
 
 def projection_table(cost, run=PaperRun()):
@@ -428,8 +432,8 @@ def main(bc):
         cfg_path = os.path.join(bc.project, "config.json")
         off = step_mismatch(common.load_json(cfg_path, "rerun the run")) if os.path.exists(cfg_path) else {}
         if off:
-            print(f"warning: {bc.project} ran its GRPO steps with {off}, not the paper's group_size 4, prompts_per_step "
-                  "8 and max_new_tokens 768: its grpo_steps row does not transfer to the paper run")
+            print(f"warning: {bc.project} ran its GRPO steps with {off}, not the paper's {paper_step()}: its "
+                  "grpo_steps row does not transfer to the paper run")
         try:
             print(projection_table(cost))
         except ValueError as e:
