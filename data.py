@@ -1,5 +1,5 @@
-"""RPORec data: any source -> one item table + time-split next-item samples (paper Appendix C.1, official
-preprocess_2023_cds.py).
+"""RPORec data: any source -> one item table + time-split next-item samples (paper Appendix C.1,
+official preprocess_2023_cds.py).
 
 Sources: the embedded `toy` bookstore (default, offline, generated in code), Amazon Reviews 2023
 (`cds`, `instruments`, `games`; the official preprocess_2023_cds.py: item filter, text cleaning,
@@ -10,8 +10,9 @@ only items that occur in the interactions; id 0 = pad with "" title/text. Per us
 sorted by time (stable) give one sample per position i >= 1 with the previous <= 20 items as
 history; all samples are sorted by target time and cut 8:1:1. No paper equation lives here.
 
-Where things live: the raw readers (Amazon, MovieLens, bring-your-own tables, downloads) in sources.py; the
-embedded toy bookstore and its toy models (a tiny random Qwen3, a tiny StaticEmbedding encoder) in toy.py.
+Where things live: the raw readers (Amazon, MovieLens, bring-your-own tables, downloads) in
+sources.py; the embedded toy bookstore and its toy models (a tiny random Qwen3, a tiny
+StaticEmbedding encoder) in toy.py.
 """
 import hashlib
 import json
@@ -21,53 +22,59 @@ import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-import flags
-import sources
-import toy
+from plumbing import flags, sources, toy
+from plumbing.flags import SEED, OneOf, Own, Range, Text, setting
 
 DATASETS = ("toy", *sources.AMAZON, "ml-100k", "ml-1m", "custom")
 PROMPT_VERSION = 1  # bump when PROMPT changes: rporec.py keys its reasoning cache on it
-PROMPT = ("Analyze briefly and finally recommend next {c} item I might purchase. You should try to keep all "
-          "your thoughts and responses as concise as possible and recommend next {c} I might purchase inside "
-          "<answer> and </answer> with estimation or guess about its all attributes (title, average_rating, "
-          "rating_number and description). You don't need to utter irrelevant polite remarks or explanatory "
-          "sentences. For example: <answer>'title': ... </answer>")
+PROMPT = ("Analyze briefly and finally recommend next {c} item I might purchase. You should try "
+          "to keep all your thoughts and responses as concise as possible and recommend next {c} "
+          "I might purchase inside <answer> and </answer> with estimation or guess about its all "
+          "attributes (title, average_rating, rating_number and description). You don't need to "
+          "utter irrelevant polite remarks or explanatory sentences. For example: "
+          "<answer>'title': ... </answer>")
+
+
+DATES = Own("a date, YYYY-MM-DD, start before end")
+SPLIT = Own("0 < train_end < valid_end < 1")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "toy"  # toy | cds | instruments | games (Amazon 2023) | ml-100k | ml-1m | custom
-    data_dir: str = "./data"  # processed caches live in <data_dir>/<dataset>-<hash>/
-    raw_dir: str | None = None  # local copy of the raw files (skips download); default <data_dir>/raw
-    interactions: str | None = None  # custom: user_id, item_id, timestamp[, rating] (.tsv/.csv/.jsonl[.gz])
-    items: str | None = None  # custom: item_id, title[, more text columns appended to the item text]
-    category: str = "item"  # custom: prompt wording of one item ("movie", "book", ...)
-    min_items: int = 10000  # amazon: move the window start back until this many items remain (official)
-    window: int = 20  # history length: the latest 20 actions (Appendix C.1)
-    start: str = "2022-10-01"  # amazon window start, inclusive (UTC)
-    end: str = "2023-10-01"  # amazon window end, exclusive (UTC)
-    extend_months: int = 3  # amazon: step by which the start moves back
-    max_title_words: int = 50  # amazon item filter: longer titles are dropped
-    max_desc_words: int = 100  # amazon: description cut in the item text
-    train_end: float = 0.8  # train = time-sorted samples[:int(train_end * n)] (8:1:1)
-    valid_end: float = 0.9  # valid = samples[int(train_end * n):int(valid_end * n)], test = the rest
-    max_history_chars: int = 6000  # character budget of the history text in a prompt (~1.5k tokens)
-    force: bool = False  # rebuild the cache even if present
-    seed: int = 0  # toy generator seed
-    toy_users: int = 350  # toy: number of readers
-    toy_noise: float = 0.1  # toy: chance that a read is a random book instead of the reader's series
+    dataset: str = setting("toy", OneOf(*DATASETS))  # toy | cds | instruments | games (Amazon 2023)
+    # | ml-100k | ml-1m | custom
+    data_dir: str = setting("./data", Own("a folder (rporec: writable)"), place=True)  # processed
+    # caches live in <data_dir>/<dataset>-<hash>/
+    raw_dir: str | None = setting(None, place=True)  # local copy of the raw files (skips download);
+    # default <data_dir>/raw
+    interactions: str | None = setting(None, Own("a table file, only with --dataset custom"))
+    # custom: user_id, item_id, timestamp[, rating] (.tsv/.csv/.jsonl[.gz])
+    items: str | None = setting(None, Own("a table file, only with --dataset custom"))  # custom:
+    # item_id, title[, more text columns appended to the item text]
+    category: str = setting("item", Text())  # custom: prompt wording of one item ("movie", "book",
+    # ...)
+    min_items: int = setting(10000, Range(0))  # amazon: move the window start back until this many
+    # items remain (official)
+    window: int = setting(20, Range(1))  # history length: the latest 20 actions (Appendix C.1)
+    start: str = setting("2022-10-01", DATES)  # amazon window start, inclusive (UTC)
+    end: str = setting("2023-10-01", DATES)  # amazon window end, exclusive (UTC)
+    extend_months: int = setting(3, Range(1))  # amazon: step by which the start moves back
+    max_title_words: int = setting(50, Range(1))  # amazon item filter: longer titles are dropped
+    max_desc_words: int = setting(100, Range(0))  # amazon: description cut in the item text
+    train_end: float = setting(0.8, SPLIT)  # train = time-sorted samples[:int(train_end * n)]
+    # (8:1:1)
+    valid_end: float = setting(0.9, SPLIT)  # valid = samples[int(train_end * n):int(valid_end *
+    # n)], test = the rest
+    max_history_chars: int = setting(6000, Range(1))  # character budget of the history text in a
+    # prompt (~1.5k tokens)
+    force: bool = setting(False, place=True)  # rebuild the cache even if present
+    seed: int = setting(0, SEED)  # toy generator seed
+    toy_users: int = setting(350, Range(1))  # toy: number of readers
+    toy_noise: float = setting(0.1, Range(0, 1))  # toy: chance that a read is a random book instead
+    # of the reader's series
 
-
-R, DATES = flags.Range, flags.Own("a date, YYYY-MM-DD, start before end")
-SPLIT = flags.Own("0 < train_end < valid_end < 1")
-RANGES = {  # every field's allowed values, checked by check_config before any work (see flags.Range)
-    "data.dataset": flags.OneOf(*DATASETS), "data.data_dir": flags.Own("a folder (rporec: writable)"),
-    "data.raw_dir": flags.ANY, "data.interactions": flags.Own("a table file, only with --dataset custom"),
-    "data.items": flags.Own("a table file, only with --dataset custom"), "data.category": flags.Text(),
-    "data.min_items": R(0), "data.window": R(1), "data.start": DATES, "data.end": DATES, "data.extend_months": R(1),
-    "data.max_title_words": R(1), "data.max_desc_words": R(0), "data.train_end": SPLIT, "data.valid_end": SPLIT,
-    "data.max_history_chars": R(1), "data.force": flags.ANY, "data.seed": R(0, 2 ** 32 - 1), "data.toy_users": R(1),
-    "data.toy_noise": R(0, 1)}
+    def check(self):
+        check_config(self)
 
 
 @dataclass
@@ -76,10 +83,11 @@ class Dataset:
     category: str  # prompt wording of one item, e.g. "CD or vinyl"
     titles: list[str]  # by item id; [0] = "" (pad)
     texts: list[str]  # by item id; [0] = "" (pad)
-    splits: dict[str, list[dict]]  # train/valid/test: {"user", "history" (<= window ids), "target", "time"}
+    splits: dict[str, list[dict]]  # train/valid/test: {"user", "history" (<= window ids),
+    # "target", "time"}
     skipped_users: int = 0  # users with a single interaction (no sample)
-    item_keys: list[str] = field(default_factory=list)  # by item id: the source's own id (MovieLens item_id,
-    # Amazon parent_asin), which recommend.py reads and writes; [0] = "" (pad)
+    item_keys: list[str] = field(default_factory=list)  # by item id: the source's own id (MovieLens
+    # item_id, Amazon parent_asin), which recommend.py reads and writes; [0] = "" (pad)
 
     @property
     def n_items(self) -> int:
@@ -87,10 +95,12 @@ class Dataset:
 
 
 def _build(cfg, name, category, items, inter, src):
-    """One sample builder for all sources: stable per-user time sort, every prefix, global time split."""
+    """One sample builder for all sources: stable per-user time sort, every prefix, global time
+    split."""
     if unknown := list(dict.fromkeys(k for _, k, _ in inter if k not in items)):
-        raise ValueError(f"{src} names {len(unknown)} item id(s) missing from the items table, e.g. "
-                         f"{', '.join(map(str, unknown[:5]))}; add them to the items file or drop those rows")
+        raise ValueError(f"{src} names {len(unknown)} item id(s) missing from the items table, "
+                         f"e.g. {', '.join(map(str, unknown[:5]))}; add them to the items file or "
+                         "drop those rows")
     used = {k for _, k, _ in inter}
     ids = {k: i for i, k in enumerate((k for k in items if k in used), 1)}  # items-table order
     seqs = {}
@@ -100,20 +110,24 @@ def _build(cfg, name, category, items, inter, src):
     for u, seq in seqs.items():
         seq.sort(key=lambda x: x[0])  # stable: ties keep file order
         skipped += len(seq) == 1
-        samples += [{"user": u, "history": [i for _, i in seq[max(0, n - cfg.window):n]], "target": seq[n][1],
+        read = [i for _, i in seq]  # the user's items, oldest first
+        samples += [{"user": u, "history": recent(read[:n], cfg.window), "target": read[n],
                      "time": seq[n][0]} for n in range(1, len(seq))]
     samples.sort(key=lambda s: s["time"])
     a, b = int(cfg.train_end * len(samples)), int(cfg.valid_end * len(samples))
     splits = {"train": samples[:a], "valid": samples[a:b], "test": samples[b:]}
     if not all(splits.values()):
-        raise ValueError(f"{src}: only {len(samples)} samples ({skipped} users with a single interaction), too "
-                         "few for non-empty train/valid/test splits; use more data or looser filters")
-    titles, texts = [""] + [items[k][0] for k in ids], [""] + [items[k][1] for k in ids]  # id 0 = pad
+        raise ValueError(f"{src}: only {len(samples)} samples ({skipped} users with a single "
+                         "interaction), too few for non-empty train/valid/test splits; use more "
+                         "data or looser filters")
+    titles = [""] + [items[k][0] for k in ids]  # id 0 = pad
+    texts = [""] + [items[k][1] for k in ids]
     return Dataset(name, category, titles, texts, splits, skipped, [""] + [str(k) for k in ids])
 
 
 def cache_key(cfg: DataConfig) -> str:
-    """Short hash of everything that changes the processed data (custom: the files' path, size, mtime)."""
+    """Short hash of everything that changes the processed data (custom: the files' path, size,
+    mtime)."""
     drop = {"data_dir", "raw_dir", "force", "max_history_chars"} | (
         set() if cfg.dataset == "toy" else {"seed", "toy_users", "toy_noise"})
     key = {k: v for k, v in asdict(cfg).items() if k not in drop}
@@ -124,43 +138,54 @@ def cache_key(cfg: DataConfig) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def reasoning_key(cfg: DataConfig) -> tuple:
+    """What the reasoning cache (checkpoint.reasoning_cache) knows of the data: the prompt's version
+    and the processed data's key."""
+    return PROMPT_VERSION, cache_key(cfg)
+
+
 def check_config(cfg: DataConfig):
-    """ValueError naming the flag (rporec's --data.field spelling) for settings that cannot work. No IO beyond
-    checking that the given tables exist, so callers can run it before any work."""
+    """ValueError naming the flag (rporec's --data.field spelling) for settings that cannot work. No
+    IO beyond checking that the given tables exist, so callers can run it before any work."""
     if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r} (--dataset); choose one of {', '.join(DATASETS)}")
-    if errors := flags.range_errors(DataCli(data=cfg), RANGES):
+        raise ValueError(f"unknown dataset {cfg.dataset!r} (--dataset); choose one of "
+                         f"{', '.join(DATASETS)}")
+    if errors := flags.range_errors(cfg, "data"):
         raise ValueError(errors[0])
     tables = {"--data.interactions": cfg.interactions, "--data.items": cfg.items}
     if cfg.dataset != "custom" and (given := [k for k, v in tables.items() if v]):
-        raise ValueError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} read only with --dataset "
-                         f"custom (got --dataset {cfg.dataset}); add --dataset custom to use your tables, or drop them")
+        raise ValueError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} read only "
+                         f"with --dataset custom (got --dataset {cfg.dataset}); add --dataset "
+                         "custom to use your tables, or drop them")
     if cfg.dataset == "custom":
         if missing := [k for k, v in tables.items() if not v]:
-            raise ValueError(f"dataset 'custom' needs both tables: --data.interactions FILE --data.items FILE "
-                             f"({' and '.join(missing)} missing)")
+            raise ValueError("dataset 'custom' needs both tables: --data.interactions FILE "
+                             f"--data.items FILE ({' and '.join(missing)} missing)")
         for flag, path in tables.items():
             if not sources.table_ext(path):
-                raise ValueError(f"{flag} {path}: unknown table format; use {', '.join(sources.TABLES)} "
-                                 "(optionally .gz)")
+                raise ValueError(f"{flag} {path}: unknown table format; use "
+                                 f"{', '.join(sources.TABLES)} (optionally .gz)")
             if not os.path.isfile(path):
                 raise ValueError(f"{flag} {path} not found; check the path")
     if not 0 < cfg.train_end < cfg.valid_end < 1:
-        raise ValueError(f"--data.train_end {cfg.train_end} and --data.valid_end {cfg.valid_end} must satisfy "
-                         "0 < train_end < valid_end < 1: train, valid and test are the time-sorted samples cut at "
-                         "those fractions (default 0.8, 0.9)")
+        raise ValueError(f"--data.train_end {cfg.train_end} and --data.valid_end {cfg.valid_end} "
+                         "must satisfy 0 < train_end < valid_end < 1: train, valid and test are "
+                         "the time-sorted samples cut at those fractions (default 0.8, 0.9)")
     dates = {}
     for name in ("start", "end"):
         try:
             dates[name] = datetime.fromisoformat(getattr(cfg, name)).replace(tzinfo=timezone.utc)
         except (TypeError, ValueError):
-            raise ValueError(f"--data.{name} {getattr(cfg, name)!r} is not a date; use YYYY-MM-DD") from None
+            raise ValueError(f"--data.{name} {getattr(cfg, name)!r} is not a date; use "
+                             "YYYY-MM-DD") from None
     if dates["start"] >= dates["end"]:
-        raise ValueError(f"--data.start {cfg.start} must be before --data.end {cfg.end} (the amazon window)")
+        raise ValueError(f"--data.start {cfg.start} must be before --data.end {cfg.end} (the "
+                         "amazon window)")
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Build cfg.dataset, or read it from <data_dir>/<name>/dataset.json (written atomically; toy: no cache)."""
+    """Build cfg.dataset, or read it from <data_dir>/<name>/dataset.json (written atomically; toy:
+    no cache)."""
     check_config(cfg)
     if cfg.dataset == "toy":
         return _build(cfg, "toy", *toy.source(cfg))
@@ -173,9 +198,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             if saved.get("item_keys"):
                 return Dataset(**saved)
         except (ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path} is unreadable ({e}); delete it or rerun with --force") from None
-        # a cache from before the item table kept the source's ids: the same build again, ids included; the
-        # samples and internal ids come out identical, so reasoning caches keyed on this data stay valid
+            raise ValueError(f"{path} is unreadable ({e}); delete it or rerun with "
+                             "--force") from None
+        # a cache without the source's ids: the same build again, ids included; the samples and
+        # internal ids come out identical, so reasoning caches keyed on this data stay valid
         print(f"note: {path} predates the source's item ids; rebuilding it from the source")
     reader = sources.amazon if cfg.dataset in sources.AMAZON else \
         sources.movielens if cfg.dataset.startswith("ml-") else sources.custom
@@ -196,9 +222,11 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 
 def history_text(ds: Dataset, history: list[int], max_chars: int) -> str:
-    """History item texts, oldest first, one per line; over budget the oldest go first (the latest stays)."""
+    """History item texts, oldest first, one per line; over budget the oldest go first (the latest
+    stays)."""
     if not history:
-        raise ValueError("empty history: a prompt needs at least one history item (samples start at i >= 1)")
+        raise ValueError("empty history: a prompt needs at least one history item (samples start "
+                         "at i >= 1)")
     if max_chars < 1:
         raise ValueError(f"max_chars must be >= 1, got {max_chars}; raise max_history_chars")
     out, left = [], max_chars
@@ -212,10 +240,27 @@ def history_text(ds: Dataset, history: list[int], max_chars: int) -> str:
     return "\n".join(reversed(out))
 
 
+def recent(history: list, n: int) -> list:
+    """The newest n items of a history, oldest first (all of it for n = 0): the data window
+    (--data.window) and the Rechead's history window (--rechead.history_items) are both cut here."""
+    return history[-n:] if n else history
+
+
+def rechead_inputs(cfg, ds: Dataset, samples: list[dict], reasoning: list[tuple]) -> tuple:
+    """The Rechead's three texts per sample (eq. 1): the history x from its newest
+    --rechead.history_items items (all by default) within a character budget, the CoT y and the
+    answer z (None: not parsed) of reasoning[i]."""
+    budget = cfg.rechead.history_chars or cfg.data.max_history_chars  # short encoders: the newest
+    x = [history_text(ds, recent(s["history"], cfg.rechead.history_items), budget) for s in samples]
+    return x, [r[0] for r in reasoning], [r[1] for r in reasoning]
+
+
 def build_messages(ds: Dataset, sample: dict, cfg: DataConfig, suffix: str = "") -> list[dict]:
-    """Chat messages of the official prompt (category wording of the dataset) followed by the history, then
-    the optional suffix on a line of its own (rporec's --prompt_suffix, e.g. a format hint)."""
-    prompt = PROMPT.format(c=ds.category) + "\n" + history_text(ds, sample["history"], cfg.max_history_chars)
+    """Chat messages of the official prompt (category wording of the dataset) followed by the
+    history, then the optional suffix on a line of its own (rporec's --prompt_suffix, e.g. a format
+    hint)."""
+    history = history_text(ds, sample["history"], cfg.max_history_chars)
+    prompt = PROMPT.format(c=ds.category) + "\n" + history
     return [{"role": "user", "content": f"{prompt}\n{suffix}" if suffix else prompt}]
 
 
@@ -223,10 +268,12 @@ def dataset_stats(ds: Dataset) -> dict:
     """Counts, skipped users, first/last target date (UTC) and the mean history length."""
     samples = [s for k in ("train", "valid", "test") for s in ds.splits[k]]
     times = [s["time"] for s in samples]
-    day = lambda t: datetime.fromtimestamp(t / 1000 if t > sources.MS_CUTOFF else t, timezone.utc).date().isoformat()
+    day = lambda t: datetime.fromtimestamp(t / 1000 if t > sources.MS_CUTOFF else t,
+                                           timezone.utc).date().isoformat()
     return {"dataset": ds.name, "users": len({s["user"] for s in samples}), "items": ds.n_items,
             "samples": len(samples), **{k: len(ds.splits[k]) for k in ("train", "valid", "test")},
-            "skipped_users": ds.skipped_users, "first_date": day(min(times)), "last_date": day(max(times)),
+            "skipped_users": ds.skipped_users, "first_date": day(min(times)),
+            "last_date": day(max(times)),
             "mean_history": round(sum(len(s["history"]) for s in samples) / len(samples), 2)}
 
 
@@ -243,8 +290,8 @@ class DataCli:
 
 
 def main(argv=None):
-    """CLI: every DataConfig field is a flag, bare (--dataset cds, --raw-dir D, --force) or spelled as in rporec.py
-    (--data.raw_dir D), since check_config's errors name that spelling."""
+    """CLI: every DataConfig field is a flag, bare (--dataset cds, --raw-dir D, --force) or spelled
+    as in rporec.py (--data.raw_dir D), since check_config's errors name that spelling."""
     argv = sys.argv[1:] if argv is None else argv
     cli = DataCli()
     if "--help" in argv or "-h" in argv:
@@ -252,7 +299,7 @@ def main(argv=None):
         print("Flags (--field VALUE or --data.field VALUE; a bare boolean flag means true):")
         print(flags.help_text(cli, bare="data"))
         return
-    argv = [re.sub(r"^--json(?=$|=)", "--cli.json", a) for a in argv]  # --json: short for --cli.json
+    argv = [re.sub(r"^--json(?=$|=)", "--cli.json", a) for a in argv]  # --json: --cli.json
     flags.apply(cli, flags.parse_flags(cli, argv, bare="data"))
     try:
         stats = dataset_stats(load_dataset(cli.data))  # load_dataset runs check_config first

@@ -27,16 +27,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-import checkpoint
-import common
 import data
-import decode
 import evaluate
-import flags
 import rechead
 import rewards
 import rporec
-from common import DEVICE, DTYPE, fail
+from plumbing import checkpoint, decode, files, flags, seeds
+from plumbing.errors import fail
+from plumbing.processes import DEVICE, DTYPE
 
 
 @dataclass
@@ -60,7 +58,7 @@ class Cli:
 
 def load_config(run_dir):
     """The run's config.json as rporec.Config; a field the file lacks keeps its default."""
-    saved = common.load_json(os.path.join(run_dir, "config.json"), "copy the run folder again, whole")
+    saved = files.load_json(os.path.join(run_dir, "config.json"), "copy the run folder again, whole")
     cfg = rporec.Config()
     return flags.apply(cfg, {f"{s}.{k}": tuple(v) if isinstance(v, list) else v for s, section in saved.items()
                              if dataclasses.is_dataclass(getattr(cfg, s, None))
@@ -85,11 +83,9 @@ class Recommender:
             why = "an --ablate I run has no Rechead" if cfg.run.ablate == "I" else \
                 "its Stage I has not finished a Rechead epoch"
             fail(f"{path} not found: {why}. Pass a run whose Stage I finished, or rerun that Stage I into {run_dir}")
-        saved = common.load_torch(path, "Rechead checkpoint (rechead.pt of a Stage I run)",
-                                  f"Rerun that Stage I into {run_dir}.")
-        if not isinstance(saved, dict) or not {"state", "config"} <= set(saved):
-            fail(f"{path} lacks the Rechead state or its config; rerun that Stage I into {run_dir}")
-        items = checkpoint.load_items(run_dir)
+        saved = checkpoint.load_rechead(run_dir)
+        t = checkpoint.load_items(run_dir)
+        items = data.Dataset(t.get("name", ""), t["category"], t["titles"], t["texts"], {}, item_keys=t["keys"])
         encoder = checkpoint.whole_copy(os.path.join(run_dir, "encoder"), "modules.json")  # read-only: no renames
         if encoder is None:
             fail(f"{run_dir}/encoder is missing or incomplete: the run folder lacks the Rechead's encoder (runs "
@@ -100,7 +96,7 @@ class Recommender:
         model = tok = None
         if cfg.run.model != "none":
             # Stage II: the best valid step, in fp32 as its final evaluation ran it; else the Stage I backbone
-            name, dtype = ("best", torch.float32) if checkpoint.has_stage2(cfg) else ("backbone", DTYPE)
+            name, dtype = ("best", torch.float32) if cfg.run.has_stage2() else ("backbone", DTYPE)
             folder = checkpoint.whole_copy(os.path.join(run_dir, name), "info.json")
             if folder is None:
                 fix = ("finish its Stage II: rerun its command with --resume" if name == "best" else
@@ -120,7 +116,7 @@ class Recommender:
             raise ValueError(f"{where}: item id(s) {', '.join(map(repr, unknown[:5]))} are not in the run's item "
                              f"table ({len(self.index)} items, e.g. {', '.join(self.items.item_keys[1:4])}); use the "
                              "dataset's own ids, or drop items the run never saw")
-        return [self.index[str(h)] for h in history[-self.cfg.data.window:]]
+        return [self.index[str(h)] for h in data.recent(history, self.cfg.data.window)]
 
     @torch.no_grad()
     def reason(self, histories, seed=None):
@@ -132,7 +128,7 @@ class Recommender:
         seed, out, b = self.cfg.run.seed if seed is None else seed, [], self.cfg.run.gen_batch
         for i in range(0, len(hs), b):
             with torch.random.fork_rng(devices=[DEVICE] if DEVICE.type == "cuda" else []):
-                torch.manual_seed(common.batch_seed(seed, "recommend", i))
+                torch.manual_seed(seeds.batch_seed(seed, "recommend", i))
                 messages = [data.build_messages(self.items, {"history": h}, self.cfg.data, self.cfg.run.prompt_suffix)
                             for h in hs[i:i + b]]
                 out += decode.complete(self.model, self.tok, messages, self.sampling, self.cfg.run.thinking)[0]
@@ -162,7 +158,7 @@ class Recommender:
         out = []
         for i in range(0, len(hs), self.cfg.eval.chunk):
             samples = [{"history": h, "target": 0} for h in hs[i:i + self.cfg.eval.chunk]]  # target 0: mask all
-            x, y, z = rporec.rechead_inputs(self.cfg, self.items, samples, rs[i:i + len(samples)])
+            x, y, z = data.rechead_inputs(self.cfg, self.items, samples, rs[i:i + len(samples)])
             s = self.head.scores(self.head.user_vecs(x, y, z))  # (b, N+1)
             if not keep_history:
                 s = evaluate.mask_history_scores(s, samples)
@@ -244,7 +240,7 @@ def run_batch(rec, c):
     for b in tqdm(range(start, len(lines), size), desc="recommend", unit="block"):
         block = lines[b:b + size]
         histories = [r["history"] for r in block]
-        seed = common.batch_seed(rec.cfg.run.seed, "recommend", b)  # a resumed block draws what it would have
+        seed = seeds.batch_seed(rec.cfg.run.seed, "recommend", b)  # a resumed block draws what it would have
         if c.nearline:
             out = [{"user": r["user"], "history": r["history"], "reasoning": t}
                    for r, t in zip(block, rec.reason(histories, seed))]

@@ -8,15 +8,16 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import grpo
 import rechead
 import rporec
+from plumbing import processes
 
 out_file, data_dir = sys.argv[1], sys.argv[2]
-rporec.common.init_distributed("gloo")
+processes.init_distributed("gloo")
 cfg = rporec.parse_config(["--data.data_dir", data_dir, "--rechead.dropout", "0", "--limit", "64"])
 ds = rporec.data.load_dataset(cfg.data)
 train, valid = ds.splits["train"][:64], ds.splits["valid"][:7]  # 7 samples: an uneven split over 2 ranks
 reasoning = [(f"maybe {ds.titles[s['history'][-1]]}", ds.titles[s["target"]] if i % 3 else None)
              for i, s in enumerate(train)]
-inputs = rporec.rechead_inputs(cfg, ds, train, reasoning)
+inputs = rporec.data.rechead_inputs(cfg, ds, train, reasoning)
 
 # --- one Rechead step on a global batch of 32 (each rank takes its share, DDP averages)
 torch.manual_seed(0)
@@ -27,7 +28,7 @@ targets = torch.tensor([s["target"] for s in train])
 idx = torch.arange(32)
 neg = rechead.sample_negatives(targets[idx], ds.n_items, 9, torch.Generator().manual_seed(1))
 rporec.rechead_step(net, head, opt, inputs, targets, idx, neg)
-metrics = rporec.evaluate_split(cfg, head, rporec.rechead_inputs(cfg, ds, valid, reasoning[:7]), valid)
+metrics = rporec.evaluate_split(cfg, head, rporec.data.rechead_inputs(cfg, ds, valid, reasoning[:7]), valid)
 
 # --- one GRPO step on a fixed global rollout batch: 4 prompts x G=2, different lengths
 torch.manual_seed(0)

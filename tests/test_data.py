@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 import data
-import sources
-import toy
+from plumbing import sources, toy
 
 CAT = "CDs_and_Vinyl"
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -581,10 +580,25 @@ def test_check_config_names_the_flag(tmp_path, kw, error):
     assert not (tmp_path / "data").exists()
 
 
-def test_check_config_accepts_valid_settings(tmp_path):
-    data.check_config(data.DataConfig())
-    data.check_config(custom_cfg(tmp_path, window=1, train_end=0.5, valid_end=0.6, toy_noise=0.0))
-    data.check_config(data.DataConfig(dataset="cds", start="2020-01-01", end="2020-01-02", min_items=0))
+@pytest.mark.parametrize("edge,past", [
+    ({"window": 1}, {"window": 0}),
+    ({"train_end": 0.5, "valid_end": 0.6}, {"train_end": 0.6, "valid_end": 0.6}),
+    ({"toy_noise": 0.0}, {"toy_noise": -0.1}),
+    ({"toy_noise": 1.0}, {"toy_noise": 1.5}),
+    ({"max_history_chars": 1}, {"max_history_chars": 0}),
+])
+def test_check_config_draws_each_line_at_the_edge(tmp_path, edge, past):
+    """A value at the edge of what a field allows passes, and the next one past it is refused."""
+    assert data.check_config(custom_cfg(tmp_path, **edge)) is None
+    with pytest.raises(ValueError, match=f"--data.{next(iter(past))}"):
+        data.check_config(custom_cfg(tmp_path, **past))
+
+
+def test_check_config_takes_a_one_day_amazon_window():
+    assert data.check_config(data.DataConfig(dataset="cds", start="2020-01-01", end="2020-01-02",
+                                             min_items=0)) is None
+    with pytest.raises(ValueError, match="must be before --data.end"):
+        data.check_config(data.DataConfig(dataset="cds", start="2020-01-02", end="2020-01-02"))
 
 
 # ---------------------------------------------------------------- toy, prompts, stats, CLI
@@ -689,7 +703,8 @@ def test_cli_help_lists_every_field_with_its_comment(capsys):
     data.main(["--help"])
     out = capsys.readouterr().out
     for f in dataclasses.fields(data.DataConfig):
-        assert f"  --{f.name} {f.default!r}\n" in out
+        line = next(t for t in out.splitlines() if t.startswith(f"  --{f.name} {f.default!r}"))
+        assert line == f"  --{f.name} {f.default!r}" or line.startswith(f"  --{f.name} {f.default!r}  (")
     assert "processed caches live in <data_dir>/<dataset>-<hash>/" in out
     assert "--cli.json False\n      also print the statistics as one JSON line (also spelled --json)" in out
 

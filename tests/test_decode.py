@@ -2,16 +2,13 @@
 backends record logp/entropy equal to a naive recompute, sampling semantics (top-k, top-p, frequencies),
 early stop."""
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import decode  # noqa: E402
-import fastdecode  # noqa: E402
+from plumbing import decode, sampling
+from speed import fastdecode
 
 V, B, P, NEW, PAD = 128, 6, 12, 16, 0
 PROMPT_PADS = [0, 3, 7, 1, 10, 5]  # left-padding per row: mixed prompt lengths
@@ -139,7 +136,7 @@ def test_sampling_uses_generator_and_differs_from_greedy(qwen3):
 
 def test_top_p_filter_hand_example():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = {p: torch.isfinite(fastdecode.top_p_filter(logits, p))[0].tolist() for p in (0.0, 0.4, 0.7, 0.9, 0.96)}
+    kept = {p: torch.isfinite(sampling.top_p_filter(logits, p))[0].tolist() for p in (0.0, 0.4, 0.7, 0.9, 0.96)}
     assert kept[0.0] == kept[0.4] == [True, False, False, False]  # always at least one token
     assert kept[0.7] == [True, True, False, False]
     assert kept[0.9] == [True, True, True, False]
@@ -150,9 +147,9 @@ def test_filters_match_hf_warpers():
     scores = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
     ids = torch.zeros(5, 1, dtype=torch.long)
     for p in (0.3, 0.8, 0.95):
-        assert torch.equal(fastdecode.top_p_filter(scores, p), transformers.TopPLogitsWarper(p)(ids, scores.clone()))
+        assert torch.equal(sampling.top_p_filter(scores, p), transformers.TopPLogitsWarper(p)(ids, scores.clone()))
     for k in (1, 7, 50):
-        assert torch.equal(fastdecode.top_k_filter(scores, k), transformers.TopKLogitsWarper(k)(ids, scores.clone()))
+        assert torch.equal(sampling.top_k_filter(scores, k), transformers.TopKLogitsWarper(k)(ids, scores.clone()))
 
 
 def test_sampled_frequencies_match_probabilities():
@@ -161,10 +158,10 @@ def test_sampled_frequencies_match_probabilities():
     logits = probs.log().expand(n, -1)
     cfg = decode.DecodeConfig()
     noise = torch.empty(n, 4).exponential_(generator=g)
-    freq = torch.bincount(fastdecode.choose_tokens(logits, cfg, noise), minlength=4).float() / n
+    freq = torch.bincount(sampling.choose_tokens(logits, cfg, noise), minlength=4).float() / n
     assert torch.allclose(freq, probs, atol=0.01)
     cfg.top_p = 0.7  # keeps {0.5, 0.3}, renormalised to {0.625, 0.375}
-    freq = torch.bincount(fastdecode.choose_tokens(logits, cfg, noise), minlength=4).float() / n
+    freq = torch.bincount(sampling.choose_tokens(logits, cfg, noise), minlength=4).float() / n
     assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01)
 
 

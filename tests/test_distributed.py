@@ -48,9 +48,8 @@ def torchrun(n, flags):
 
 
 def test_two_process_resume_equals_straight_run(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from test_rporec import small
+    from transformers import AutoModelForCausalLM
     steps = lambda n: ["--grpo.steps", str(n), "--grpo.save_every", "2", "--grpo.beta", "0.01"]
     res = torchrun(2, small(tmp_path / "a", *steps(4)))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,15 +1,22 @@
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from evaluate import (EvalConfig, average_metrics, evaluate, full_ranking, metrics, popularity_metrics,  # noqa: E402
-                      popularity_scores, ranks, target_counts, transition_counts, transition_metrics,
-                      transition_scores)
+from evaluate import (
+    EvalConfig,
+    average_metrics,
+    evaluate,
+    full_ranking,
+    metrics,
+    popularity_metrics,
+    popularity_scores,
+    ranks,
+    target_counts,
+    transition_counts,
+    transition_metrics,
+    transition_scores,
+)
 
 
 def brute_rank(row: list[float], target: int) -> int:

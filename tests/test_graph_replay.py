@@ -5,18 +5,15 @@
 A step that kept state in Python, rebound a buffer instead of updating it in place, or relied on the
 capture executing would decode differently from eager here, as it would on a GPU."""
 import contextlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from test_decode import NEW, P, pick_eos, prompts, run, tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import decode  # noqa: E402
-import fastdecode  # noqa: E402
-from test_decode import NEW, P, pick_eos, prompts, run, tiny  # noqa: E402
+from plumbing import decode, sampling
+from speed import fastdecode
 
 
 class Ref:  # an op output made during capture: replay binds it anew
@@ -132,7 +129,7 @@ def test_emulator_catches_state_kept_outside_the_graph(qwen3, emulated_graphs, m
     """The emulator has teeth: a step that rebinds `done` instead of updating it in place decodes
     differently once replayed (a real graph would keep writing the old buffer too)."""
     def emit(self, logits, cfg, stats):
-        nxt = torch.where(self.done, self.pad, fastdecode.choose_tokens(logits, cfg, self.noise))
+        nxt = torch.where(self.done, self.pad, sampling.choose_tokens(logits, cfg, self.noise))
         self.out_tok.index_copy_(1, self.step, nxt[:, None])
         self.out_mask.index_copy_(1, self.step, ~self.done[:, None])
         self.done = self.done | (nxt[:, None] == self.eos).any(1)  # rebinding: invisible to a replayed graph

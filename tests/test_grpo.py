@@ -1,7 +1,6 @@
 import copy
 import math
 import os
-import sys
 import tempfile
 import types
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 import grpo
+from speed import chunked_head
 
 V = 64  # tiny vocabulary
 
@@ -197,12 +197,13 @@ def naive_logprobs(model, ids, am, n, temperature):
     return lsm.gather(-1, ids[:, -n:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
 
 
-def test_sequence_logprobs_matches_naive_with_left_padding():
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_sequence_logprobs_matches_naive_with_left_padding(chunk):
     model = tiny_model()
     b = toy_batch(model)
     ids = torch.cat([b["prompt_ids"], b["tokens"]], 1)
     am = torch.cat([b["prompt_mask"], b["mask"]], 1).long()
-    logp, ent = grpo.sequence_logprobs(model, ids, am, 6, temperature=0.7, chunk=5, with_entropy=True)
+    logp, ent = grpo.sequence_logprobs(model, ids, am, 6, temperature=0.7, chunk=chunk, with_entropy=True)
     with torch.no_grad():
         ref_lp, ref_ent = naive_logprobs(model, ids, am, 6, 0.7)
     m = b["mask"]
@@ -211,7 +212,7 @@ def test_sequence_logprobs_matches_naive_with_left_padding():
     assert torch.allclose(ent[m], ref_ent[m], atol=1e-5)
     # the left-padded row equals the same sequence without padding
     alone = torch.cat([b["prompt_ids"][:1, 2:], b["tokens"][:1]], 1)
-    single = grpo.sequence_logprobs(model, alone, torch.ones_like(alone), 6, temperature=0.7)
+    single = grpo.sequence_logprobs(model, alone, torch.ones_like(alone), 6, temperature=0.7, chunk=chunk)
     assert torch.allclose(logp[0], single[0], atol=1e-5)
     # gradients reach the decoder and the (tied or untied) output head through the checkpoints
     (logp[m].sum()).backward()
@@ -219,6 +220,23 @@ def test_sequence_logprobs_matches_naive_with_left_padding():
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="n_completion"):
         grpo.sequence_logprobs(model, ids, am, ids.shape[1])
+
+
+def test_chunked_head_is_the_plain_path_in_value_and_gradient():
+    """The fast path (speed/chunked_head.py, the default) against the plain log_softmax path (chunk=0) through a
+    whole model: log-probs, entropies and every parameter's gradient."""
+    b = toy_batch(tiny_model())
+    ids = torch.cat([b["prompt_ids"], b["tokens"]], 1)
+    am = torch.cat([b["prompt_mask"], b["mask"]], 1).long()
+    got = []
+    for chunk in (0, 4):
+        model = tiny_model()
+        logp, ent = grpo.sequence_logprobs(model, ids, am, 6, temperature=0.7, chunk=chunk, with_entropy=True)
+        (logp[b["mask"]] * torch.arange(1.0, 1 + int(b["mask"].sum()))).sum().backward()
+        got.append((logp, ent, [p.grad for p in model.parameters()]))
+    (plain, plain_ent, plain_grads), (fast, fast_ent, fast_grads) = got
+    assert torch.allclose(plain, fast, atol=1e-5) and torch.allclose(plain_ent, fast_ent, atol=1e-5)
+    assert all((a - c).norm() <= 1e-5 * (1 + a.norm()) for a, c in zip(plain_grads, fast_grads))
 
 
 def head_case(seed=0, n=13, H=24, V=50):
@@ -234,7 +252,7 @@ def test_chunked_head_matches_autograd_of_log_softmax(dtype):
     """_ChunkedHead's log-probs, entropies and hand-written gradients (h, W, b) against autograd through
     log_softmax of the full logits; the bf16 case rounds the matmul inputs (fp32 logits), as on a GPU."""
     h, w, b, targets, g = head_case()
-    logp, ent = grpo._ChunkedHead.apply(h, w, b, targets, 0.7, 5, dtype, True)  # chunks of 5, 5, 3
+    logp, ent = chunked_head._ChunkedHead.apply(h, w, b, targets, 0.7, 5, dtype, True)  # chunks of 5, 5, 3
     (logp * g).sum().backward()
     got = [x.grad.clone() for x in (h, w, b)]
     for x in (h, w, b):
@@ -255,7 +273,7 @@ def test_chunked_head_on_cuda_equals_its_cpu_emulation():
     out = {}
     for dev in ("cpu", "cuda"):
         args = [x.detach().to(dev).requires_grad_(x.requires_grad) for x in (h, w, b)]
-        logp = grpo._ChunkedHead.apply(*args, targets.to(dev), 1.0, 128, torch.bfloat16, False)
+        logp = chunked_head._ChunkedHead.apply(*args, targets.to(dev), 1.0, 128, torch.bfloat16, False)
         (logp * g.to(dev)).sum().backward()
         out[dev] = [logp.detach().cpu()] + [x.grad.cpu() for x in args]
     for a, c in zip(out["cpu"], out["cuda"]):
@@ -358,7 +376,7 @@ def test_rollout_repeats_prompts_in_contiguous_groups(monkeypatch):
         calls.update(ids=input_ids, am=attention_mask, stats=stats)
         return "rollout"
 
-    monkeypatch.setitem(sys.modules, "decode", types.SimpleNamespace(generate=fake_generate))
+    monkeypatch.setattr(grpo.decode, "generate", fake_generate)
     ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     am = torch.tensor([[0, 1, 1], [1, 1, 1]])
     assert grpo.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=False), [2], 0) == "rollout"

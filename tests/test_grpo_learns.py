@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-import decode
 import grpo
+from plumbing import decode
 
 V = 48  # vocabulary: chance level of the rewarded token is ~1/48
 PAD, EOS, TARGET = 0, 1, 2  # the reward is the share of TARGET among a completion's tokens

@@ -1,19 +1,25 @@
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sentence_transformers import SentenceTransformer  # noqa: E402
-from torch import nn  # noqa: E402
+from sentence_transformers import SentenceTransformer
+from torch import nn
 
-from rechead import (Rechead, RecheadConfig, ground_scores, make_optimizer, rec_loss,  # noqa: E402
-                     sample_negatives)
-from toy import build_encoder  # noqa: E402
+from plumbing.toy import build_encoder
+from rechead import (
+    Rechead,
+    RecheadConfig,
+    candidate_loss,
+    candidates,
+    eq5,
+    ground_scores,
+    make_optimizer,
+    sample_negatives,
+)
 
 COLOURS = ["red", "blue", "green", "black", "white", "golden", "silver", "purple"]
 GENRES = ["jazz", "rock", "blues", "folk", "punk", "soul"]
@@ -187,7 +193,7 @@ def test_fp16_encoder_trains_in_fp32(enc, tmp_path, trainable):
     pos = torch.tensor([1, 9, 26])
     neg = sample_negatives(pos, len(ITEMS) - 1, 8, torch.Generator().manual_seed(0))
     before = rh.ffn["his"][1].weight.clone()
-    loss = rec_loss(rh.user_vecs(X, Y, Z), pos, neg, rh.item_vecs)
+    loss = rh.loss(rh.user_vecs(X, Y, Z), pos, neg)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -235,7 +241,7 @@ def test_sample_negatives_exclude_pad_and_positive():
         sample_negatives(torch.tensor([1]), 1, 2, g)
 
 
-def test_rec_loss_by_hand():
+def test_eq6_by_hand():
     torch.manual_seed(0)
     h, items = torch.randn(3, 4), torch.randn(7, 4)
     pos, neg = torch.tensor([1, 4, 6]), torch.tensor([[2, 3], [1, 1], [5, 2]])
@@ -243,7 +249,7 @@ def test_rec_loss_by_hand():
     for b in range(3):
         s = [float(h[b] @ items[v]) for v in [pos[b].item()] + neg[b].tolist()]
         expect += -math.log(math.exp(s[0]) / sum(math.exp(v) for v in s)) / 3
-    assert abs(rec_loss(h, pos, neg, items).item() - expect) < 1e-5
+    assert abs(candidate_loss(eq5(h, items[candidates(pos, neg)])).item() - expect) < 1e-5
 
 
 def test_training_steps_reduce_loss(enc):
@@ -254,7 +260,7 @@ def test_training_steps_reduce_loss(enc):
     neg = sample_negatives(pos, len(ITEMS) - 1, 8, torch.Generator().manual_seed(0))
     losses = []
     for _ in range(15):
-        loss = rec_loss(rh.user_vecs(X, Y, Z), pos, neg, rh.item_vecs)
+        loss = rh.loss(rh.user_vecs(X, Y, Z), pos, neg)
         opt.zero_grad()
         loss.backward()
         assert rh.encoders["his"][0].embedding.weight.grad.to_dense().abs().sum() > 0  # encoder copies fine-tune

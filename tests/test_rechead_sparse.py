@@ -1,21 +1,34 @@
 """The fast path of trainable StaticEmbedding copies (tokenise once, row-sparse gradients, SparseAdam) and the
 item-ID vectors of eq. 5 (RecheadConfig.item_ids)."""
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sentence_transformers import SentenceTransformer  # noqa: E402
-from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, WordEmbeddings  # noqa: E402
-from sentence_transformers.sentence_transformer.modules.tokenizer import WhitespaceTokenizer  # noqa: E402
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import (
+    Normalize,
+    Pooling,
+    WordEmbeddings,
+)
+from sentence_transformers.sentence_transformer.modules.tokenizer import (
+    WhitespaceTokenizer,
+)
 
-import rechead  # noqa: E402
-from rechead import Rechead, RecheadConfig, encode, rec_loss, sample_negatives  # noqa: E402
-from toy import build_encoder  # noqa: E402
+import rechead
+from plumbing.toy import build_encoder
+from rechead import (
+    Rechead,
+    RecheadConfig,
+    candidate_loss,
+    candidates,
+    encode,
+    eq5,
+    sample_negatives,
+)
+from speed import static_encoder
 
 ITEMS = [""] + [f"{c} {g} album number {i}" for i, (c, g) in
                 enumerate((c, g) for c in ["red", "blue", "green", "black", "white"] for g in ["jazz", "rock", "folk"])]
@@ -73,16 +86,17 @@ def test_static_path_equals_encode_and_tokenises_once(request, model, max_seq_le
     assert rh.static
     texts = X + ["", "never seen words", "album album album red", X[0]]  # empty, unknown, repeated tokens, a duplicate
     for kind in ("his", "cot", "ans"):
-        torch.testing.assert_close(rh.encode_static(kind, texts), encode(rh.encoders[kind], texts, "cpu"))
-    counter = CountingTokenizer(rh.item_encoder[0].tokenizer)
-    rh.item_encoder[0].tokenizer = counter
+        fast = static_encoder.encode(rh.encoders[kind], rh.bags, texts, rh.cfg.sparse, "cpu")
+        torch.testing.assert_close(fast, encode(rh.encoders[kind], texts, "cpu"))
+    counter = CountingTokenizer(rh.bags.tokenizer)
+    rh.bags.tokenizer = counter
     rh.forget()
     with torch.no_grad():
         first = rh.user_vecs(X, Y, Z)
         again = rh.user_vecs(list(reversed(X)), list(reversed(Y)), list(reversed(Z)))
     assert sorted(counter.seen) == sorted(set(X + Y + [z for z in Z if z] + [""]))  # each distinct text once
     torch.testing.assert_close(again, first.flip(0))
-    ids, weights, offsets = rh.bags(["album album red", ""])
+    ids, weights, offsets = rh.bags.batch(["album album red", ""], "cpu")
     assert offsets.tolist() == [0, 2] and sorted(weights.tolist()) == pytest.approx([1 / 3, 2 / 3])
 
 
@@ -162,7 +176,7 @@ def test_item_ids_start_at_zero_and_match_the_plain_head(enc):
         assert torch.equal(with_ids.user_vecs(X, Y, Z), h)
         assert torch.equal(with_ids.scores(h), plain.scores(h))
         assert torch.equal(with_ids.loss(h, POS, neg), plain.loss(h, POS, neg))
-        assert torch.equal(plain.loss(h, POS, neg), rec_loss(h, POS, neg, plain.item_vecs))
+        assert torch.equal(plain.loss(h, POS, neg), candidate_loss(eq5(h, plain.item_vecs[candidates(POS, neg)])))
         cand = torch.cat([POS[:, None], neg], 1)  # (3, 7)
         torch.testing.assert_close(with_ids.candidate_scores(h, cand), plain.scores(h).gather(1, cand))
 

@@ -7,13 +7,12 @@ import shutil
 
 import pytest
 import torch
+from test_rporec import small
 
-import checkpoint
 import data
-import decode
 import recommend
 import rporec
-from test_rporec import small
+from plumbing import checkpoint, decode
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_backbone_run_reproduces_its_test_metrics_from_its_cached_cots(both_run,
     cfg, ds, samples = split_of(root)
     rec = recommend.Recommender.from_run(str(root / "run"))
     model = rec.model if stage == "2" else rporec.load_backbone(cfg, ds)[0]
-    cache = checkpoint.read_cache(checkpoint.reasoning_cache(cfg, model, "test", cfg.run.seed))
+    cache = checkpoint.read_cache(checkpoint.reasoning_cache(cfg, model, "test", cfg.run.seed, data.reasoning_key(cfg.data)))
     hr, ndcg = hr_ndcg(rec, ds, samples, [cache[i]["text"] for i in range(len(samples))])
     assert hr == pytest.approx(m[f"stage{stage}"]["test"]["hr@10"], abs=1e-12)
     assert ndcg == pytest.approx(m[f"stage{stage}"]["test"]["ndcg@10"], abs=1e-12)

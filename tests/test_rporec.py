@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-import checkpoint
-import common
-import decode
+import data
+import rewards
 import rporec
+from plumbing import checkpoint, decode
 
 real_encode = rporec.rechead.encode
 
@@ -100,7 +100,7 @@ def test_reasoning_cache_resumes_without_regenerating(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "generate", dying)
     with pytest.raises(KeyboardInterrupt):
         rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
-    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed)
+    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed, data.reasoning_key(cfg.data))
     assert len(checkpoint.read_cache(path)) == 16
     with open(path, "a") as f:
         f.write('{"i": 39, "text": "half a li')  # a write cut short by the kill
@@ -129,7 +129,7 @@ def test_a_failed_write_does_not_change_the_reruns_cots(tmp_path, monkeypatch):
     model, tok = rporec.load_backbone(cfg, ds)
     samples = ds.splits["valid"][:24]
     straight = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
-    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed)
+    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed, data.reasoning_key(cfg.data))
     with open(path, "rb") as f:
         whole = f.read()
     os.remove(path)
@@ -201,20 +201,23 @@ def test_reward_parts_on_formatted_completions(tmp_path):
     head = rporec.make_head(cfg, ds)
     samples = [dict(ds.splits["train"][i], i=i) for i in range(2)]
     good = "<think>mystery series book</think><answer>the northern dossier</answer>"
-    texts = [good, "no tags at all", good + " tail", "<think>x</think>"] * 2
+    texts = [good, "mystery book series", good + " book", "<think>mystery</think>"] * 2  # words of the toy vocabulary
     ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
     T = max(map(len, ids))
     tokens = torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i in ids])
     ro = decode.Rollout(tokens=tokens, mask=tokens != tok.pad_token_id, logp=torch.zeros(tokens.shape),
                      entropy=torch.rand(tokens.shape))
-    r, parts, cot_len, _ = rporec.reward_parts(cfg, ds, head, model, tok, samples, texts, ro)
+    scored = rewards.score(cfg, ds, head, model, tok, samples, ro)
+    r, parts, cot_len = scored.total, scored.parts, scored.cot_len
+    assert scored.texts == tok.batch_decode(tokens, skip_special_tokens=True)
     assert parts["fmt"].tolist() == [1.0, 0.0, 1.0, 0.0] * 2
     assert parts["clean"][2] < 1.0 == parts["clean"][0]
     assert (r[[1, 3]] == 0).all() and (r[[0, 2]] > 0).all()  # eq. 7: nothing without the format
     assert (parts["comp"][[0, 2]] > 0).all() and cot_len[0] == 3  # the summary ran for formatted ones
     assert torch.all((parts["ndcg"] > 0) & (parts["ndcg"] <= 1))
     cfg.rewards.drop = "fmt"  # the -fmt ablation (and the toy preset): no gate, summaries for every CoT
-    r, parts, _, _ = rporec.reward_parts(cfg, ds, head, model, tok, samples, texts, ro)
+    scored = rewards.score(cfg, ds, head, model, tok, samples, ro)
+    r, parts = scored.total, scored.parts
     assert (r[[1, 3]] > 0).all() and parts["comp"][1] > 0
 
 
@@ -244,7 +247,7 @@ def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
                                     "--rechead.trainable", "false", "--rechead.encode_batch", "1"))  # 16-text chunks
     ds = rporec.data.load_dataset(cfg.data)
     samples = ds.splits["train"][:48]
-    inputs = rporec.rechead_inputs(cfg, ds, samples, [("", None)] * len(samples))
+    inputs = data.rechead_inputs(cfg, ds, samples, [("", None)] * len(samples))
     n_texts = len({t or "" for part in inputs for t in part})
     assert n_texts > 2 * 16
     monkeypatch.setattr(checkpoint, "EMBED_SAVE_S", 0)  # save after every chunk
@@ -277,10 +280,10 @@ def test_history_window_keeps_the_newest_items(tmp_path):
     cfg = rporec.parse_config(small(tmp_path, "--rechead.history_items", "2"))
     ds = rporec.data.load_dataset(cfg.data)
     sample = next(s for s in ds.splits["train"] if len(s["history"]) >= 4)
-    (x,), _, _ = rporec.rechead_inputs(cfg, ds, [sample], [("", None)])
+    (x,), _, _ = data.rechead_inputs(cfg, ds, [sample], [("", None)])
     assert x == rporec.data.history_text(ds, sample["history"][-2:], cfg.data.max_history_chars)
     prompt = rporec.data.build_messages(ds, sample, cfg.data, cfg.run.prompt_suffix)[-1]["content"]
     assert all(ds.titles[h] in prompt for h in sample["history"])
     cfg.rechead.history_items = 0
-    (full,), _, _ = rporec.rechead_inputs(cfg, ds, [sample], [("", None)])
+    (full,), _, _ = data.rechead_inputs(cfg, ds, [sample], [("", None)])
     assert full == rporec.data.history_text(ds, sample["history"], cfg.data.max_history_chars) != x

@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
-
-import bench
-import common
-import flags
-import rporec
-import toy
 from test_rporec import small
+
+import rporec
+from plumbing import flags, toy
+from plumbing.cost import STEP_PARTS, cost_summary
+from tools import bench
 
 TEXTS = ["Toy Story (1995) Animation", "Heat (1995) Crime Thriller", "Recommend the next movie: <answer>"]
 
@@ -73,7 +72,7 @@ def test_standin_runs_both_stages_and_every_phase_is_costed(tmp_path, capsys):
     assert cost["reasoning"]["tokens"] == 3 * 48 * 8  # noise runs to the 8-token cap
     assert cost["grpo_step"]["count"] == 2 and cost["stage2_eval"]["count"] == 3  # steps 0, 1, 2
     assert cost["grpo_rollout"]["tokens"] == 2 * 2 * 4 * 8  # 2 steps x 2 prompts x G 4 x 8 tokens
-    parts = sum(cost[f"grpo_{p}"]["s"] for p in common.STEP_PARTS)
+    parts = sum(cost[f"grpo_{p}"]["s"] for p in STEP_PARTS)
     assert 0 < parts <= cost["grpo_step"]["s"] + 0.01
     steps = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     steps = [r for r in steps if r.get("phase") == "grpo_step"]
@@ -89,7 +88,7 @@ def test_cost_summary_sums_phases_and_splits_steps():
             {"stage": 1, "epoch": 0, "loss": 1.0},  # no phase: not a cost line
             {"stage": 2, "step": 1, "phase": "grpo_step", "s": 10.0, "rollout_s": 6.0, "rewards_s": 1.0,
              "update_s": 2.5, "tokens": 300, "peak_gib": 7.0}]
-    c = common.cost_summary(recs)
+    c = cost_summary(recs)
     assert c["reasoning"] == {"count": 2, "s": 5.0, "samples": 10, "tokens": 100, "peak_gib": 5.0, "samples_s": 2.0,
                               "tokens_s": 20.0}
     assert c["grpo_step"]["tokens"] == c["grpo_rollout"]["tokens"] == 300 and "tokens" not in c["grpo_update"]

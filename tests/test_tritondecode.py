@@ -13,12 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.7,<3.8'; .ci/run does)")
-import decode  # noqa: E402
-import fastdecode  # noqa: E402
-import tritondecode  # noqa: E402
-from test_decode import NEW, PAD, naive_stats, pick_eos, prompts, tiny  # noqa: E402
+from test_decode import NEW, PAD, naive_stats, pick_eos, prompts, tiny
+
+from plumbing import decode
+from speed import fastdecode, tritondecode
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -182,7 +181,7 @@ from collections import Counter
 from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
-import tritondecode
+from speed import tritondecode
 tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 results = []
 for name, args, consts in json.loads(sys.argv[1]):

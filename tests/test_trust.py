@@ -14,12 +14,13 @@ import typing
 
 import pytest
 import torch
-
-import checkpoint
-import common
-import decode
-import rporec
 from test_rporec import small, toy_model
+
+import data
+import rewards
+import rporec
+from plumbing import checkpoint, decode, errors, files, flags
+from plumbing.run import Preemption
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_crafted_rechead_cannot_run_code(both_run, tmp_path):
     with pytest.raises(SystemExit, match="rechead.pt is not a valid Rechead.*could run code.*refused"):
         rporec.parse_config(small(tmp_path, "--stage", "2", "--init", str(init)))
     assert not os.path.exists(EVIL_MARK)
-    assert rporec.config.load_rechead_file(str(both_run / "run"))["state"]  # the real one still loads
+    assert checkpoint.load_rechead(str(both_run / "run"))["state"]  # the real one still loads
 
 
 @pytest.mark.parametrize("name", ["trainer_state.pt", "rng0.pt", "model.safetensors"])
@@ -142,7 +143,7 @@ def test_corrupt_rechead_and_embeddings_are_named(both_run, tmp_path):
     init.mkdir()
     (init / "rechead.pt").write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="rechead.pt is not a valid"):
-        rporec.config.load_rechead_file(str(init))
+        checkpoint.load_rechead(str(init))
     emb = tmp_path / "e.pt"
     torch.save({"texts": ["a", "b"], "vecs": torch.zeros(3, 4)}, emb)
     with pytest.raises(SystemExit, match="2 texts but vectors of shape \\(3, 4\\)"):
@@ -189,14 +190,14 @@ def test_save_every_zero_saves_only_at_the_end(tmp_path, monkeypatch):
 
 
 def test_nan_rewards_never_reach_the_weights(tmp_path, monkeypatch):
-    real = rporec.reward_parts
+    real = rewards.score
 
     def nan_parts(*a):
-        r, parts, cot, summ = real(*a)
-        r[0] = float("nan")
-        return r, parts, cot, summ
+        scored = real(*a)
+        scored.total[0] = float("nan")
+        return scored
 
-    monkeypatch.setattr(rporec, "reward_parts", nan_parts)
+    monkeypatch.setattr(rewards, "score", nan_parts)
     with pytest.raises(SystemExit, match="2 GRPO steps in a row had non-finite"):
         rporec.main(small(tmp_path, "--grpo.steps", "4", "--grpo.max_skips", "2"))
     from transformers import AutoModelForCausalLM
@@ -270,13 +271,13 @@ def test_sampled_reasoning_is_seeded_and_keyed(tmp_path):
     assert (s.temperature, s.top_k) == (0.6, 20)
     samples = ds.splits["valid"][:16]
     first, rate = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)
-    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed)
+    path = checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed, data.reasoning_key(cfg.data))
     os.remove(path)
     assert rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples)[0] == first  # a rerun draws the same
     other = rporec.generate_reasoning(cfg, ds, model, tok, "valid", samples, seed=7)[0]
-    assert other != first and checkpoint.reasoning_cache(cfg, model, "valid", 7) != path
+    assert other != first and checkpoint.reasoning_cache(cfg, model, "valid", 7, data.reasoning_key(cfg.data)) != path
     cfg.decode.greedy = True
-    assert checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed) != path
+    assert checkpoint.reasoning_cache(cfg, model, "valid", cfg.run.seed, data.reasoning_key(cfg.data)) != path
     assert 0.0 <= rate <= 1.0
 
 
@@ -285,10 +286,10 @@ def test_weights_digest_sees_values_not_dtype():
     model = torch.nn.Linear(8, 8).to(torch.bfloat16)
     master = torch.nn.Linear(8, 8)
     master.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    assert common.weights_digest(model) == common.weights_digest(master)
+    assert files.weights_digest(model) == files.weights_digest(master)
     with torch.no_grad():
         master.weight[0, 0] += 1e-3
-    assert common.weights_digest(model) != common.weights_digest(master)
+    assert files.weights_digest(model) != files.weights_digest(master)
 
 
 def test_toy_numbers_do_not_depend_on_a_warm_data_folder(tmp_path):
@@ -325,13 +326,13 @@ def test_a_full_disk_stops_with_the_files_name(tmp_path):
     """Real failed writes (to /dev/full, a device that is always full) become one error line naming the file
     and saying that the disk is full; other errors pass through."""
     with pytest.raises(SystemExit, match=r"^error: could not write run/rechead.pt: the disk is full.*unexpected pos"):
-        with common.writing("run/rechead.pt"):
+        with files.writing("run/rechead.pt"):
             torch.save({"a": torch.zeros(100000)}, "/dev/full")  # torch's own words: 'enforce fail ... unexpected pos'
     with pytest.raises(SystemExit, match=r"^error: could not write run/log.jsonl: the disk is full.*No space left"):
-        with common.writing("run/log.jsonl"), open("/dev/full", "a") as f:
+        with files.writing("run/log.jsonl"), open("/dev/full", "a") as f:
             f.write("x" * 100000)
     with pytest.raises(ValueError, match="not a write"):
-        with common.writing("run/x"):
+        with files.writing("run/x"):
             raise ValueError("not a write")
 
 
@@ -372,11 +373,11 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     flags = small(tmp_path, "--dataset", "custom", "--data.interactions", inter, "--data.items",
                   _rows_of(tmp_path, "items.tsv", [{"item_id": 1, "title": "a"}]))
     with pytest.raises(SystemExit, match="is not a number"):
-        common.run_main(rporec.main, flags)
+        errors.run_main(rporec.main, flags)
     assert "Traceback" not in capsys.readouterr().err
-    monkeypatch.setattr(common, "DEBUG", True)
+    monkeypatch.setattr(errors, "DEBUG", True)
     with pytest.raises(SystemExit, match="is not a number"):
-        common.run_main(rporec.main, flags)
+        errors.run_main(rporec.main, flags)
     err = capsys.readouterr().err
     assert "Traceback" in err and "ValueError" in err
 
@@ -405,7 +406,7 @@ def test_a_read_only_file_system_is_one_error_line(tmp_path, monkeypatch):
             raise OSError(30, "Read-only file system", str(path))
         return real(path, *a, **k)
 
-    monkeypatch.setattr(rporec.os, "makedirs", read_only)
+    monkeypatch.setattr(os, "makedirs", read_only)
     with pytest.raises(SystemExit, match=f"^error: cannot write {tmp_path / 'run'} \\(Read-only file system\\)"):
         rporec.main(small(tmp_path))
 
@@ -451,10 +452,10 @@ def test_one_run_per_folder(tmp_path):
     is gone, its run.lock is taken over."""
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.lock").write_text("99999999 gone-host\n")  # left by a killed run: no one holds it
-    common.lock_run(str(tmp_path / "run"))  # taken over
+    files.lock_run(str(tmp_path / "run"))  # taken over
     assert (tmp_path / "run" / "run.lock").read_text().split()[0] == str(os.getpid())
-    common.unlock_run(str(tmp_path / "run"))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common; common.lock_run(sys.argv[1]); "
+    files.unlock_run(str(tmp_path / "run"))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plumbing import files; files.lock_run(sys.argv[1]); "
                                "print('held', flush=True); time.sleep(600)", str(tmp_path / "run")],
                               cwd=os.path.dirname(rporec.__file__), stdout=subprocess.PIPE, text=True)
     try:
@@ -471,7 +472,7 @@ def test_one_run_per_folder(tmp_path):
 
 def _bad_values(rule, kind):
     """Flag texts that `rule` refuses for a field of type `kind`."""
-    if isinstance(rule, rporec.config.flags_lib.Range):
+    if isinstance(rule, flags.Range):
         integer = kind is int or int in typing.get_args(kind)
         out = [] if integer else ["nan", "inf"]
         if math.isfinite(rule.low):
@@ -479,15 +480,15 @@ def _bad_values(rule, kind):
         if math.isfinite(rule.high):
             out.append(str(rule.high + (0 if rule.open in ("high", "both") and not integer else 1)))
         return out
-    if isinstance(rule, rporec.config.flags_lib.OneOf):
+    if isinstance(rule, flags.OneOf):
         return ["nope"]
-    if isinstance(rule, rporec.config.flags_lib.Text):
+    if isinstance(rule, flags.Text):
         return [""]
     return []
 
 
 def test_every_field_of_every_config_is_checked_before_any_work(tmp_path):
-    """Walks every field of every config section: each has its allowed values (config.RANGES, data.RANGES), and
+    """Walks every field of every config section: each is a setting() with its allowed values, and
     a value outside them stops the run before any write with an error naming the flag. Fields checked by their
     own code get a value of their own here; free fields are booleans and text."""
     a_file = tmp_path / "a_file"
@@ -496,16 +497,15 @@ def test_every_field_of_every_config_is_checked_before_any_work(tmp_path):
            "data.data_dir": [str(a_file)], "data.interactions": ["a.tsv"], "data.items": ["a.tsv"],
            "data.start": ["yesterday", "2030-01-01"], "data.end": ["2000-01-01"], "data.train_end": ["0", "0.95"],
            "data.valid_end": ["1", "nan"], "rewards.drop": ["fun"], "eval.ks": ["5,20", "0,10"]}
-    rules = {**rporec.config.RANGES, **rporec.data.RANGES}
     cfg, checked = rporec.Config(), 0
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
         for f in dataclasses.fields(obj):
             key = f"{section.name}.{f.name}"
-            assert key in rules, f"{key} has no rule in config.RANGES or data.RANGES"
-            kind = typing.get_type_hints(type(obj))[f.name]
-            bad = own.pop(key) if isinstance(rules[key], rporec.config.flags_lib.Own) else _bad_values(rules[key], kind)
-            if rules[key] is None:
+            assert "allowed" in f.metadata, f"{key} is no setting(): give it its allowed values"
+            rule, kind = f.metadata["allowed"], typing.get_type_hints(type(obj))[f.name]
+            bad = own.pop(key) if isinstance(rule, flags.Own) else _bad_values(rule, kind)
+            if rule is None:
                 assert kind is bool or str in (kind, *typing.get_args(kind)), f"{key} is free but not bool or text"
             flag = f"--{f.name}" if section.name == "run" else f"--{key}"
             for value in bad:
@@ -567,7 +567,7 @@ def test_stage2_refuses_a_stage1_run_on_other_data(both_run, tmp_path):
     cfg = rporec.parse_config(small(tmp_path, "--data.seed", "1"))  # and if the files say nothing of it
     head = rporec.make_head(cfg, rporec.data.load_dataset(cfg.data))
     with pytest.raises(SystemExit, match="rechead.pt does not fit this run's Rechead .*size mismatch"):
-        rporec.config.restore_rechead(head, str(both_run / "run"))
+        checkpoint.restore_rechead(head, str(both_run / "run"))
 
 
 def test_resume_after_stage1_does_not_rerun_it(both_run, tmp_path, monkeypatch):
@@ -607,7 +607,7 @@ def test_sigterm_in_stage2_checkpoints_the_step_and_resumes_to_the_same_run(tmp_
     import signal
     flags = ("--grpo.steps", "4", "--grpo.save_every", "50", "--grpo.eval_every", "2")
     straight = rporec.main(small(tmp_path / "a", *flags))
-    real, steps = rporec.reward_parts, []
+    real, steps = rewards.score, []
 
     def preempted(*a):
         steps.append(1)
@@ -615,14 +615,14 @@ def test_sigterm_in_stage2_checkpoints_the_step_and_resumes_to_the_same_run(tmp_
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a)
 
-    monkeypatch.setattr(rporec, "reward_parts", preempted)
+    monkeypatch.setattr(rewards, "score", preempted)
     with pytest.raises(SystemExit) as e:
         rporec.main(on_data(small(tmp_path / "b", *flags), tmp_path / "a"))
     assert e.value.code == 128 + signal.SIGTERM
     run = tmp_path / "b" / "run"
     assert torch.load(run / "ckpt" / "trainer_state.pt", weights_only=True)["step"] == 2
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with Stage II
-    monkeypatch.setattr(rporec, "reward_parts", real)
+    monkeypatch.setattr(rewards, "score", real)
     resumed = rporec.main(on_data(small(tmp_path / "b", *flags, "--resume"), tmp_path / "a"))
     cost, straight_cost = resumed.pop("cost"), straight.pop("cost")  # time differs, and so does the work:
     assert resumed == straight  # one more checkpoint, at the signal; the stopped invocation logs no "run" line
@@ -641,7 +641,7 @@ def test_sigterm_in_stage2_checkpoints_the_step_and_resumes_to_the_same_run(tmp_
 
 def test_a_second_signal_stops_at_once():
     import signal
-    with common.Preemption() as stop:
+    with Preemption() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested()
         with pytest.raises(KeyboardInterrupt):

@@ -7,19 +7,16 @@
    against grpo.sequence_logprobs (fp32 vs fp32, and bf16 decoding vs bf16 autocast, the GPU setup).
    This is what would enter w = pi_theta / pi_old with --grpo.old_logp rollout.
 
-  python tests/real_model_check.py PATH_OR_HUB_ID [--new-tokens 64] [--group 4]
+  python -m tools.real_model_check PATH_OR_HUB_ID [--new-tokens 64] [--group 4]
 """
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import decode  # noqa: E402
-import grpo  # noqa: E402
+import grpo
+from plumbing import decode
 
 QUESTIONS = ["Recommend one movie for someone who liked Toy Story and Babe. Explain why.",
              "Name a film.",

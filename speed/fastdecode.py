@@ -19,15 +19,16 @@ Decoders (KV cache + graphs) are cached per model: at most KEEP_DECODERS, least 
 each with a multiple of 8 rows; a smaller batch reuses a larger decoder, padded with copies of row 0
 that are marked done at once and sliced off the outputs.
 
-Callers go through decode.generate. The sampling rules and the Rollout type live here, and decode.py's
-hf backend reads them too: decode imports this module, never the other way round.
+Callers go through decode.generate. The sampling rules and the Rollout type are plumbing/sampling.py's, which
+both backends import; decode imports this module, never the other way round.
 """
 import weakref
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+from plumbing.sampling import Rollout, choose_tokens, token_stats
 
 FAST_ARCHS = ("qwen3", "qwen2", "llama")  # pre-norm, SwiGLU, RoPE, GQA; qwen3 adds q/k RMSNorm
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
@@ -36,48 +37,6 @@ KERNELS = ("auto", "triton", "torch")  # DecodeConfig.kernels choices
 PROGRAMS_PER_SM = 4  # split-KV attention: aim for this many programs per multiprocessor
 KEEP_DECODERS = 2  # per model; each holds a KV cache (GBs at rollout sizes) and its CUDA graphs
 _DECODERS = weakref.WeakKeyDictionary()  # model -> [_FastDecoder], least recently used first
-
-
-@dataclass
-class Rollout:
-    tokens: torch.Tensor  # (B, T) long, completion only, pad_id after EOS
-    mask: torch.Tensor  # (B, T) bool, real completion tokens, EOS included
-    logp: torch.Tensor | None  # (B, T) float32, log-prob of the chosen token at `temperature`
-    entropy: torch.Tensor | None  # (B, T) float32, entropy of that same distribution
-
-
-def top_k_filter(logits, k):
-    """HF TopKLogitsWarper: -inf below the k-th largest logit (ties with it are kept)."""
-    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits, p):
-    """HF TopPLogitsWarper: keep the smallest set whose probability reaches p, always >= 1 token."""
-    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending, as HF
-    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p
-    drop[..., -1] = False
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-
-
-def token_stats(logits, temperature):
-    """log_softmax(logits / T) (B, V) and its entropy (B,); 0 * log 0 counts as 0."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp, -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
-
-
-def choose_tokens(logits, cfg, noise):
-    """Next token (B,) from raw logits (B, V). Sampling uses the exponential race: argmax_i p_i / E_i
-    with E_i ~ Exp(1) (noise, (B, V)) picks i with probability p_i; torch.multinomial does the same
-    for one sample, but a caller-filled noise buffer keeps the RNG out of the CUDA graph."""
-    if cfg.greedy:
-        return logits.argmax(-1)
-    x = logits.float() / cfg.temperature
-    if cfg.top_k > 0:
-        x = top_k_filter(x, cfg.top_k)
-    if cfg.top_p < 1.0:
-        x = top_p_filter(x, cfg.top_p)
-    return (x.softmax(-1) / noise).argmax(-1)
 
 
 def fast_unsupported(model):
@@ -103,7 +62,7 @@ def graphs_available(device):
 def triton_kernels():
     """tritondecode.py, or None when triton does not import (it ships with CUDA builds of torch)."""
     try:
-        import tritondecode
+        from speed import tritondecode
     except ImportError:
         return None
     return tritondecode

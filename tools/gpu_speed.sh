@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The speed check of the Triton decode kernels and the update, for a lent card, in about 4 minutes:
-#   OUT=/some/dir bash tests/gpu_speed.sh
+#   OUT=/some/dir bash tools/gpu_speed.sh
 # Parts run in order of importance; each writes under $OUT as soon as it ends, so a timeout keeps what finished.
 # Six files come back:
 #   env.txt             versions, nvidia-smi, and each part's start time, exit status and seconds
@@ -12,7 +12,7 @@
 #   profile_decode.txt  the decode step's kernels per kernel set, kv_bucket at rollout length, the attention
 #                       kernel alone against SDPA and the copy bandwidth
 # TRL's GRPOTrainer is left out (26.61 s/step on the H200, results/gpu-h200); TRL=1 adds bench's trl section, which
-# measures only where trl and datasets import (this script installs nothing: tests/gpu_check.sh shows how). On a CPU the same parts run at tiny sizes, the Triton kernels in
+# measures only where trl and datasets import (this script installs nothing: tools/gpu_check.sh shows how). On a CPU the same parts run at tiny sizes, the Triton kernels in
 # Triton's interpreter: a check that the script runs end to end, not a measurement.
 set -u
 OUT=${OUT:-gpu_speed_out}
@@ -48,9 +48,9 @@ torch.cuda.is_available())"; python -c "import triton; print('triton', triton.__
 part tests "$OUT/tests.txt" python -m pytest -q tests/test_decode.py tests/test_graph_replay.py tests/test_tritondecode.py \
   tests/test_grpo.py::test_chunked_head_on_cuda_equals_its_cpu_emulation \
   --deselect tests/test_tritondecode.py::test_kernels_compile_for_hopper_with_wide_loads_and_no_spills
-part bench "$OUT/bench.txt" python bench.py --out "$OUT/bench.json" --sections $SECTIONS "${BENCH[@]}"
-part profile_update "$OUT/profile_update_stdout.txt" python tests/profile_update.py --out "$OUT/profile_update.txt"
-part profile_decode "$OUT/profile_decode_stdout.txt" python tests/profile_decode.py --out "$OUT/profile_decode.txt" \
+part bench "$OUT/bench.txt" python -m tools.bench --out "$OUT/bench.json" --sections $SECTIONS "${BENCH[@]}"
+part profile_update "$OUT/profile_update_stdout.txt" python -m tools.profile_update --out "$OUT/profile_update.txt"
+part profile_decode "$OUT/profile_decode_stdout.txt" python -m tools.profile_decode --out "$OUT/profile_decode.txt" \
   "${DECODE[@]}"
 # the profiles' own files hold their results; their logs only matter when a part failed
 for p in profile_update profile_decode; do

@@ -10,37 +10,50 @@ Two backends behind one `generate`:
 
 Sampling semantics are HF's: temperature, then top-k, then top-p, greedy = argmax of raw logits.
 logp / entropy always describe log_softmax(logits / temperature), ignoring top-k/top-p truncation.
-Those rules (and the Rollout type) live in fastdecode.py, which both backends read: decode imports
-fastdecode, never the other way round.
+Those rules (and the Rollout type) live in plumbing/sampling.py, which both backends import.
 """
 import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-import fastdecode
-from fastdecode import Rollout, token_stats  # the output type and the stats rule both backends share
+from plumbing.flags import OneOf, Range, setting
+from plumbing.sampling import (  # the output type and the stats rule both backends share
+    Rollout,
+    token_stats,
+)
+from speed import fastdecode
 
 
 @dataclass
 class DecodeConfig:
-    max_new_tokens: int = 768  # paper's maximum completion length
-    temperature: float | None = 1.0  # sampling temperature; logp/entropy are taken at this temperature too;
-    # None (top_p, top_k too) = the backbone's generation_config, filled in by resolve_sampling before decoding
-    top_p: float | None = 1.0  # nucleus: smallest set with cumulative prob >= top_p (1.0 = off)
-    top_k: int | None = 0  # keep only the k most likely tokens (0 = off)
-    greedy: bool = False  # argmax decoding (summaries, evaluation); temperature then only scales stats
-    backend: str = "auto"  # "auto" (fast on CUDA for fastdecode.FAST_ARCHS, else hf) | "hf" | "fast"
-    cuda_graph: bool = True  # fast backend on CUDA: replay each decode step as one CUDA graph
-    kv_bucket: int = 256  # attention reads the cache in multiples of this many columns; one graph each
-    kernels: str = "torch"  # fast backend decode step: "triton" (tritondecode.py: split-KV attention, fused RoPE +
-    # q/k norm + cache write, SiLU) | "torch" (SDPA and torch ops, the reference) | "auto" = triton on CUDA
-    # when triton imports and the head layout fits, else torch. The default stays torch until the Triton kernels
-    # have run on a card (tests/gpu_speed.sh): so far they were checked only in Triton's CPU interpreter
-    sync_every: int = 16  # fast: test "every row done" each this many steps (on CUDA a host sync)
-    prefill_rows: int = 16  # prompts per prefill forward; bounds the (rows, P, P) mask and activations
-    dtype: str = "auto"  # fast backend compute dtype: "auto" = bfloat16 on CUDA else the weights' dtype;
-    # or "float32" | "bfloat16" | "float16". The hf backend ignores it (runs the model as it is).
+    max_new_tokens: int = setting(768, Range(1))  # paper's maximum completion length
+    temperature: float | None = setting(1.0, Range(0, open="low", none=True))  # sampling temperature;
+    # logp/entropy are taken at this temperature too; None (top_p, top_k too) = the backbone's
+    # generation_config, filled in by resolve_sampling before decoding
+    top_p: float | None = setting(1.0, Range(0, 1, open="low", none=True))  # nucleus: smallest set with
+    # cumulative prob >= top_p (1.0 = off)
+    top_k: int | None = setting(0, Range(0, none=True))  # keep only the k most likely tokens (0 = off)
+    greedy: bool = setting(False)  # argmax decoding (summaries, evaluation); temperature then only scales
+    # stats
+    backend: str = setting("auto", OneOf("auto", "hf", "fast"), rerun=True)  # "auto" (fast on CUDA for
+    # fastdecode.FAST_ARCHS, else hf) | "hf" | "fast"
+    cuda_graph: bool = setting(True, rerun=True)  # fast backend on CUDA: replay each decode step as one CUDA
+    # graph
+    kv_bucket: int = setting(256, Range(1), rerun=True)  # attention reads the cache in multiples of this many
+    # columns; one graph each
+    kernels: str = setting("torch", OneOf("auto", "triton", "torch"), rerun=True)  # fast backend decode step:
+    # "triton" (tritondecode.py: split-KV attention, fused RoPE + q/k norm + cache write, SiLU) | "torch"
+    # (SDPA and torch ops, the reference) | "auto" = triton on CUDA when triton imports and the head layout
+    # fits, else torch. The default stays torch until the Triton kernels have run on a card
+    # (tools/gpu_speed.sh): so far they were checked only in Triton's CPU interpreter
+    sync_every: int = setting(16, Range(1), rerun=True)  # fast: test "every row done" each this many steps
+    # (on CUDA a host sync)
+    prefill_rows: int = setting(16, Range(1), rerun=True)  # prompts per prefill forward; bounds the (rows, P,
+    # P) mask and activations
+    dtype: str = setting("auto", OneOf("auto", "float32", "bfloat16", "float16"))  # fast backend compute
+    # dtype: "auto" = bfloat16 on CUDA else the weights' dtype; or "float32" | "bfloat16" | "float16". The hf
+    # backend ignores it (runs the model as it is).
 
 
 class _Recorder:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 
-from sources import item_text
+from plumbing.sources import item_text
 
 TOY_GENRES = {  # genre: "series nouns|story hook|story hook"
     "Mystery": "Harbor Ledger Chapel Orchard Cipher Lantern|a retired inspector reopens a cold case|a locked "

@@ -1,6 +1,6 @@
 """Manual check: recommend.py's batch mode reproduces a run's own test metrics, and how fast it is.
 
-    python tests/recommend_check.py RUN [--stage 1|2] [--work DIR]
+    python -m tools.recommend_check RUN [--stage 1|2] [--work DIR]
 
 Writes every test sample's history (the dataset's own ids) as an input line, with the run's cached CoT of that
 sample as "reasoning" when the run has a backbone (the Stage II backbone's by default, --stage 1 for the Stage I
@@ -18,14 +18,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import checkpoint  # noqa: E402
-import data  # noqa: E402
-import decode  # noqa: E402
-import recommend  # noqa: E402
-import rporec  # noqa: E402
-from common import DEVICE  # noqa: E402
+import data
+import recommend
+import rporec
+from plumbing import checkpoint, decode
+from plumbing.processes import DEVICE
 
 
 def main():
@@ -37,7 +34,7 @@ def main():
     cfg = recommend.load_config(a.run)
     ds = data.load_dataset(cfg.data)
     samples = ds.splits["test"][:cfg.run.limit or None]
-    stage = a.stage or ("2" if cfg.run.model != "none" and checkpoint.has_stage2(cfg) else "1")
+    stage = a.stage or ("2" if cfg.run.model != "none" and cfg.run.has_stage2() else "1")
     key = ds.item_keys
     lines = [{"user": s["user"], "history": [key[i] for i in s["history"]], "target": key[s["target"]]}
              for s in samples]
@@ -46,7 +43,7 @@ def main():
             model = decode.load_model(os.path.join(a.run, "best"), torch.float32, DEVICE)[0]  # the run's fp32 masters
         else:
             model = rporec.load_backbone(cfg, ds)[0]
-        path = checkpoint.reasoning_cache(cfg, model, "test", cfg.run.seed)
+        path = checkpoint.reasoning_cache(cfg, model, "test", cfg.run.seed, data.reasoning_key(cfg.data))
         cache = checkpoint.read_cache(path)
         if len(cache) < len(samples):
             sys.exit(f"error: {path} holds {len(cache)} of {len(samples)} test CoTs")

@@ -88,15 +88,17 @@ def apply(cfg, values):
 
 
 def help_text(cfg, bare="run"):
-    """Every flag with its default and its field comment, grouped by section."""
+    """Every flag with its default, its allowed values and its field comment, grouped by section."""
     lines = []
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
-        notes = field_comments(type(obj))
+        notes, kinds = field_comments(type(obj)), typing.get_type_hints(type(obj))
         lines.append(f"\n[{section.name}]")
         for f in dataclasses.fields(obj):
             flag = f"--{f.name}" if section.name == bare else f"--{section.name}.{f.name}"
-            lines.append(f"  {flag} {getattr(obj, f.name)!r}\n      {notes.get(f.name, '')}")
+            rule = f.metadata.get("allowed")
+            allowed = f"  ({rule.describe(kinds[f.name])})" if rule is not None else ""
+            lines.append(f"  {flag} {getattr(obj, f.name)!r}{allowed}\n      {notes.get(f.name, '')}")
     return "\n".join(lines)
 
 
@@ -139,6 +141,9 @@ class Range:
             (value < self.high if hi_open else value <= self.high)
         return None if ok else self.text(kind)
 
+    def describe(self, kind=float):
+        return self.text(kind)
+
     def text(self, kind=float):
         lo_open, hi_open = self.open in ("low", "both"), self.open in ("high", "both")
         if math.isfinite(self.low) and math.isfinite(self.high):
@@ -159,14 +164,20 @@ class OneOf:
         self.choices = choices
 
     def error(self, value, kind):
-        return None if value in self.choices else f"one of {self.choices}"
+        return None if value in self.choices else self.describe(kind)
+
+    def describe(self, kind=None):
+        return f"one of {self.choices}"
 
 
 class Text:
     """A string field that must not be empty (a model name, a category word)."""
 
     def error(self, value, kind):
-        return None if isinstance(value, str) and value.strip() else "a non-empty string"
+        return None if isinstance(value, str) and value.strip() else self.describe(kind)
+
+    def describe(self, kind=None):
+        return "a non-empty string"
 
 
 class Own:
@@ -178,19 +189,59 @@ class Own:
     def error(self, value, kind):
         return None
 
+    def describe(self, kind=None):
+        return self.what
+
 
 ANY = None  # any value of the field's type: booleans, free text such as the prompt suffix
 
 
-def range_errors(cfg, rules, bare=None):
-    """'--flag must be ..., got value' for every field of cfg's sections that its rule in rules refuses (fields
-    of section `bare` are named bare, as parse_flags takes them)."""
+POSITIVE = Range(0, open="low")  # learning rates, temperatures, scales
+RATE = Range(0, 1, open="low")  # a share in (0, 1]
+SEED = Range(0, 2 ** 32 - 1)  # numpy seeds are 32-bit
+
+
+def setting(default, allowed=ANY, rerun=False, place=False):
+    """A config field: its default, the values it allows (a rule above: Range, OneOf, Text, Own or ANY, checked
+    before any work), and what two runs sharing a run folder may differ in: rerun (how far a run goes, speed
+    knobs) and place (where things are, not what the run is)."""
+    return dataclasses.field(default=default, metadata={"allowed": allowed, "rerun": rerun, "place": place})
+
+
+def sections(cfg):
+    """[(section name, section)] of a config tree; a single section is its own one section."""
+    if any(dataclasses.is_dataclass(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)):
+        return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    return [("", cfg)]
+
+
+def marked(cfg, what):
+    """{"section.field"} of the fields whose setting() says `what` ("rerun" or "place")."""
+    return {f"{name}.{f.name}" for name, obj in sections(cfg) for f in dataclasses.fields(obj) if f.metadata.get(what)}
+
+
+def range_errors(cfg, section=None, bare=None):
+    """'--flag must be ..., got value' for every field of cfg's sections whose setting() rule refuses its value;
+    cfg may also be a single section, named `section` (fields of section `bare` are named bare, as parse_flags
+    takes them)."""
     out = []
-    for key, rule in rules.items():
-        section, name = key.split(".")
-        obj = getattr(cfg, section)
-        value = getattr(obj, name)
-        if rule is not None and (msg := rule.error(value, typing.get_type_hints(type(obj))[name])):
-            out.append(f"--{name if section == bare else key} must be {msg}, got {value!r}")
+    for name, obj in sections(cfg):
+        name = name or section
+        kinds = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            rule, value = f.metadata.get("allowed"), getattr(obj, f.name)
+            if rule is not None and (msg := rule.error(value, kinds[f.name])):
+                out.append(f"--{f.name if name == bare else f'{name}.{f.name}'} must be {msg}, got {value!r}")
     return out
 
+
+def problems(cfg, bare=None):
+    """Every field's range_errors, then each section's own check() (a ValueError naming the flag): what a config
+    tree cannot run with, before any work."""
+    out = range_errors(cfg, bare=bare)
+    for _, section in sections(cfg):
+        try:
+            getattr(section, "check", lambda: None)()
+        except ValueError as e:
+            out.append(str(e))
+    return out

@@ -1,6 +1,6 @@
 """Where grpo.update spends its time, before and after the autocast output head, on the card:
 
-    python tests/profile_update.py --out profile_update.txt [--micro_batches 8,16]
+    python -m tools.profile_update --out profile_update.txt [--micro_batches 8,16]
 
 A synthetic rollout batch at bench.py's GRPO setting (8 prompts x G = 8, 256-token prompts, 512-token
 completions: EOS off, so no padding), Qwen3-0.6B's config with random weights, updated as rporec.stage2 does:
@@ -14,8 +14,6 @@ seconds (a smoke test of the script, not a measurement).
 """
 import argparse
 import copy
-import os
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -23,10 +21,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-import bench  # noqa: E402
-import fastdecode  # noqa: E402
-import grpo  # noqa: E402
+import grpo
+from plumbing import sampling
+from speed import chunked_head
+from tools import bench
 
 
 class Phases:
@@ -57,13 +55,13 @@ class Phases:
 
 def instrument(phases, optimizer):
     """Wrap the update's parts (module attributes, restored by the returned function)."""
-    saved = [(grpo, "sequence_logprobs"), (grpo._ChunkedHead, "forward"), (grpo._ChunkedHead, "backward"),
+    saved = [(grpo, "sequence_logprobs"), (chunked_head._ChunkedHead, "forward"), (chunked_head._ChunkedHead, "backward"),
              (torch.Tensor, "backward"), (torch.nn.utils, "clip_grad_norm_"), (optimizer, "step")]
     saved = [(obj, attr, obj.__dict__[attr] if isinstance(obj, type) else getattr(obj, attr)) for obj, attr in saved]
     grpo.sequence_logprobs = phases.wrap(saved[0][2], lambda *a: "policy forward" if torch.is_grad_enabled()
                                          else "reference forward")
-    grpo._ChunkedHead.forward = staticmethod(phases.wrap(grpo._ChunkedHead.forward, "output head"))
-    grpo._ChunkedHead.backward = staticmethod(phases.wrap(grpo._ChunkedHead.backward, "output head"))
+    chunked_head._ChunkedHead.forward = staticmethod(phases.wrap(chunked_head._ChunkedHead.forward, "output head"))
+    chunked_head._ChunkedHead.backward = staticmethod(phases.wrap(chunked_head._ChunkedHead.backward, "output head"))
     torch.Tensor.backward = phases.wrap(saved[3][2], "backward")
     torch.nn.utils.clip_grad_norm_ = phases.wrap(saved[4][2], "grad clip")
     optimizer.step = phases.wrap(saved[5][2], "optimizer step")
@@ -79,7 +77,7 @@ def synthetic_batch(model, n_prompts, group, prompt_len, tokens, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids, mask = bench.prompts(n_prompts, prompt_len, model.config.vocab_size, seed=seed)
     B = n_prompts * group
-    ro = fastdecode.Rollout(tokens=torch.randint(1, model.config.vocab_size, (B, tokens), generator=g).to(bench.DEVICE),
+    ro = sampling.Rollout(tokens=torch.randint(1, model.config.vocab_size, (B, tokens), generator=g).to(bench.DEVICE),
                             mask=torch.ones(B, tokens, dtype=torch.bool, device=bench.DEVICE),
                             logp=torch.zeros(B, tokens, device=bench.DEVICE),
                             entropy=torch.rand(B, tokens, generator=g).to(bench.DEVICE))

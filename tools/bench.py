@@ -18,11 +18,11 @@ failing section is recorded and the others still run):
   top-20% entropy mask and micro-batch, no vLLM, gradient checkpointing off as ours (needs `trl`).
 
 Also `--project RUN`: the wall time of the full paper runs (CDs, Instruments, Games) on the machine that ran RUN,
-projected per phase from the cost that RUN measured (its metrics.json "cost", e.g. of tests/gpu_rehearsal.sh).
+projected per phase from the cost that RUN measured (its metrics.json "cost", e.g. of tools/gpu_rehearsal.sh).
 
-  python bench.py [--out bench.json] [--model auto|tiny|0.6b] [--sections decode,equiv,grpo,trl]
-  python bench.py --project RUN_FOLDER
-  python bench.py --help  (every flag, with its default on this machine)
+  python -m tools.bench [--out bench.json] [--model auto|tiny|0.6b] [--sections decode,equiv,grpo,trl]
+  python -m tools.bench --project RUN_FOLDER
+  python -m tools.bench --help  (every flag, with its default on this machine)
 """
 import copy
 import dataclasses
@@ -38,49 +38,47 @@ from dataclasses import asdict, dataclass, field
 import torch
 import transformers
 
-import common
-import flags as flags_lib  # `flags` is the parsed config below
-import decode
-import fastdecode
 import grpo
 import rewards
-import toy
-from common import DEVICE, DTYPE, peak_gib, reset_peak, sync
+from plumbing import decode, files, toy
+from plumbing import flags as flags_lib  # `flags` is the parsed config below
+from plumbing.cost import peak_gib, reset_peak, sync
+from plumbing.flags import SEED, OneOf, Own, Range, Text, setting
+from plumbing.processes import DEVICE, DTYPE
+from speed import fastdecode
 
 SECTIONS = ("decode", "equiv", "grpo", "trl")
 
 
 @dataclass
 class BenchConfig:
-    out: str = "bench.json"  # results JSON, rewritten atomically after every section
-    model: str = "auto"  # "0.6b" (Qwen3-0.6B config) | "tiny" | "auto" = 0.6b on CUDA, tiny on CPU
-    sections: str = ",".join(SECTIONS)  # the parts to run, in order, comma-separated: decode,equiv,grpo,trl
-    batches: tuple[int, ...] = (1, 64, 128)  # decode batch sizes to time, comma-separated
-    kernels: str = "auto"  # the fast backend's decode kernels (DecodeConfig.kernels) in decode, equiv and grpo
-    baseline: bool = False  # decode and grpo also as before the Triton kernels (torch kernels, fp32 output head)
-    hf_repeats: int = 0  # timing runs per decode point for HF generate; 0 = repeats
-    prompt_len: int = 256  # prompt tokens per row (no padding) for the timing runs
-    new_tokens: int = 128  # decode steps per timing run
-    equiv_batch: int = 8  # rows in the greedy agreement check (mixed prompt lengths)
-    equiv_tokens: int = 64  # greedy tokens compared per row
-    grpo_prompts: int = 8  # GRPO step: prompts per rollout batch
-    grpo_group: int = 8  # GRPO step: completions per prompt (G)
-    grpo_new_tokens: int = 512  # GRPO step: completion length (EOS off, so every row runs to it)
-    summary_new_tokens: int = 128  # GRPO step: greedy summary length (rewards.summary_max_new_tokens)
-    repeats: int = 3  # timing runs per decode point; the fastest counts (shared machines are noisy)
-    seed: int = 0  # weights, prompts and sampling
-    project: str = ""  # a run folder: print the paper runs projected from its metrics.json "cost", then exit
-
-
-R = flags_lib.Range
-RANGES = {  # every field's allowed values (flags.Range); --model and --sections are checked by name below
-    "bench.out": flags_lib.Text(), "bench.model": flags_lib.OneOf("auto", "tiny", "0.6b"),
-    "bench.sections": flags_lib.Own("a comma-separated subset of SECTIONS"), "bench.batches": flags_lib.Own(
-        "batch sizes >= 1"), "bench.prompt_len": R(1), "bench.new_tokens": R(2), "bench.equiv_batch": R(1),
-    "bench.equiv_tokens": R(2), "bench.grpo_prompts": R(1), "bench.grpo_group": R(2), "bench.grpo_new_tokens": R(1),
-    "bench.summary_new_tokens": R(1), "bench.repeats": R(1), "bench.seed": R(0, 2 ** 32 - 1),
-    "bench.kernels": flags_lib.OneOf(*fastdecode.KERNELS), "bench.baseline": flags_lib.ANY,
-    "bench.hf_repeats": R(0), "bench.project": flags_lib.Own("a run folder holding metrics.json")}
+    out: str = setting("bench.json", Text())  # results JSON, rewritten atomically after every section
+    model: str = setting("auto", OneOf("auto", "tiny", "0.6b"))  # "0.6b" (Qwen3-0.6B config) | "tiny" |
+    # "auto" = 0.6b on CUDA, tiny on CPU
+    sections: str = setting(",".join(SECTIONS), Own("a comma-separated subset of SECTIONS"))  # the parts to
+    # run, in order, comma-separated: decode,equiv,grpo,trl
+    batches: tuple[int, ...] = setting((1, 64, 128), Own("batch sizes >= 1"))  # decode batch sizes to time,
+    # comma-separated
+    kernels: str = setting("auto", OneOf(*fastdecode.KERNELS))  # the fast backend's decode kernels
+    # (DecodeConfig.kernels) in decode, equiv and grpo
+    baseline: bool = setting(False)  # decode and grpo also as before the Triton kernels (torch kernels, fp32
+    # output head)
+    hf_repeats: int = setting(0, Range(0))  # timing runs per decode point for HF generate; 0 = repeats
+    prompt_len: int = setting(256, Range(1))  # prompt tokens per row (no padding) for the timing runs
+    new_tokens: int = setting(128, Range(2))  # decode steps per timing run
+    equiv_batch: int = setting(8, Range(1))  # rows in the greedy agreement check (mixed prompt lengths)
+    equiv_tokens: int = setting(64, Range(2))  # greedy tokens compared per row
+    grpo_prompts: int = setting(8, Range(1))  # GRPO step: prompts per rollout batch
+    grpo_group: int = setting(8, Range(2))  # GRPO step: completions per prompt (G)
+    grpo_new_tokens: int = setting(512, Range(1))  # GRPO step: completion length (EOS off, so every row runs
+    # to it)
+    summary_new_tokens: int = setting(128, Range(1))  # GRPO step: greedy summary length
+    # (rewards.summary_max_new_tokens)
+    repeats: int = setting(3, Range(1))  # timing runs per decode point; the fastest counts (shared machines
+    # are noisy)
+    seed: int = setting(0, SEED)  # weights, prompts and sampling
+    project: str = setting("", Own("a run folder holding metrics.json"))  # a run folder: print the paper runs
+    # projected from its metrics.json "cost", then exit
 
 
 @dataclass
@@ -91,7 +89,7 @@ class Flags:
 # CPU sizes, so the whole run takes < 1 minute on 2 cores
 CPU_SCALE = dict(prompt_len=32, new_tokens=24, equiv_tokens=32, grpo_new_tokens=32,
                  summary_new_tokens=16)
-GPU = DEVICE.type == "cuda"  # DEVICE and DTYPE (the bench model's weights; the GRPO policy is fp32): common.py
+GPU = DEVICE.type == "cuda"  # DEVICE and DTYPE (the bench model's weights; the GRPO policy is fp32): plumbing.processes
 QWEN3_06B = {k: v for k, v in toy.STANDINS["Qwen3-0.6B"].items() if k != "text_vocab"}  # its config.json
 # CPU stand-in with the same structure. Its larger init keeps greedy output varied (at 0.02 a tiny random
 # model repeats one token), so that the equivalence check means something.
@@ -331,14 +329,14 @@ class PaperRun:
 
 def project(cost, n_samples, run=PaperRun()):
     """Projected seconds per phase of a full paper run on n_samples samples, from a run's measured cost
-    (common.cost_summary). Generation scales by tokens per sample; the GRPO step and checkpoint take their
+    (cost_summary). Generation scales by tokens per sample; the GRPO step and checkpoint take their
     measured mean (the measured run must use the paper's G, prompts per step and length); evaluations the
     measured seconds per generated sample. Raises ValueError naming a phase the run did not measure."""
     def per(phase, unit):
         c = cost.get(phase, {})
         if not c.get(unit):
             raise ValueError(f"the run measured no {unit} in phase {phase!r}; project from a run of both stages "
-                             "with a backbone (tests/gpu_rehearsal.sh)")
+                             "with a backbone (tools/gpu_rehearsal.sh)")
         return c["s"] / c[unit]
 
     def per_sample(phase):  # seconds per sample at run.tokens per completion
@@ -426,11 +424,11 @@ def report(res):
 def main(bc):
     if bc.project:
         path = os.path.join(bc.project, "metrics.json")
-        cost = common.load_json(path, "rerun the run").get("cost")
+        cost = files.load_json(path, "rerun the run").get("cost")
         if not cost:
             raise SystemExit(f"error: {path} holds no \"cost\"; pass the folder of a finished rporec.py run")
         cfg_path = os.path.join(bc.project, "config.json")
-        off = step_mismatch(common.load_json(cfg_path, "rerun the run")) if os.path.exists(cfg_path) else {}
+        off = step_mismatch(files.load_json(cfg_path, "rerun the run")) if os.path.exists(cfg_path) else {}
         if off:
             print(f"warning: {bc.project} ran its GRPO steps with {off}, not the paper's {paper_step()}: its "
                   "grpo_steps row does not transfer to the paper run")
@@ -459,7 +457,7 @@ def main(bc):
             res[section] = {"error": f"{type(e).__name__}: {e}"}
             fastdecode.clear_fast_cache()
             model.to(DEVICE)
-        common.save_json(bc.out, res)
+        files.save_json(bc.out, res)
     report(res)
     return res
 
@@ -477,7 +475,7 @@ def parse_config(argv):
             raise SystemExit(f"error: unexpected argument {arg!r}; lists are comma-separated: --sections decode,equiv")
     flags_lib.apply(flags, flags_lib.parse_flags(flags, argv, bare="bench"))
     bc = flags.bench
-    if errors := flags_lib.range_errors(flags, RANGES, bare="bench"):
+    if errors := flags_lib.range_errors(flags, bare="bench"):
         raise SystemExit(f"error: {errors[0]}")
     unknown = [name for name in bc.sections.split(",") if name not in SECTIONS]
     if unknown:

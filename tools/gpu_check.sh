@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the decoder and bench.py, for a lent card: `OUT=/some/dir bash tests/gpu_check.sh`. Each part writes
+# The GPU check of the decoder and bench.py, for a lent card: `OUT=/some/dir bash tools/gpu_check.sh`. Each part writes
 # its result under $OUT as soon as it ends, so a timeout still leaves the parts that finished.
 # TRL is not in the GPU image: put its wheels in .whl/ first (pip download --no-deps trl==1.16.0
 # datasets==5.2.0 dill multiprocess xxhash -d .whl, and the binary ones again with --only-binary=:all:
@@ -27,8 +27,8 @@ python -m pytest -q tests/test_decode.py tests/test_graph_replay.py > "$OUT/test
 echo "exit $?" >> "$OUT/tests.txt"
 # 2-5. ms/step at batch 1, 64, 128 against HF generate; the bf16 greedy prefix; one GRPO step as rporec runs it
 # (G 8, 8 prompts, 512 tokens) with s/step, completions/s and peak memory; TRL's GRPOTrainer at the same setting
-python bench.py --out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+python -m tools.bench --out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "exit $?" >> "$OUT/bench.txt"
 # 6. where a decode step's time goes (graph vs eager step time, kernel time and count per step, top kernels)
-python tests/profile_decode.py --out "$OUT/profile.txt" > "$OUT/profile_stdout.txt" 2>&1
+python -m tools.profile_decode --out "$OUT/profile.txt" > "$OUT/profile_stdout.txt" 2>&1
 echo "exit $?" >> "$OUT/profile_stdout.txt"

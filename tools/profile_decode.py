@@ -1,6 +1,6 @@
 """Where a fast-backend decode step spends its time, per kernel set (DecodeConfig.kernels), on the card:
 
-    python tests/profile_decode.py --out profile_decode.txt [--batch 64] [--kernels torch,triton]
+    python -m tools.profile_decode --out profile_decode.txt [--batch 64] [--kernels torch,triton]
 
 1. Per kernel set: one decode step's time with CUDA graphs (the same two-length difference as bench.py), then
    a profile of the eager step: GPU kernel time per step, kernels per step, and the kernels that take the most
@@ -20,8 +20,6 @@ TRITON_INTERPRET=1, slowly).
 """
 import argparse
 import dataclasses
-import os
-import sys
 import time
 from types import SimpleNamespace
 
@@ -29,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-import bench  # noqa: E402
-import decode  # noqa: E402
-import fastdecode  # noqa: E402
+from plumbing import decode
+from speed import fastdecode
+from tools import bench
 
 
 def kernels(model, ids, mask, cfg, n):
@@ -86,7 +83,7 @@ def median_ms(fn, iters=50):
 def attention_alone(model, batch, cols):
     """Lines: the Triton attention and SDPA (as fastdecode's torch kernels call it) on one layer's full cache of
     `cols` columns, and a device-to-device copy, as ms and GB/s (K and V read once)."""
-    import tritondecode
+    from speed import tritondecode
     c = model.config
     Hkv, H, D = c.num_key_value_heads, c.num_attention_heads, c.head_dim
     dtype = torch.bfloat16 if bench.GPU else torch.float32

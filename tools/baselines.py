@@ -1,9 +1,9 @@
 """Baselines on RPORec's data protocol, and the significance test that compares methods across seeds.
 
-    python baselines.py sasrec                                   # SASRec on the toy data, runs/sasrec-toy-<time>/
-    python baselines.py sasrec --dataset custom --data.interactions I.tsv --data.items V.tsv --out DIR --seed 1
-    python baselines.py sasrec --help                            # every flag, its default and what it means
-    python baselines.py compare --a RUN... --b RUN...            # mean +- std per metric and Welch's t-test
+    python -m tools.baselines sasrec                                   # SASRec on the toy data, runs/sasrec-toy-<time>/
+    python -m tools.baselines sasrec --dataset custom --data.interactions I.tsv --data.items V.tsv --out DIR --seed 1
+    python -m tools.baselines sasrec --help                            # every flag, its default and what it means
+    python -m tools.baselines compare --a RUN... --b RUN...            # mean +- std per metric and Welch's t-test
 
 SASRec (Kang and McAuley 2018) sees the same samples as the Rechead: the history (at most --data.window items,
 oldest first) of every train sample predicts its target, with cross-entropy over all items as RecBole's default
@@ -33,11 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-import common
 import data
 import evaluate
-import flags as flags_lib
-from common import DEVICE, fail
+from plumbing import config, errors, files, report, run, seeds
+from plumbing import flags as flags_lib
+from plumbing.errors import fail
+from plumbing.flags import POSITIVE, SEED, OneOf, Own, Range, setting
+from plumbing.processes import DEVICE
 
 LN_EPS = 1e-12  # RecBole's layer_norm_eps
 
@@ -45,28 +47,31 @@ LN_EPS = 1e-12  # RecBole's layer_norm_eps
 # ----------------------------------------------------------------------------- SASRec
 @dataclass
 class SASRecConfig:
-    layers: int = 2  # self-attention blocks (RecBole n_layers)
-    hidden: int = 64  # item and position vector size (RecBole hidden_size)
-    heads: int = 2  # attention heads, must divide hidden (RecBole n_heads)
-    inner: int = 256  # feed-forward width inside a block (RecBole inner_size)
-    dropout: float = 0.5  # dropout on embeddings, attention weights and block outputs (RecBole hidden/attn_dropout_prob)
-    init_std: float = 0.02  # std of the normal init of every linear and embedding weight (RecBole initializer_range)
-    lr: float = 1e-3  # Adam learning rate (RecBole learning_rate)
-    batch_size: int = 256  # train samples per step
-    epochs: int = 300  # maximum epochs (RecBole epochs)
-    patience: int = 5  # stop after this many epochs without a better valid NDCG@10
+    layers: int = setting(2, Range(1))  # self-attention blocks (RecBole n_layers)
+    hidden: int = setting(64, Range(1))  # item and position vector size (RecBole hidden_size)
+    heads: int = setting(2, Range(1))  # attention heads, must divide hidden (RecBole n_heads)
+    inner: int = setting(256, Range(1))  # feed-forward width inside a block (RecBole inner_size)
+    dropout: float = setting(0.5, Range(0, 1, open="high"))  # dropout on embeddings, attention weights and
+    # block outputs (RecBole hidden/attn_dropout_prob)
+    init_std: float = setting(0.02, POSITIVE)  # std of the normal init of every linear and embedding weight
+    # (RecBole initializer_range)
+    lr: float = setting(1e-3, POSITIVE)  # Adam learning rate (RecBole learning_rate)
+    batch_size: int = setting(256, Range(1))  # train samples per step
+    epochs: int = setting(300, Range(1))  # maximum epochs (RecBole epochs)
+    patience: int = setting(5, Range(1))  # stop after this many epochs without a better valid NDCG@10
 
 
 @dataclass
 class SASRecRun:
-    dataset: str = "toy"  # data source, as rporec.py's --dataset (data.py)
-    out: str = ""  # run folder; default runs/sasrec-<dataset>-<time>
-    seed: int = 0  # seeds the init, the batch order and dropout
+    dataset: str = setting("toy", OneOf(*data.DATASETS))  # data source, as rporec.py's --dataset (data.py)
+    out: str = setting("", Own("a folder you can write to"))  # run folder; default
+    # runs/sasrec-<dataset>-<time>
+    seed: int = setting(0, SEED)  # seeds the init, the batch order and dropout
 
 
 @dataclass
 class SASRecCli:
-    """The flags of `python baselines.py sasrec`: --dataset, --out, --seed bare; data and eval spelled as in rporec."""
+    """The flags of `python -m tools.baselines sasrec`: --dataset, --out, --seed bare; data and eval spelled as in rporec."""
     run: SASRecRun = field(default_factory=SASRecRun)
     data: data.DataConfig = field(default_factory=data.DataConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
@@ -154,7 +159,7 @@ def evaluate_sasrec(model: SASRec, samples: list[dict], max_len: int, cfg: evalu
 def train_sasrec(cfg: SASRecConfig, splits: dict, n_items: int, max_len: int, eval_cfg, seed: int, log, out=None):
     """Train on every train sample; keep the epoch with the best valid NDCG@10 (patience epochs without a better
     one stop it). Returns (the best model, its epoch). The best weights are saved to out/sasrec.pt as they come."""
-    common.seed_all(seed)
+    seeds.seed_all(seed)
     model = SASRec(cfg, n_items, max_len).to(DEVICE)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
@@ -179,7 +184,7 @@ def train_sasrec(cfg: SASRecConfig, splits: dict, n_items: int, max_len: int, ev
         if m["ndcg@10"] > best:
             best, best_epoch, bad, best_state = m["ndcg@10"], epoch, 0, copy.deepcopy(model.state_dict())
             if out:
-                common.save_torch(os.path.join(out, "sasrec.pt"), {"state": best_state, "epoch": epoch})
+                files.save_torch(os.path.join(out, "sasrec.pt"), {"state": best_state, "epoch": epoch})
         else:
             bad += 1
             if bad >= cfg.patience:
@@ -189,24 +194,12 @@ def train_sasrec(cfg: SASRecConfig, splits: dict, n_items: int, max_len: int, ev
 
 
 def check_sasrec(cli: SASRecCli):
-    """Every check before any work or write, naming the flag."""
-    c = cli.sasrec
-    for name, low in (("layers", 1), ("hidden", 1), ("heads", 1), ("inner", 1), ("batch_size", 1), ("epochs", 1),
-                      ("patience", 1)):
-        if getattr(c, name) < low:
-            fail(f"--sasrec.{name} must be >= {low}, got {getattr(c, name)}")
-    if c.hidden % c.heads:
-        fail(f"--sasrec.hidden {c.hidden} is not divisible by --sasrec.heads {c.heads}")
-    if not 0 <= c.dropout < 1 or c.lr <= 0 or c.init_std <= 0:
-        fail("--sasrec.dropout must be in [0, 1), --sasrec.lr and --sasrec.init_std > 0")
-    if 10 not in cli.eval.ks:
-        fail(f"--eval.ks {cli.eval.ks} must include 10: model selection uses valid NDCG@10")
-    if cli.eval.chunk < 1:
-        fail(f"--eval.chunk must be >= 1, got {cli.eval.chunk}")
-    try:
-        data.check_config(cli.data)
-    except ValueError as e:
-        fail(str(e))
+    """Every check before any work or write, naming the flag: each field's allowed values (its setting()), each
+    section's own check(), and the heads that must divide the width."""
+    if errors := flags_lib.problems(cli, bare="run"):
+        fail(errors[0])
+    if cli.sasrec.hidden % cli.sasrec.heads:
+        fail(f"--sasrec.hidden {cli.sasrec.hidden} is not divisible by --sasrec.heads {cli.sasrec.heads}")
 
 
 def sasrec_main(argv):
@@ -222,26 +215,26 @@ def sasrec_main(argv):
     cli.data.dataset = cli.run.dataset
     check_sasrec(cli)
     out = cli.run.out = cli.run.out or f"runs/sasrec-{cli.run.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if os.path.exists(cpath := os.path.join(out, "config.json")) and "sasrec" not in common.load_json(cpath, "pass a new --out"):
+    if os.path.exists(cpath := os.path.join(out, "config.json")) and "sasrec" not in files.load_json(cpath, "pass a new --out"):
         fail(f"{out} holds another kind of run (its config.json has no sasrec section); pass a new --out")
-    common.refuse_other_config(out, dataclasses.asdict(cli), {"eval.chunk"}, {"eval.chunk"})
+    config.refuse_other_config(out, cli, {"eval.chunk"})
     try:
         ds = data.load_dataset(cli.data)
     except (ValueError, OSError) as e:
         fail(str(e))
     os.makedirs(out, exist_ok=True)
-    common.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cli))
+    files.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cli))
     if os.path.exists(log_path := os.path.join(out, "log.jsonl")):
         os.remove(log_path)  # a rerun of the same config starts afresh; its lines replace the old ones
     print(f"sasrec on {ds.name}: {ds.n_items} items, " + ", ".join(f"{len(v)} {k}" for k, v in ds.splits.items()))
     t0 = time.time()
     model, epoch = train_sasrec(cli.sasrec, ds.splits, ds.n_items, cli.data.window, cli.eval, cli.run.seed,
-                                common.Logger(out), out)
+                                run.Logger(out), out)
     metrics = {"sasrec": {k: evaluate_sasrec(model, ds.splits[k], cli.data.window, cli.eval)
                           for k in ("valid", "test")}}
     metrics["sasrec"]["epoch"] = epoch
-    common.save_json(os.path.join(out, "metrics.json"), metrics)
-    common.print_metrics(metrics)
+    files.save_json(os.path.join(out, "metrics.json"), metrics)
+    report.print_metrics(metrics)
     print(f"sasrec done after {time.time() - t0:.0f} s; best valid epoch {epoch}\nrun folder: {out}")
     return metrics
 
@@ -259,7 +252,7 @@ def read_runs(folders: list[str], key: str | None, split: str) -> tuple[str, lis
         path = os.path.join(folder, "metrics.json")
         if not os.path.isfile(path):
             fail(f"{path} not found; pass finished run folders (rporec.py or baselines.py sasrec)")
-        m = common.load_json(path, "rerun that run, or leave the folder out")
+        m = files.load_json(path, "rerun that run, or leave the folder out")
         k = key or next((k for k in METHODS if k in m), None)
         if k not in m or not isinstance(m[k], dict) or not isinstance(m[k].get(split), dict):
             have = ", ".join(f"{k}.{s}" for k, v in m.items() if isinstance(v, dict) for s in v if isinstance(v[s], dict))
@@ -323,7 +316,7 @@ def print_compare(res: dict):
 
 
 def compare_main(argv):
-    p = argparse.ArgumentParser(prog="python baselines.py compare",
+    p = argparse.ArgumentParser(prog="python -m tools.baselines compare",
                                 description="Mean ± std of each metric over two groups of run folders (e.g. seeds) "
                                             "and the two-sided Welch t-test between them.")
     p.add_argument("--a", nargs="+", required=True, help="run folders of method A (rporec.py or baselines.py sasrec)")
@@ -337,7 +330,7 @@ def compare_main(argv):
     args = p.parse_args(argv)
     res = compare(args.a, args.b, args.a_key, args.b_key, args.split, args.metrics and args.metrics.split(","))
     print_compare(res)
-    common.save_json(args.out, res)
+    files.save_json(args.out, res)
     print(f"written: {args.out}")
     return res
 
@@ -345,9 +338,9 @@ def compare_main(argv):
 def main(argv):
     commands = {"sasrec": sasrec_main, "compare": compare_main}
     if not argv or argv[0] not in commands:
-        fail(f"name a command first: {' | '.join(commands)} (python baselines.py sasrec --help)")
+        fail(f"name a command first: {' | '.join(commands)} (python -m tools.baselines sasrec --help)")
     return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":
-    common.run_main(main, sys.argv[1:])
+    errors.run_main(main, sys.argv[1:])

@@ -4,8 +4,8 @@
 # encoder, at the paper's settings (768 tokens, G = 4, 8 prompts per step) capped to a few minutes; then the
 # projection of the full paper runs from its measured cost; then a short run under torchrun with nccl.
 #
-#   OUT=DIR bash tests/gpu_rehearsal.sh              on a card (about 5 minutes on an H200)
-#   SCALE=cpu OUT=DIR bash tests/gpu_rehearsal.sh    the same path on a CPU with tiny caps (gloo for torchrun)
+#   OUT=DIR bash tools/gpu_rehearsal.sh              on a card (about 5 minutes on an H200)
+#   SCALE=cpu OUT=DIR bash tools/gpu_rehearsal.sh    the same path on a CPU with tiny caps (gloo for torchrun)
 #
 # DATA holds MovieLens-100K as interactions.tsv and items.tsv (default .carry/ml-100k) and ENC the encoder
 # (default .carry/static-minilm-256): copy them from ../shared/data/ml-100k and shared/tools/offline_models.sh.
@@ -40,7 +40,7 @@ python rporec.py $RUN $MAIN --out "$WORK/main" > "$OUT/main.txt" 2>&1
 echo "exit $?" >> "$OUT/main.txt"
 cp "$WORK/main/metrics.json" "$OUT/main_metrics.json"
 cp "$WORK/main/log.jsonl" "$OUT/main_log.jsonl"
-python bench.py --project "$WORK/main" > "$OUT/projection.txt" 2>&1
+python -m tools.bench --project "$WORK/main" > "$OUT/projection.txt" 2>&1
 echo "exit $?" >> "$OUT/projection.txt"
 # 2. the same path under torchrun: the process group, DDP of the Rechead and the collectives of Stage II
 torchrun --nproc_per_node 1 rporec.py $RUN $DIST --out "$WORK/dist" > "$OUT/dist.txt" 2>&1
