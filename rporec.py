@@ -98,9 +98,8 @@ def load_backbone(cfg, ds):
     if name == "toy":  # built once per item table into the data folder; the config keeps saying "toy"
         where = toy.model_dir(cfg.data.data_dir, "backbone", ds.texts[1:])
         name = common.main_first(toy.build_backbone, ds.texts[1:], where)
-    if name.startswith("random:"):  # real size, random weights, built in memory: its vocabulary covers the prompts
-        texts = ds.texts[1:] + [data.PROMPT.format(c=ds.category), rewards.SUMMARY_PROMPT]
-        return toy.build_standin(name[len("random:"):], texts, DTYPE, DEVICE)
+    if name.startswith("random:"):  # real size, random weights; its tokenizer is cached in the data folder
+        return toy.build_standin(name[len("random:"):], DTYPE, DEVICE, cache_dir=cfg.data.data_dir)
     return (None, None) if name == "none" else decode.load_model(name, DTYPE, DEVICE)
 
 
