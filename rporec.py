@@ -121,9 +121,8 @@ def load_backbone(cfg, ds):
     if name == "toy":  # built once per item table into the data folder
         where = toy.model_dir(cfg.data.data_dir, "backbone", ds.texts[1:])
         name = main_first(toy.build_backbone, ds.texts[1:], where)
-    if name.startswith("random:"):  # real size, random weights: its vocabulary covers the prompts
-        texts = ds.texts[1:] + [data.PROMPT.format(c=ds.category), rewards.SUMMARY_PROMPT]
-        return toy.build_standin(name[len("random:"):], texts, DTYPE, DEVICE)
+    if name.startswith("random:"):  # real size, random weights; Qwen's tokenizer, cached
+        return toy.build_standin(name[len("random:"):], DTYPE, DEVICE, cache_dir=cfg.data.data_dir)
     return (None, None) if name == "none" else decode.load_model(name, DTYPE, DEVICE)
 
 

