@@ -43,7 +43,7 @@ SPLIT = Own("0 < train_end < valid_end < 1")
 class DataConfig:
     dataset: str = setting("toy", OneOf(*DATASETS))  # toy | cds | instruments | games (Amazon 2023)
     # | ml-100k | ml-1m | custom
-    data_dir: str = setting("./data", Own("a folder (rporec: writable)"), place=True)  # processed
+    data_dir: str = setting("./data", Text("a folder (not empty)"), place=True)  # processed
     # caches live in <data_dir>/<dataset>-<hash>/
     raw_dir: str | None = setting(None, place=True)  # local copy of the raw files (skips download);
     # default <data_dir>/raw
@@ -116,7 +116,12 @@ def _build(cfg, name, category, items, inter, src):
     samples.sort(key=lambda s: s["time"])
     a, b = int(cfg.train_end * len(samples)), int(cfg.valid_end * len(samples))
     splits = {"train": samples[:a], "valid": samples[a:b], "test": samples[b:]}
-    if not all(splits.values()):
+    empty = [k for k, v in splits.items() if not v]
+    if empty and len(samples) >= 3:  # enough samples: the cut fractions leave a split empty
+        raise ValueError(f"--data.train_end {cfg.train_end} and --data.valid_end {cfg.valid_end} "
+                         f"leave the {' and '.join(empty)} split(s) of {len(samples)} samples empty; "
+                         "widen them (default 0.8, 0.9)")
+    if empty:
         raise ValueError(f"{src}: only {len(samples)} samples ({skipped} users with a single "
                          "interaction), too few for non-empty train/valid/test splits; use more "
                          "data or looser filters")

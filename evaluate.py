@@ -46,7 +46,7 @@ def ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                          f"{targets.tolist()}")
     t = scores.gather(1, targets[:, None])  # (B, 1)
     if torch.isnan(t).any():
-        raise ValueError("a target scored NaN, its rank is undefined; check the model's scores "
+        raise FloatingPointError("a target scored NaN, its rank is undefined; check the model's scores "
                          "for NaN")
     return strict_rank(scores[:, 1:], t)
 

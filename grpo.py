@@ -29,7 +29,8 @@ STAT_KEYS = ("loss", "kl", "clip_low", "clip_high", "clip_frac", "grad_norm")  #
 class GRPOConfig:
     group_size: int = setting(4, Range(2))  # G completions per prompt (official)
     prompts_per_step: int = setting(8, Range(1))  # prompts per rollout batch (paper: LLM batch 8)
-    temperature: float = setting(1.0, POSITIVE)  # sampling temperature; the loss divides by it too
+    temperature: float = setting(1.0, Range(0.01, 100))  # sampling temperature; the loss divides by
+    # it too (below 0.01, logits / T overflow fp32)
     max_new_tokens: int = setting(768, Range(1))  # completion length cap (paper 768, official 1024)
     eps: float = setting(0.2, Range(0, 1, open="both"))  # PPO clip range of eq. 10
     old_logp: str = setting("policy", OneOf("policy", "rollout"))  # pi_old in w: "policy" = the

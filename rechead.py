@@ -66,7 +66,12 @@ class RecheadConfig:
 def load_encoder(name: str, max_seq_length: int, device) -> SentenceTransformer:
     """A sentence-transformer from a hub id or a local folder, with truncation set, in fp32:
     model2vec and potion static models ship fp16 weights, which would not mix with the fp32 FFN."""
-    st = SentenceTransformer(name, device=str(device)).float()
+    try:
+        st = SentenceTransformer(name, device=str(device)).float()
+    except (OSError, ValueError, RuntimeError) as e:  # missing, corrupt, or no network for a hub id
+        raise ValueError(f"could not load the encoder {name!r} (--rechead.encoder): "
+                         f"{str(e).splitlines()[0][:300]}; pass a hub id or a local "
+                         "sentence-transformers folder") from None
     if max_seq_length > 0:
         if isinstance(st[0], StaticEmbedding):  # its max_seq_length is a read-only inf
             st[0].tokenizer.enable_truncation(max_seq_length)

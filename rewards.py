@@ -29,6 +29,8 @@ from plumbing.flags import POSITIVE, RATE, SEED, Own, Range, setting
 from plumbing.processes import DEVICE
 
 TERMS = ("fmt", "clean", "ndcg", "sim", "comp", "ent")  # the reward terms of eq. 7, in order
+LABELS = {"fmt": "format r_fmt", "clean": "clean output r_clean", "ndcg": "Rechead ranking r_ndcg",
+          "sim": "summary similarity r_sim", "comp": "compression r_comp", "ent": "entropy r_ent"}
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 
 SUMMARY_PROMPT = (
@@ -74,6 +76,10 @@ class RewardConfig:
             self.dropped()
         except ValueError as e:
             raise ValueError(f"--rewards.drop: {e}") from None
+
+    def labels(self) -> dict:
+        """{term: its name} of the terms that count (weight > 0), for the plots."""
+        return {k: LABELS[k] for k, w in self.weights().items() if w}
 
     @property
     def gate(self) -> bool:

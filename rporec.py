@@ -53,6 +53,8 @@ class RunConfig:
     # reasoning, evaluation); a batch shares a seed
     limit: int = setting(0, Range(0))  # > 0: only the first `limit` samples of each split
     seed: int = setting(0, SEED)  # seeds python, numpy, torch and every sampled CoT
+    threads: int = setting(1, Range(0), rerun=True)  # torch's CPU threads; one keeps a CPU run's
+    # numbers the same on any machine and load (0 = torch's default, one per core)
     dist_backend: str = setting("auto", OneOf("auto", "nccl", "gloo"), rerun=True)  # torchrun:
     # auto (nccl on GPUs, else gloo) | nccl | gloo
     official_eval: bool = setting(False)  # also the official protocol: valid only, 4 sampled
@@ -174,11 +176,11 @@ def train_rechead(cfg, ds, head, inputs, splits, run):
         losses = [rechead_step(net, head, opt, inputs["train"], targets, idx,  # line 5: negatives
                                rechead.sample_negatives(targets[idx], ds.n_items, k, gen))
                   for idx in run.batches(perm, cfg.rechead.batch_size, epoch)]  # line 3
-        run.end_epoch(losses, evaluate_split(cfg, head, inputs["valid"], splits["valid"]))
+        run.end_epoch(losses, lambda: evaluate_split(cfg, head, inputs["valid"], splits["valid"]))
 
 
 def stage1(cfg, ds, head, model, tok, splits, run):
-    """Algorithm 1 lines 1-12: reasoning for every split, then the Rechead; its metrics."""
+    """Algorithm 1 lines 1-12: reasoning for every split, once, then the Rechead."""
     run.log.restart(1)
     reasoning = {}
     for k, v in splits.items():  # line 1, once
@@ -190,12 +192,6 @@ def stage1(cfg, ds, head, model, tok, splits, run):
     head.prepare([t or "" for x, y, z in inputs.values() for t in (*x, *y, *z)], cfg.data.data_dir)
     if cfg.run.ablate != "I":  # -I: no Rechead, the answers go to the nearest items
         train_rechead(cfg, ds, head, inputs, splits, run)
-    metrics = {k: evaluate_split(cfg, head, inputs[k], splits[k], cfg.run.ablate == "I")
-               | ({} if model is None else {"parse_rate": reasoning[k][1]})
-               for k in ("valid", "test")}
-    if cfg.run.official_eval and model is not None:
-        metrics["valid_official"] = official_eval(cfg, ds, head, model, tok, splits["valid"])
-    return {"stage1": metrics}
 
 
 # ----------------------------------------------------------------------------- Stage II (eq. 7-11)
@@ -249,11 +245,21 @@ def evaluate_split(cfg, head, inputs, samples, ground=False):
     return evaluate.metrics(unshard(ranks, len(samples)), cfg.eval.ks)
 
 
-def score_split(cfg, ds, head, model, tok, split, samples, seed=None, cost=None):
+def score_split(cfg, ds, head, model, tok, split, samples, seed=None, cost=None, ground=False):
     """Metrics of one split with CoTs sampled by `model`, and their parse rate."""
     rs, parsed = generate_reasoning(cfg, ds, model, tok, split, samples, seed, cost)
-    m = evaluate_split(cfg, head, data.rechead_inputs(cfg, ds, samples, rs), samples)
+    m = evaluate_split(cfg, head, data.rechead_inputs(cfg, ds, samples, rs), samples, ground)
     return m if parsed is None else {**m, "parse_rate": parsed}
+
+
+def stage1_metrics(cfg, ds, head, model, tok, splits):
+    """Stage I's valid and test metrics (their CoTs from the reasoning cache), the official protocol
+    if asked, and the floors."""
+    metrics = {k: score_split(cfg, ds, head, model, tok, k, splits[k], ground=cfg.run.ablate == "I")
+               for k in ("valid", "test")}
+    if cfg.run.official_eval and model is not None:
+        metrics["valid_official"] = official_eval(cfg, ds, head, model, tok, splits["valid"])
+    return {"stage1": metrics, **floors(cfg, ds, splits)}
 
 
 def validation(cfg, ds, head, model, tok, valid):
@@ -292,17 +298,19 @@ def final_eval(cfg, ds, head, model, tok, splits, run, best):
 def main(argv):
     cfg = parse_config(argv)  # every check runs before any work or write
     run = Run(cfg, Config())  # processes, seeds, the run folder: lock, config.json, log, metrics
-    ds, head, model, tok = load(cfg, run)
+    with run.starting():  # a failed start leaves nothing behind
+        ds, head, model, tok = load(cfg, run)
     splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
     if run.runs_stage1:
-        metrics = stage1(cfg, ds, head, model, tok, splits, run)
-        run.finish_stage1({**metrics, **floors(cfg, ds, splits)})
+        stage1(cfg, ds, head, model, tok, splits, run)
     else:  # Stage II alone, or resumed: the finished Stage I's Rechead, copied into this folder
         checkpoint.restore_rechead(head, cfg.run.init or cfg.run.out, cfg.run.out)
+    if run.runs_stage1 or run.lost_stage1:  # a resume rebuilds what a deleted metrics.json lost
+        run.finish_stage1(stage1_metrics(cfg, ds, head, model, tok, splits))
     if cfg.run.has_stage2():
         best = stage2(cfg, ds, head, model, tok, splits, run)
         run.finish_stage2({"stage2": final_eval(cfg, ds, head, model, tok, splits, run, best)},
-                          rewards.TERMS)
+                          cfg.rewards.labels())
     return run.close()
 
 

@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from plumbing import decode, seeds
 from plumbing.cost import measure, rate
@@ -29,6 +28,7 @@ from plumbing.files import (
     writing,
 )
 from plumbing.processes import DEVICE, MAIN, RANK, WORLD, all_sum, barrier, shard
+from plumbing.report import progress
 
 
 # ----------------------------------------------------------------------------- resumable JSONL cache
@@ -96,7 +96,7 @@ def cached_map(path, order, batch, fn, desc):
     todo = shard([idx for idx in (order[b:b + batch] for b in range(0, len(order), batch))
                   if any(i not in have for i in idx)])
     mine = f"{path}.rank{RANK}" if WORLD > 1 else path
-    bar = tqdm(total=sum(i not in have for idx in todo for i in idx), desc=desc, unit="sample", disable=not MAIN)
+    bar = progress(total=sum(i not in have for idx in todo for i in idx), desc=desc, unit="sample", disable=not MAIN)
     t0, n_tok = time.time(), 0
     for idx in todo:
         records, tokens = fn(idx)
@@ -169,7 +169,7 @@ def embed_cached(path, texts, head, step):
             save_embeddings(path, known + done, head.encode_frozen(known + done))
 
     saved = time.time()
-    for i in tqdm(range(0, len(todo), step), desc="embedding texts (frozen encoder)", disable=not MAIN):
+    for i in progress(range(0, len(todo), step), desc="embedding texts (frozen encoder)", disable=not MAIN):
         head.encode_frozen(todo[i:i + step])
         if time.time() - saved > EMBED_SAVE_S and i + step < len(todo):
             save(todo[:i + step])
@@ -367,7 +367,13 @@ def load_best(out, model):
     if best is None:
         raise SystemExit(f"error: {out}/best is missing; rerun Stage II (without --resume) to choose the best "
                          "step again")
-    model.load_state_dict(AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32).state_dict())
+    try:
+        best_model = AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32)
+    except Exception as e:  # a truncated or corrupt safetensors file, a missing config
+        raise SystemExit(f"error: the best step's backbone in {best} does not load ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); delete {best} and rerun Stage II (without --resume) "
+                         "to choose the best step again") from None
+    model.load_state_dict(best_model.state_dict())
     return model
 
 

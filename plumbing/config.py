@@ -54,6 +54,12 @@ def resolve(cfg, flags):
              "Stage I run's choice (run Stage I with it and pass that folder to --init)")
     if stage2 and r.model == "none":
         fail("Stage II trains the backbone; pass --model (not none), or run --stage 1")
+    if g.lr * g.weight_decay >= 1:
+        fail(f"--grpo.weight_decay {g.weight_decay:g} with --grpo.lr {g.lr:g}: AdamW scales every weight by "
+             "1 - lr * weight_decay each step, which must stay above 0; use lr * weight_decay < 1 (official: "
+             "weight decay 0)")
+    if r.init and r.stage != "2":
+        fail(f"--init is read by --stage 2 alone (got --stage {r.stage}); drop --init, or add --stage 2")
     if r.resume and not stage2:
         fail("--resume continues Stage II; this run has none (see --stage and --ablate)")
     r.out = r.out or f"runs/{r.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -111,11 +117,13 @@ def refuse_other_config(out, cfg, ok, ok_stage1=None):
 
 def check_data(cfg, ds):
     """The checks that need the data: run right after it loads, before any model loads."""
+    size = " (--data.toy_users readers)" if cfg.data.dataset == "toy" else ""
     if ds.n_items < 2:
-        fail(f"{ds.name} has {ds.n_items} item(s); ranking needs at least 2")
+        fail(f"{ds.name} has {ds.n_items} item(s){size}; ranking needs at least 2: use more data")
     if cfg.run.has_stage2() and cfg.rewards.negatives > ds.n_items - 1:
-        fail(f"--rewards.negatives {cfg.rewards.negatives} asks for that many distinct items besides the target, but "
-             f"{ds.name} has {ds.n_items} items: use at most {ds.n_items - 1}")
+        fail(f"{ds.name} has {ds.n_items} items{size}, and --rewards.negatives {cfg.rewards.negatives} asks "
+             f"for that many distinct items besides the target: use more data, or at most "
+             f"{ds.n_items - 1} negatives")
 
 
 def _ancestors(path):

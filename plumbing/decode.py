@@ -28,7 +28,8 @@ from speed import fastdecode
 @dataclass
 class DecodeConfig:
     max_new_tokens: int = setting(768, Range(1))  # paper's maximum completion length
-    temperature: float | None = setting(1.0, Range(0, open="low", none=True))  # sampling temperature;
+    temperature: float | None = setting(1.0, Range(0.01, 100, none=True))  # sampling temperature (below 0.01,
+    # logits / T overflow fp32);
     # logp/entropy are taken at this temperature too; None (top_p, top_k too) = the backbone's
     # generation_config, filled in by resolve_sampling before decoding
     top_p: float | None = setting(1.0, Range(0, 1, open="low", none=True))  # nucleus: smallest set with
@@ -159,8 +160,9 @@ def load_model(name, dtype, device):
         tok = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
     except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: could not load the backbone {name!r}: {e}\nPass a local folder with --model PATH, "
-                         "check the hub id and the network, or delete a corrupt local copy") from None
+        raise SystemExit(f"error: could not load the backbone {name!r} (--model): {str(e).splitlines()[0][:300]}; "
+                         "pass a local folder with --model PATH, check the hub id and the network, or delete a "
+                         "corrupt local copy") from None
     tok.pad_token = tok.pad_token or tok.eos_token
     return model, tok
 

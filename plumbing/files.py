@@ -1,5 +1,6 @@
 """Files that a kill or a full disk never leaves half-written: atomic writes, safe loading with errors that name
 the file and the fix, the weights digest that keys caches, and the lock that gives a run folder one writer."""
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -61,35 +62,63 @@ def atomic_write(path, write):
 _LOCKS = {}  # run folder -> its open lock file: this process holds the folder
 
 
-def lock_run(out):
-    """One run per folder: out is created and its run.lock locked (flock) for the life of this process, with the
-    pid written in. A second run on the folder stops at once naming the holder; the kernel drops the lock of a
-    run that ended or was killed, so a stale run.lock is simply taken over."""
-    if os.path.realpath(out) in _LOCKS:  # this process holds it already (main called twice)
-        return
-    path = os.path.join(out, "run.lock")
-    with writing(path):
-        os.makedirs(out, exist_ok=True)
-        f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().split() or ["?"]
+def lock_file(path, what, fix):
+    """An open file at path, locked (flock) for the life of this process with the pid written in; a second
+    process stops at once, naming the holder, `what` it holds and the fix. The kernel drops the lock of a
+    process that ended or was killed, so a stale lock file is simply taken over."""
+    while True:
+        with writing(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().split() or ["?"]
+            f.close()
+            raise SystemExit(f"error: {what} is in use by another process (pid {' on '.join(holder)}, see "
+                             f"{path}); {fix}") from None
+        try:  # the holder before us may have removed the file as it ended: lock the one on disk
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         f.close()
-        raise SystemExit(f"error: {out} is in use by another run (pid {' on '.join(holder)}, see {path}); wait for "
-                         "it to end, or pass another --out") from None
     with writing(path):
         f.truncate(0)
         f.write(f"{os.getpid()} {socket.gethostname()}\n")
         f.flush()
+    return f
+
+
+def unlock_file(f):
+    """Remove a lock_file and release it: what ends well leaves no lock behind."""
+    try:
+        os.remove(f.name)
+    except FileNotFoundError:
+        pass
+    f.close()
+
+
+def lock_run(out):
+    """One run per folder: out is created and its run.lock held (lock_file) for the life of this process."""
+    if os.path.realpath(out) in _LOCKS:  # this process holds it already (main called twice)
+        return
+    f = lock_file(os.path.join(out, "run.lock"), out, "wait for it to end, or pass another --out")
     _LOCKS[os.path.realpath(out)] = f
 
 
 def unlock_run(out):
     f = _LOCKS.pop(os.path.realpath(out), None)
     if f:
-        f.close()
+        unlock_file(f)
+
+
+@atexit.register
+def _unlock_all():
+    """A run that stops on an error leaves no lock file either (a killed one does: the next takes it over)."""
+    for out in list(_LOCKS):
+        unlock_run(out)
 
 
 def save_bytes(path, raw):

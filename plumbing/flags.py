@@ -2,6 +2,7 @@
 dataclasses, typed by their annotations, with --help built from each field's comment. Torch-free, so
 `python data.py` starts fast."""
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -60,7 +61,11 @@ def parse_flags(cfg, argv, bare="run"):
         sec, _, name = (key if "." in key else f"{bare}.{key}").partition(".")
         section = getattr(cfg, sec, None)
         if not dataclasses.is_dataclass(section) or name not in {f.name for f in dataclasses.fields(section)}:
-            raise SystemExit(f"error: unknown flag --{key}; --help lists every flag")
+            near = difflib.get_close_matches(key, flag_names(cfg, bare), n=1, cutoff=0.6)
+            hint = f"did you mean --{near[0]}? " if near else ""
+            raise SystemExit(f"error: unknown flag --{key}; {hint}--help lists every flag")
+        if f"{sec}.{name}" in flags:
+            raise SystemExit(f"error: --{key} is given twice; pass it once")
         kind = typing.get_type_hints(type(section))[name]
         missing = not args or (args[0][0].startswith("--") and not args[0][1])  # `--stage --resume`: no stage
         if kind is bool and missing:
@@ -71,6 +76,15 @@ def parse_flags(cfg, argv, bare="run"):
                              f"starts with -- is written --{key}=VALUE")
         flags[f"{sec}.{name}"] = _convert(args.pop(0)[0], kind, key)
     return flags
+
+
+def flag_names(cfg, bare="run"):
+    """Every flag of a config tree as parse_flags takes it: "section.field", and "field" for the bare section."""
+    out = []
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            out += [f"{section.name}.{f.name}"] + ([f.name] if section.name == bare else [])
+    return out
 
 
 def _example(section, name):
@@ -171,13 +185,16 @@ class OneOf:
 
 
 class Text:
-    """A string field that must not be empty (a model name, a category word)."""
+    """A string field that must not be empty (a model name, a category word, a folder)."""
+
+    def __init__(self, what="a non-empty string"):
+        self.what = what
 
     def error(self, value, kind):
         return None if isinstance(value, str) and value.strip() else self.describe(kind)
 
     def describe(self, kind=None):
-        return "a non-empty string"
+        return self.what
 
 
 class Own:

@@ -15,6 +15,14 @@ DEVICE = torch.device("cuda", LOCAL_RANK) if torch.cuda.is_available() else torc
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # backbone weights and autocast
 
 
+def set_threads(n):
+    """torch's intra-op CPU threads: n, or torch's default (one per core) for 0. A fixed count makes a CPU
+    run's numbers the same on any machine and under any load: float sums split over threads add up in another
+    order, and the toy's metrics move with the thread count."""
+    if n:
+        torch.set_num_threads(n)
+
+
 def init_distributed(backend):
     if not DISTRIBUTED:
         return

@@ -1,8 +1,50 @@
-"""What a run shows: the metric lines, the cost table and stage2.png."""
+"""What a run shows: progress, the metric lines, the cost table and stage2.png."""
 import io
 import os
+import sys
+
+from tqdm import tqdm
 
 from plumbing.files import save_bytes
+
+LINE_EVERY = 30  # seconds between progress lines when the output is a file, not a terminal
+
+
+class _Lines(tqdm):
+    """tqdm for a log file: a plain progress line now and then (every LINE_EVERY seconds, and at the
+    end of a bar that stays), instead of a carriage-return redraw every tenth of a second."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["mininterval"] = max(kwargs.get("mininterval", 0), LINE_EVERY)
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        if msg is not None or not self.n or self.n == getattr(self, "shown", 0):
+            return False  # not the empty bar at the start, no clearing, no line twice
+        self.fp.write(self.__str__() + "\n")
+        self.fp.flush()
+        self.shown = self.n
+        return True
+
+    def close(self):
+        if self.leave and not getattr(self, "disable", True):
+            self.display()  # the final count, on a line of its own
+        self.leave = False  # no carriage return or newline of tqdm's own
+        super().close()
+
+
+def progress(*args, **kwargs):
+    """A progress bar (tqdm's arguments): redrawn in place on a terminal, plain lines in a file."""
+    return (tqdm if sys.stderr.isatty() else _Lines)(*args, **kwargs)
+
+
+def quiet_library_bars():
+    """Off: the loading and saving bars of transformers and the hub, when the output is a file."""
+    if not sys.stderr.isatty():
+        import huggingface_hub.utils
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def print_cost(cost):
@@ -14,41 +56,47 @@ def print_cost(cost):
         print(f"{name:>16}  {c['count']:>4} x  {c['s']:>9,.1f} s{extra}{peak}")
 
 
-def plot_curves(path, recs, keys, curve=None):
-    """One panel per key over the records' steps, plus an optional (title, steps, values) curve, into path."""
+def plot_stage2(out, records, labels):
+    """stage2.png, for a reader of the paper: per GRPO step the total reward and each reward part that counts
+    (labels: {term: its name}; dropped terms are left out), the KL, the policy's token entropy and the CoT
+    length (cf. the paper's Fig. 4), then the valid NDCG@10 of each evaluation with the step kept in best/."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise SystemExit("error: matplotlib is missing; pip install -r requirements.txt") from None
-    panels = list(keys) + ([curve[0]] if curve else [])
-    fig, axes = plt.subplots(2, (len(panels) + 1) // 2, figsize=(3.6 * ((len(panels) + 1) // 2), 6))
-    for ax, k in zip(axes.flat, keys):
-        ax.plot([r["step"] for r in recs], [r[k] for r in recs])
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    if curve:
-        ax = axes.flat[len(keys)]
-        ax.plot(curve[1], curve[2], marker="o")
-        ax.set_title(curve[0])
-        ax.set_xlabel("step")
-    for ax in axes.flat[len(panels):]:
+    recs = [r for r in records if r["stage"] == 2]
+    steps, evals = [r for r in recs if "reward" in r], [r for r in recs if "valid_ndcg@10" in r]
+    curves = [("reward", "total reward r (eq. 7)", "reward")] + [(k, v, "reward") for k, v in labels.items()] + [
+        ("kl", "KL to the reference (k3)", "nats per token"), ("entropy", "policy's token entropy", "nats"),
+        ("cot_len", "CoT length", "tokens")]
+    cols = (len(curves) + 2) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(3.4 * cols, 6.2))
+    for ax, (key, title, unit) in zip(axes.flat, curves):
+        ax.plot([r["step"] for r in steps], [r[key] for r in steps], marker=".")
+        ax.set(title=title, xlabel="GRPO step", ylabel=unit)
+    ax = axes.flat[len(curves)]
+    ax.plot([r["step"] for r in evals], [r["valid_ndcg@10"] for r in evals], marker="o")
+    if evals:
+        kept = evals[-1]["best_step"]
+        value = next(r["valid_ndcg@10"] for r in evals if r["step"] == kept)
+        ax.plot([kept], [value], marker="*", markersize=16, color="tab:red", linestyle="none",
+                label=f"kept: step {kept}")
+        ax.legend(loc="best")
+    ax.set(title="valid NDCG@10 (the subset)", xlabel="GRPO step", ylabel="NDCG@10")
+    for ax in axes.flat:
+        ax.ticklabel_format(useOffset=False, axis="y")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat[len(curves) + 1:]:
         ax.axis("off")
+    fig.suptitle("Stage II: GRPO on the frozen Rechead's rewards")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=80, format="png")
     plt.close(fig)
-    save_bytes(path, buf.getvalue())
-
-
-def plot_stage2(out, records, terms):
-    """Reward parts, KL, entropy, CoT length per step (cf. the paper's Fig. 4) and the valid curve: stage2.png."""
-    recs = [r for r in records if r["stage"] == 2]
-    evals = [r for r in recs if "valid_ndcg@10" in r]
-    plot_curves(os.path.join(out, "stage2.png"), [r for r in recs if "reward" in r],
-                ("reward", *terms, "kl", "entropy", "cot_len"),
-                ("valid ndcg@10", [r["step"] for r in evals], [r["valid_ndcg@10"] for r in evals]))
+    save_bytes(os.path.join(out, "stage2.png"), buf.getvalue())
 
 
 def print_metrics(metrics, keys=("hr@10", "ndcg@10", "hr@20", "parse_rate")):

@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -23,15 +24,8 @@ from plumbing import checkpoint, config
 from plumbing.cost import cost_summary, measure, rate
 from plumbing.errors import fail
 from plumbing.files import load_json, save_bytes, save_json, unlock_run, writing
-from plumbing.processes import (
-    DISTRIBUTED,
-    MAIN,
-    RANK,
-    all_sum,
-    init_distributed,
-    mean_all,
-)
-from plumbing.report import plot_stage2, print_metrics
+from plumbing.processes import DISTRIBUTED, MAIN, RANK, all_sum, init_distributed, mean_all, set_threads
+from plumbing.report import plot_stage2, print_metrics, progress, quiet_library_bars
 from plumbing.seeds import seed_all
 
 
@@ -41,9 +35,13 @@ class Run:
 
     def __init__(self, cfg, default):
         self.t0, self.cfg, self.out = time.time(), cfg, cfg.run.out
+        set_threads(cfg.run.threads)
+        quiet_library_bars()
         init_distributed(cfg.run.dist_backend)
         seed_all(cfg.run.seed)
         self.log = Logger(self.out)
+        self.new_folder = not os.path.exists(self.out)
+        self.new_config = not os.path.exists(os.path.join(self.out, "config.json"))
         if MAIN:
             config.start_run(cfg, default)  # the run lock, config.json, and the config in a few lines
         self.metrics_path = os.path.join(self.out, "metrics.json")
@@ -51,10 +49,31 @@ class Run:
             if os.path.exists(self.metrics_path) else {}
         self.metrics.pop("cost", None)  # recomputed from log.jsonl
 
+    @contextlib.contextmanager
+    def starting(self):
+        """The start (data, models, their checks): when it fails, what this invocation wrote goes again (the
+        folder it made, or its config.json and run.lock), so the same command with the fix runs there."""
+        try:
+            yield
+        except BaseException:
+            if MAIN:
+                unlock_run(self.out)
+                if self.new_folder:
+                    shutil.rmtree(self.out, ignore_errors=True)
+                elif self.new_config:
+                    os.remove(os.path.join(self.out, "config.json"))
+            raise
+
     @property
     def runs_stage1(self):
         """Whether this invocation trains Stage I (a resumed run continues its Stage II)."""
         return self.cfg.run.stage == "1" or (self.cfg.run.stage == "both" and not self.cfg.run.resume)
+
+    @property
+    def lost_stage1(self):
+        """Whether a resumed run misses its own Stage I's metrics (metrics.json was deleted)."""
+        own = not self.cfg.run.init or os.path.realpath(self.cfg.run.init) == os.path.realpath(self.out)
+        return self.cfg.run.resume and own and "stage1" not in self.metrics
 
     def save_metrics(self, new=None):
         """metrics.json: the metrics so far, updated by new, and the cost of every phase in log.jsonl."""
@@ -97,20 +116,25 @@ class Run:
 
     # ------------------------------------------------------------------------- Stage I: the Rechead's epochs
     def rechead_epochs(self, head, n_train):
-        """Epochs of Algorithm 1 lines 2-12: yields each epoch, measured; after it (end_epoch gave its losses and
-        valid metrics) logs it, keeps the best epoch in rechead.pt and stops after --rechead.patience epochs
-        without a better valid NDCG@10. At the end the best epoch's weights are back in head."""
+        """Epochs of Algorithm 1 lines 2-12: yields each epoch, measured. After it (end_epoch gave its losses and
+        how to score valid) it stops on a non-finite loss or score, logs the epoch, keeps the best epoch
+        in rechead.pt and stops after --rechead.patience epochs without a better valid NDCG@10. At the end the
+        best epoch's weights are back in head."""
         epochs, patience = self.cfg.rechead.epochs, self.cfg.rechead.patience
         best, best_state, bad = -1.0, None, 0
         for epoch in range(epochs):
             with measure({"phase": "rechead_epoch", "samples": n_train}) as cost:  # training and valid
                 yield epoch
-            losses, m = self.epoch
+                losses, valid = self.epoch
+                try:
+                    if not math.isfinite(float(np.mean(losses))):
+                        raise FloatingPointError(f"mean loss {np.mean(losses)}")
+                    m = valid()
+                except FloatingPointError as e:  # a NaN loss, or NaN scores of weights that diverged
+                    fail(f"the Rechead diverged in epoch {epoch} ({e}); lower --rechead.lr. rechead.pt keeps the "
+                         "best epoch so far")
             self.log({"stage": 1, "epoch": epoch, "loss": float(np.mean(losses)), "valid_hr@10": m["hr@10"],
                       "valid_ndcg@10": m["ndcg@10"], **cost, "samples_s": rate(n_train, cost["s"])})
-            if not math.isfinite(float(np.mean(losses))):
-                fail(f"the Rechead loss is {np.mean(losses)} in epoch {epoch}; lower --rechead.lr. rechead.pt keeps "
-                     f"the best epoch so far")
             if m["ndcg@10"] > best:
                 best, bad, best_state = m["ndcg@10"], 0, copy.deepcopy(head.state_dict())
                 if MAIN:
@@ -123,10 +147,10 @@ class Run:
 
     def batches(self, perm, size, epoch):
         """The epoch's mini-batches of train indices (line 3), with a progress bar."""
-        return tqdm(perm.split(size), desc=f"rechead epoch {epoch}", leave=False, disable=not MAIN)
+        return progress(perm.split(size), desc=f"rechead epoch {epoch}", leave=False, disable=not MAIN)
 
     def end_epoch(self, losses, valid):
-        """The epoch's training losses and its valid metrics, for rechead_epochs."""
+        """The epoch's training losses, and valid() its valid metrics, for rechead_epochs."""
         self.epoch = losses, valid
 
     # ------------------------------------------------------------------------- Stage II
@@ -161,7 +185,7 @@ class GRPOLoop:
         with Preemption() as stop:  # SIGTERM or Ctrl-C: finish the step, checkpoint it, exit
             if st["step"] == 0:
                 self.validate(0)
-            for step in tqdm(range(st["step"], self.total), desc="grpo", initial=st["step"], total=self.total,
+            for step in progress(range(st["step"], self.total), desc="grpo", initial=st["step"], total=self.total,
                              disable=not MAIN):
                 if st["stopped"]:
                     break

@@ -17,8 +17,8 @@ import zlib
 from datetime import datetime, timezone
 from http.client import HTTPException
 from pathlib import Path
+from plumbing.report import progress
 
-from tqdm import tqdm
 
 AMAZON = {"cds": ("CDs_and_Vinyl", "CD or vinyl"), "instruments": ("Musical_Instruments", "musical instrument"),
           "games": ("Video_Games", "video game")}  # name -> (McAuley Lab category, prompt wording)
@@ -112,7 +112,7 @@ def _rows(path, required, downloaded=False):
         with (gzip.open if path.endswith(".gz") else open)(need(path), "rt", encoding="utf-8-sig", newline="") as f:
             rows = _jsonl_rows(f, path, required) if ext == ".jsonl" else \
                 _csv_rows(f, path, required, "\t" if ext == ".tsv" else ",")
-            for n, row in enumerate(tqdm(rows, desc=os.path.basename(path), unit=" rows", leave=False,
+            for n, row in enumerate(progress(rows, desc=os.path.basename(path), unit=" rows", leave=False,
                                          disable=not path.endswith(".gz")), 1):  # bars for the big raw files
                 yield row
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
@@ -135,7 +135,7 @@ def download(url, path, md5=None):
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(part, "wb") as f:
             size = int(r.headers.get("Content-Length") or 0)
-            with tqdm(total=size or None, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+            with progress(total=size or None, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 while chunk := r.read(1 << 20):
                     digest.update(chunk)
                     bar.update(f.write(chunk))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from plumbing.report import progress
 
 
 class StaticBags:
@@ -33,7 +33,7 @@ class StaticBags:
         """Every distinct text up front, with a progress bar: cheaper on a busy CPU than many small tokenizer
         calls between training steps, and no epoch waits on the tokenizer."""
         texts = list(dict.fromkeys(texts))
-        for i in tqdm(range(0, len(texts), chunk), desc="tokenising texts (static encoder)"):
+        for i in progress(range(0, len(texts), chunk), desc="tokenising texts (static encoder)"):
             self.add(texts[i:i + chunk])
 
     def batch(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

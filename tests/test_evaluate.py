@@ -56,7 +56,7 @@ def test_ranks_edge_cases():
     assert ranks(s, torch.tensor([2, 1, 3])).tolist() == [1, 1, 3]  # ties favour the target, pad ignored
     with pytest.raises(ValueError, match="pad"):
         ranks(s, torch.tensor([0, 1, 1]))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(FloatingPointError, match="NaN"):
         ranks(torch.tensor([[0.0, float("nan"), 1.0]]), torch.tensor([1]))
 
 

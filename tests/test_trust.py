@@ -460,7 +460,7 @@ def test_one_run_per_folder(tmp_path):
                               cwd=os.path.dirname(rporec.__file__), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit, match=f"run is in use by another run \\(pid {holder.pid} on "):
+        with pytest.raises(SystemExit, match=f"run is in use by another process \\(pid {holder.pid} on "):
             rporec.main(small(tmp_path, "--stage", "1"))
         assert sorted(os.listdir(tmp_path / "run")) == ["run.lock"] and not (tmp_path / "data").exists()
     finally:
@@ -504,7 +504,7 @@ def test_every_field_of_every_config_is_checked_before_any_work(tmp_path):
             key = f"{section.name}.{f.name}"
             assert "allowed" in f.metadata, f"{key} is no setting(): give it its allowed values"
             rule, kind = f.metadata["allowed"], typing.get_type_hints(type(obj))[f.name]
-            bad = own.pop(key) if isinstance(rule, flags.Own) else _bad_values(rule, kind)
+            bad = own.pop(key, []) + ([] if isinstance(rule, flags.Own) else _bad_values(rule, kind))
             if rule is None:
                 assert kind is bool or str in (kind, *typing.get_args(kind)), f"{key} is free but not bool or text"
             flag = f"--{f.name}" if section.name == "run" else f"--{key}"

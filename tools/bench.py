@@ -327,6 +327,9 @@ class PaperRun:
     valid_end: float = 0.9
 
 
+GENERATION = ("reasoning", "stage2_eval", "final_eval")  # the phases that generate CoTs
+
+
 def project(cost, n_samples, run=PaperRun()):
     """Projected seconds per phase of a full paper run on n_samples samples, from a run's measured cost
     (cost_summary). Generation scales by tokens per sample; the GRPO step and checkpoint take their
@@ -347,12 +350,17 @@ def project(cost, n_samples, run=PaperRun()):
     steps = math.ceil(train * run.epochs / run.prompts_per_step)
     evals = 1 + steps // run.eval_every + (steps % run.eval_every > 0)
     saves = steps // run.save_every + (steps % run.save_every > 0)
-    gen = per_sample("reasoning")
-    final = per_sample("final_eval") if cost.get("final_eval", {}).get("samples") else gen  # cached: Stage I's rate
+    # CoTs that came from a reasoning cache were not generated, so not timed: a phase that generated nothing
+    # takes the rate of one that did (every generation samples the same way, at the same lengths)
+    timed = {p: per_sample(p) for p in GENERATION if cost.get(p, {}).get("samples")}
+    if not timed:
+        raise ValueError("the run generated no CoT (all came from the reasoning cache); project from a run with a "
+                         "fresh --data.data_dir (tools/gpu_rehearsal.sh deletes the cache first)")
+    gen, stage2_eval, final = (timed.get(p, next(iter(timed.values()))) for p in GENERATION)
     out = {"stage1_reasoning": n_samples * gen,
            "rechead": train * run.rechead_epochs * per("rechead_epoch", "samples"),
            "grpo_steps": steps * per("grpo_step", "count"),
-           "stage2_evals": evals * run.eval_samples * per_sample("stage2_eval"),
+           "stage2_evals": evals * run.eval_samples * stage2_eval,
            "checkpoints": saves * per("checkpoint", "count"),
            "final_eval": held_out * final}
     out["total"] = sum(out.values())
