@@ -12,8 +12,14 @@ plumbing.run.Run.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
+
+from plumbing import flags
+
+if __name__ == "__main__":  # --help and flag errors answer at once, before torch loads (flags.py)
+    flags.answer_early("rporec", sys.argv[1:], __doc__)
+
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch

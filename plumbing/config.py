@@ -4,6 +4,7 @@ section's own check(), and the checks across sections here. A flag that contradi
 Stage II Rechead config comes from its --init folder; a run folder refuses another config."""
 import dataclasses
 import os
+import sys
 import textwrap
 import time
 
@@ -13,8 +14,11 @@ from plumbing.errors import fail
 from plumbing.processes import DISTRIBUTED, WORLD
 
 
-def parse(cfg, presets, argv, doc):
-    """Defaults (cfg) < presets[dataset] < flags, then the derived fields and every check (resolve)."""
+def parse(cfg, presets, argv, doc, program="rporec"):
+    """Defaults (cfg) < presets[dataset] < flags, then the derived fields and every check (resolve). The flag
+    table that answers the next --help at once is written first, if it changed (flags.answer_early)."""
+    if flags_lib.load_table(program) is None:
+        flags_lib.save_table(program, cfg, presets, sys.modules[type(cfg).__module__])
     if "--help" in argv or "-h" in argv:
         print(doc + "\nFlags (--section.field VALUE; run fields also bare; a bare boolean flag means true):")
         print(flags_lib.help_text(cfg))

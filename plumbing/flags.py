@@ -1,12 +1,17 @@
 """Flags for every script (rporec.py, data.py, bench.py): `--section.field VALUE` over a tree of config
-dataclasses, typed by their annotations, with --help built from each field's comment. Torch-free, so
-`python data.py` starts fast."""
+dataclasses, typed by their annotations, with --help built from each field's comment and allowed values.
+Torch-free, so that `python data.py` starts fast and `python rporec.py --help` answers from the flag table
+(answer_early) before torch loads."""
 import dataclasses
 import difflib
+import hashlib
 import inspect
 import json
 import math
+import os
 import re
+import sys
+import tempfile
 import typing
 
 
@@ -23,6 +28,14 @@ def field_comments(cls):
         elif not line.strip().startswith("#"):
             last = None
     return out
+
+
+def _comments(cls):
+    """A config class's field comments: from its source, or from the flag table it was rebuilt from."""
+    fields = dataclasses.fields(cls)
+    if fields and "comment" in fields[0].metadata:
+        return {f.name: f.metadata["comment"] for f in fields}
+    return field_comments(cls)
 
 
 def _convert(text, kind, flag):
@@ -106,7 +119,7 @@ def help_text(cfg, bare="run"):
     lines = []
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
-        notes, kinds = field_comments(type(obj)), typing.get_type_hints(type(obj))
+        notes, kinds = _comments(type(obj)), typing.get_type_hints(type(obj))
         lines.append(f"\n[{section.name}]")
         for f in dataclasses.fields(obj):
             flag = f"--{f.name}" if section.name == bare else f"--{section.name}.{f.name}"
@@ -262,3 +275,100 @@ def problems(cfg, bare=None):
         except ValueError as e:
             out.append(str(e))
     return out
+
+
+# ----------------------------------------------------------------------------- the flag table: --help at once
+# `python rporec.py --help` and a flag error answer before torch loads (a second, not ten): the flags, their types,
+# defaults, allowed values and comments are kept in a table beside the bytecode, written by every full parse and
+# valid while the source files of the config classes are unchanged; without a valid table the full parse answers.
+TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__", "flags-{}.json")
+RULES = {"Range": Range, "OneOf": OneOf, "Text": Text, "Own": Own}
+
+
+def _type_text(kind):
+    args = typing.get_args(kind)
+    if type(None) in args:
+        return _type_text(next(a for a in args if a is not type(None))) + " | None"
+    return "tuple[int, ...]" if typing.get_origin(kind) is tuple else kind.__name__
+
+
+def _sources(cfg, presets_module):
+    """{path: digest} of the files that define cfg's config classes and its presets."""
+    paths = {inspect.getsourcefile(type(cfg)), inspect.getsourcefile(presets_module)}
+    paths |= {inspect.getsourcefile(type(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)}
+    return {p: _digest(p) for p in sorted(paths)}
+
+
+def _digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def save_table(name, cfg, presets, presets_module, bare="run"):
+    """Write the flag table of the program `name`: cfg's sections (their fields' types, defaults, rules and
+    comments), the presets, and the digests of the source files they come from. Quietly nothing where the
+    folder is not writable."""
+    sections = {}
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        notes, kinds = field_comments(type(obj)), typing.get_type_hints(type(obj))
+        sections[section.name] = [{"name": f.name, "type": _type_text(kinds[f.name]), "default": getattr(obj, f.name),
+                                   "rule": None if f.metadata.get("allowed") is None else
+                                   {"kind": type(f.metadata["allowed"]).__name__, **vars(f.metadata["allowed"])},
+                                   "comment": notes.get(f.name, "")} for f in dataclasses.fields(obj)]
+    table = {"sources": _sources(cfg, presets_module), "bare": bare, "sections": sections, "presets": presets}
+    path = TABLE.format(name)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
+            json.dump(table, f)
+        os.replace(f.name, path)
+    except OSError:
+        pass
+
+
+def _rule(d):
+    if d is None:
+        return ANY
+    d = dict(d)
+    kind = RULES[d.pop("kind")]
+    return kind(*d["choices"]) if kind is OneOf else kind(**d)
+
+
+def load_table(name):
+    """(cfg, presets, bare) rebuilt from the flag table of `name`, or None when there is none or its sources
+    changed since it was written."""
+    try:
+        with open(TABLE.format(name)) as f:
+            table = json.load(f)
+        if any(_digest(p) != d for p, d in table["sources"].items()):
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    types = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple, "None": None}
+    sections = []
+    for sec, fields in table["sections"].items():
+        cls = dataclasses.make_dataclass(sec, [(
+            f["name"], eval(f["type"], types),  # noqa: S307 (our own table's type names)
+            dataclasses.field(default=tuple(f["default"]) if f["type"].startswith("tuple") else f["default"],
+                              metadata={"allowed": _rule(f["rule"]), "comment": f["comment"]})) for f in fields])
+        sections.append((sec, cls, dataclasses.field(default_factory=cls)))
+    return dataclasses.make_dataclass("Config", sections)(), table["presets"], table["bare"]
+
+
+def answer_early(name, argv, doc):
+    """--help, and the errors of the flags themselves (unknown, repeated, mistyped, out of range), from the flag
+    table alone: they answer before torch loads. Returns when there is nothing to answer, or no valid table."""
+    loaded = load_table(name)
+    if loaded is None:
+        return
+    cfg, presets, bare = loaded
+    if "--help" in argv or "-h" in argv:
+        print(doc + "\nFlags (--section.field VALUE; run fields also bare; a bare boolean flag means true):")
+        print(help_text(cfg, bare))
+        sys.exit(0)
+    given = parse_flags(cfg, argv, bare)  # exits with the error of a bad flag
+    dataset = given.get(f"{bare}.dataset", getattr(getattr(cfg, bare), "dataset", None))
+    apply(cfg, {**presets.get(dataset, {}), **given})
+    if errors := range_errors(cfg, bare=bare):
+        sys.exit(f"error: {errors[0]}")

@@ -11,7 +11,7 @@ from test_rporec import small
 
 import rewards
 import rporec
-from plumbing import report
+from plumbing import flags, report
 from tools import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,3 +161,32 @@ def test_a_projection_from_cached_reasoning_takes_another_generation_rate():
     cost["stage2_eval"].update(samples=0, tokens=0)
     with pytest.raises(ValueError, match="generated no CoT"):
         bench.project(cost, 1000)
+
+
+def without_torch(args):
+    """rporec.py run with `import torch` made to fail: it answers only if it never loads torch."""
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['rporec.py', *sys.argv[1:]]; "
+            "runpy.run_path('rporec.py', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_help_and_flag_errors_answer_before_torch_loads(capsys):
+    rporec.parse_config([])  # a full parse writes the flag table
+    res = without_torch(["--help"])
+    assert res.returncode == 0, res.stderr[-500:]
+    with pytest.raises(SystemExit):
+        rporec.parse_config(["--help"])
+    assert res.stdout == capsys.readouterr().out  # the table's help is the classes' own
+    res = without_torch(["--grpo.step", "3"])
+    assert res.returncode == 1 and res.stderr.strip() == ("error: unknown flag --grpo.step; did you mean "
+                                                          "--grpo.steps? --help lists every flag")
+    res = without_torch(["--rechead.lr", "-1"])
+    assert res.stderr.strip() == "error: --rechead.lr must be a finite number > 0, got -1.0"
+
+
+def test_a_stale_flag_table_is_not_used(tmp_path, monkeypatch):
+    rporec.parse_config([])
+    assert flags.load_table("rporec") is not None
+    monkeypatch.setattr(flags, "_digest", lambda path: "changed")  # as if a config class were edited
+    assert flags.load_table("rporec") is None
+    assert flags.answer_early("rporec", ["--grpo.step", "3"], "") is None  # the full parse answers instead
