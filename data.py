@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from plumbing import flags, sources, toy
+from plumbing import files, flags, sources, toy
 from plumbing.flags import SEED, OneOf, Own, Range, Text, setting
 
 DATASETS = ("toy", *sources.AMAZON, "ml-100k", "ml-1m", "custom")
@@ -211,18 +211,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     reader = sources.amazon if cfg.dataset in sources.AMAZON else \
         sources.movielens if cfg.dataset.startswith("ml-") else sources.custom
     ds = _build(cfg, name, *reader(cfg))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(vars(ds), separators=(",", ":")))  # dumps: the C encoder
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, a read-only folder: name the file
-        raise OSError(f"could not write {path} ({e.strerror or e}); free space or pass another "
-                      "--data.data_dir") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    files.save_bytes(path, json.dumps(vars(ds), separators=(",", ":")).encode())  # the C encoder
     return ds
 
 

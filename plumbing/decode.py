@@ -46,8 +46,8 @@ class DecodeConfig:
     kernels: str = setting("torch", OneOf("auto", "triton", "torch"), rerun=True)  # fast backend decode step:
     # "triton" (tritondecode.py: split-KV attention, fused RoPE + q/k norm + cache write, SiLU) | "torch"
     # (SDPA and torch ops, the reference) | "auto" = triton on CUDA when triton imports and the head layout
-    # fits, else torch. The default stays torch until the Triton kernels have run on a card
-    # (tools/gpu_speed.sh): so far they were checked only in Triton's CPU interpreter
+    # fits, else torch. The default is torch: the Triton kernels are held to it in Triton's CPU interpreter,
+    # and their speed on a card is not measured (tools/gpu_speed.sh measures it)
     sync_every: int = setting(16, Range(1), rerun=True)  # fast: test "every row done" each this many steps
     # (on CUDA a host sync)
     prefill_rows: int = setting(16, Range(1), rerun=True)  # prompts per prefill forward; bounds the (rows, P,

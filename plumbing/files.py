@@ -11,8 +11,6 @@ import pickle
 import shutil
 import socket
 
-import torch
-
 FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no space left, a file-size limit (ulimit -f), a disk quota
 REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
 SHORT_WRITE = ("unexpected pos", "file write failed", "os error 28", "os error 27", "os error 122")  # torch.save and
@@ -142,6 +140,7 @@ def save_json(path, obj):
 
 
 def save_torch(path, obj):
+    import torch  # here: the rest of this module serves torch-free callers (data.py)
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -151,6 +150,7 @@ def load_torch(path, what, fix):
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found; it should hold {what}. {fix}")
     try:
+        import torch
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # lazy: reading the config is cheap
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # garbage bytes, not a refused object (torch: "unsupported GLOBAL ...")
@@ -165,6 +165,7 @@ def load_torch(path, what, fix):
 
 def weights_digest(module):
     """A short hash of a module's parameters and buffers: caches keyed on it cannot outlive the weights."""
+    import torch
     h = hashlib.blake2b(digest_size=8)
     for name, t in module.state_dict().items():
         t = t.detach().float() if t.is_floating_point() else t.detach()  # bf16 weights == their fp32 masters

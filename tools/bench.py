@@ -12,8 +12,8 @@ failing section is recorded and the others still run):
 - grpo: one step as rporec.stage2 runs it (fp32 master policy, bf16 reference, bf16 autocast):
   rollout, rewards (the reference's greedy summary of every completion, as r_sim/r_comp need, plus
   r_ent; the Rechead and MiniLM scoring are left out), update. s/step, completions/s, peak memory.
-  With --baseline also the step as it was before the Triton kernels and the autocast head: decoding
-  on torch kernels, the update's output head in fp32 (under "baseline").
+  With --baseline also the step without the Triton kernels and the autocast head: decoding on torch
+  kernels, the update's output head in fp32 (under "baseline").
 - trl: TRL's GRPOTrainer on the same model, prompts, G, prompts/step, completion length, beta,
   top-20% entropy mask and micro-batch, no vLLM, gradient checkpointing off as ours (needs `trl`).
 
