@@ -397,8 +397,9 @@ def keep_for_recommend(cfg, ds, head, model, tok):
             with writing(os.path.join(out, "encoder"), remove=tmp):
                 head.item_encoder.save(tmp)
                 swap_in(tmp, os.path.join(out, "encoder"))
-    if model is not None and not cfg.run.has_stage2() and whole_copy(os.path.join(out, "backbone"), "info.json") is None:
-        save_pretrained(os.path.join(out, "backbone"), model, tok, {"model": cfg.run.model})
+    backbone = os.path.join(out, "backbone")
+    if model is not None and not cfg.run.has_stage2() and whole_copy(backbone, "info.json") is None:
+        save_pretrained(backbone, model, tok, {"model": cfg.run.model})
     barrier()
 
 

@@ -181,24 +181,24 @@ class GRPOLoop:
         return self.state["best_step"]
 
     def __iter__(self):
-        st, g, out = self.state, self.g, self.run.out
+        state, g, out = self.state, self.g, self.run.out
         with Preemption() as stop:  # SIGTERM or Ctrl-C: finish the step, checkpoint it, exit
-            if st["step"] == 0:
+            if state["step"] == 0:
                 self.validate(0)
-            for step in progress(range(st["step"], self.total), desc="grpo", initial=st["step"], total=self.total,
+            for step in progress(range(state["step"], self.total), desc="grpo", initial=state["step"], total=self.total,
                              disable=not MAIN):
-                if st["stopped"]:
+                if state["stopped"]:
                     break
                 self.t0, self.cost = time.time(), {}
                 yield step
-                st["step"] = step + 1
+                state["step"] = step + 1
                 halt = stop.requested()
-                if (g.save_every and st["step"] % g.save_every == 0) or st["step"] == self.total or st["stopped"] \
-                        or halt:
-                    with self.run.phase({"stage": 2, "step": st["step"], "phase": "checkpoint"}):
-                        checkpoint.save(out, self.model, self.tok, self.opt, st)
+                due = g.save_every and state["step"] % g.save_every == 0
+                if due or state["step"] == self.total or state["stopped"] or halt:
+                    with self.run.phase({"stage": 2, "step": state["step"], "phase": "checkpoint"}):
+                        checkpoint.save(out, self.model, self.tok, self.opt, state)
                 if halt:
-                    stop.stop(out, st["step"], self.total)
+                    stop.stop(out, state["step"], self.total)
 
     def timed(self, part):
         """Measures a part of the step (rollout, rewards, update) into its line."""
@@ -230,12 +230,12 @@ class GRPOLoop:
         """Non-finite values never reach a checkpoint: a skipped step (update() found one) is counted and, after
         --grpo.max_skips in a row, stops the run; after a step that went through, the policy's outputs
         (outputs_finite(), called only then) must be finite, or the run stops before saving anything."""
-        st, g, cfg = self.state, self.g, self.run.cfg
-        st["skips"] = st["skips"] + 1 if stats["skipped"] else 0
+        state, g, cfg = self.state, self.g, self.run.cfg
+        state["skips"] = state["skips"] + 1 if stats["skipped"] else 0
         if stats["skipped"]:
             tqdm.write(f"warning: step {step + 1} skipped, nothing reached the weights: {stats['skipped']}")
-            if st["skips"] >= g.max_skips:
-                fail(f"{st['skips']} GRPO steps in a row had non-finite values ({stats['skipped']}). "
+            if state["skips"] >= g.max_skips:
+                fail(f"{state['skips']} GRPO steps in a row had non-finite values ({stats['skipped']}). "
                      + checkpoint.restart_advice(cfg, "Lower --grpo.lr or check the rewards"))
         elif not outputs_finite():
             fail(f"step {step + 1}'s update broke the weights: every gradient was finite, the policy's outputs are not "
@@ -245,21 +245,22 @@ class GRPOLoop:
         return step % self.g.eval_every == 0 or step == self.total
 
     def validate(self, step):
-        """validate(cost) scores the valid subset with the current policy; a better valid NDCG@10 than every
-        earlier evaluation keeps this step's backbone in best/. --grpo.patience evaluations without one stop."""
-        st = self.state
+        """Scores the valid subset with the current policy (the loop's validate(cost)); a better valid NDCG@10
+        than every earlier evaluation keeps this step's backbone in best/. --grpo.patience evaluations without
+        one stop the loop."""
+        state = self.state
         cost = {"phase": "stage2_eval"}
         with measure(cost):  # generation, scoring and the save of best/
             m = self.valid(cost)
-            if m["ndcg@10"] > st["best"]:
-                st.update(best=m["ndcg@10"], best_step=step, bad=0)
+            if m["ndcg@10"] > state["best"]:
+                state.update(best=m["ndcg@10"], best_step=step, bad=0)
                 info = {"step": step, "valid_ndcg@10": m["ndcg@10"]}
                 checkpoint.save_pretrained(os.path.join(self.run.out, "best"), self.model, self.tok, info)
             else:
-                st["bad"] += 1
+                state["bad"] += 1
         self.run.log({"stage": 2, "step": step, "valid_hr@10": m["hr@10"], "valid_ndcg@10": m["ndcg@10"],
-                      "parse_rate": m["parse_rate"], "best_step": st["best_step"], **cost})
-        st["stopped"] = st["bad"] >= self.g.patience
+                      "parse_rate": m["parse_rate"], "best_step": state["best_step"], **cost})
+        state["stopped"] = state["bad"] >= self.g.patience
 
 
 class Preemption:

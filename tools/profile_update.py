@@ -55,7 +55,8 @@ class Phases:
 
 def instrument(phases, optimizer):
     """Wrap the update's parts (module attributes, restored by the returned function)."""
-    saved = [(grpo, "sequence_logprobs"), (chunked_head._ChunkedHead, "forward"), (chunked_head._ChunkedHead, "backward"),
+    head = chunked_head._ChunkedHead
+    saved = [(grpo, "sequence_logprobs"), (head, "forward"), (head, "backward"),
              (torch.Tensor, "backward"), (torch.nn.utils, "clip_grad_norm_"), (optimizer, "step")]
     saved = [(obj, attr, obj.__dict__[attr] if isinstance(obj, type) else getattr(obj, attr)) for obj, attr in saved]
     grpo.sequence_logprobs = phases.wrap(saved[0][2], lambda *a: "policy forward" if torch.is_grad_enabled()
