@@ -15,10 +15,13 @@ real_encode = rporec.rechead.encode
 
 
 def small(tmp_path, *extra):
-    """Flags for a seconds-long toy run in tmp_path."""
-    return ["--out", str(tmp_path / "run"), "--data.data_dir", str(tmp_path / "data"), "--limit", "48",
-            "--rechead.epochs", "1", "--decode.max_new_tokens", "8", "--grpo.max_new_tokens", "8",
-            "--grpo.prompts_per_step", "2", "--grpo.micro_batch", "4", "--grpo.eval_samples", "8", *extra]
+    """Flags for a seconds-long toy run in tmp_path; a flag in extra replaces the default given here (a flag
+    given twice is refused)."""
+    base = {"--out": str(tmp_path / "run"), "--data.data_dir": str(tmp_path / "data"), "--limit": "48",
+            "--rechead.epochs": "1", "--decode.max_new_tokens": "8", "--grpo.max_new_tokens": "8",
+            "--grpo.prompts_per_step": "2", "--grpo.micro_batch": "4", "--grpo.eval_samples": "8"}
+    given = {e.split("=")[0] for e in extra if e.startswith("--")}
+    return [x for flag, value in base.items() if flag not in given for x in (flag, value)] + list(extra)
 
 
 def toy_model(tmp_path, kind):

@@ -520,7 +520,7 @@ def test_every_field_of_every_config_is_checked_before_any_work(tmp_path):
 
 
 def test_checks_that_need_the_data_come_before_any_model(tmp_path):
-    with pytest.raises(SystemExit, match="--rewards.negatives 500 .* has 192 items: use at most 191"):
+    with pytest.raises(SystemExit, match="toy has 192 items .*--rewards.negatives 500 asks .* at most 191 negatives"):
         rporec.main(small(tmp_path, "--rewards.negatives", "500"))
     with pytest.raises(SystemExit, match="encoder dimension 64 is not divisible by heads=3"):
         rporec.main(small(tmp_path, "--rechead.heads", "3", "--out", str(tmp_path / "other")))
