@@ -258,9 +258,8 @@ def test_a_run_folder_without_rechead_or_best_is_named(both_run, tmp_path):
 def test_stage2_into_another_folder_keeps_its_rechead(both_run, tmp_path):
     """--stage 2 --init A --out B: B holds the Rechead it ranks with, so B alone recommends."""
     root, _ = both_run
-    first = small(root)  # the both_run's flags, for the data and limit; Stage II into a new folder
-    out = tmp_path / "stage2"
-    rporec.main([*first, "--stage", "2", "--init", str(root / "run"), "--out", str(out), "--grpo.steps", "1"])
+    out = tmp_path / "stage2"  # the both_run's flags for the data and limit; Stage II into a new folder
+    rporec.main(small(root, "--stage", "2", "--init", str(root / "run"), "--out", str(out), "--grpo.steps", "1"))
     assert torch.equal(torch.load(out / "rechead.pt", weights_only=True)["state"]["ffn.his.1.weight"],
                        torch.load(root / "run" / "rechead.pt", weights_only=True)["state"]["ffn.his.1.weight"])
     assert len(recommend.Recommender.from_run(str(out)).recommend([["bk001"]], 4)[0]["items"]) == 4
