@@ -55,7 +55,7 @@ def test_a_row_draws_the_same_tokens_alone_and_in_any_batch(qwen3, backend):
 
 
 def test_both_backends_draw_the_same_tokens_from_a_row_seed(qwen3):
-    for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)):
+    for kw in ({"temperature": 1.0}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}):
         assert torch.equal(with_row(16, 3, "hf", qwen3, **kw)[0], with_row(16, 3, "fast", qwen3, **kw)[0])
 
 
