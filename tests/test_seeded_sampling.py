@@ -226,9 +226,10 @@ def test_recommend_resumed_after_a_failed_write_equals_the_whole_batch(stage1_ru
 
 
 # ----------------------------------------------------------------------------- runs sharing a data folder
-def fill(path, order, batch, log, start, die_after=None, delay=0.05):
-    """cached_map in its own process: each generated index goes to log (one line each); die_after: exit at once,
-    holding a claimed slice, after that many seconds."""
+def fill(path, order, batch, log, start, die_after=None, delay=0.2):
+    """cached_map in its own process: each generated index goes to log (one line each), a slice taking `delay`
+    seconds (long beside a process's start, so both get work); die_after: exit, holding a claimed slice, after that
+    many seconds."""
     start.wait()
 
     def fn(idx):
@@ -256,21 +257,21 @@ def start_together(*jobs):
 
 
 def test_two_runs_on_one_fresh_cache_split_the_work(tmp_path):
-    path, order = str(tmp_path / "reasoning" / "train.jsonl"), list(range(100, 0, -1))
+    path, order = str(tmp_path / "reasoning" / "train.jsonl"), list(range(60, 0, -1))
     logs = [str(tmp_path / f"made{k}") for k in range(2)]
     assert start_together(((path, order, 8, logs[0]), {}), ((path, order, 8, logs[1]), {})) == [0, 0]
     made = [lines(log) if os.path.exists(log) else [] for log in logs]
     assert made[0] and made[1]  # both took a share
-    assert sorted(made[0] + made[1], key=int) == [str(i) for i in range(1, 101)]  # each index generated once
+    assert sorted(made[0] + made[1], key=int) == [str(i) for i in range(1, 61)]  # each index generated once
     cached = [json.loads(t)["i"] for t in lines(path)]
-    assert sorted(cached) == list(range(1, 101))  # each line once
+    assert sorted(cached) == list(range(1, 61))  # each line once
     assert os.path.exists(path + ".claims")
 
 
 def test_a_killed_runs_claim_is_taken_over(tmp_path):
     path, order = str(tmp_path / "reasoning" / "train.jsonl"), list(range(40))
     logs = [str(tmp_path / f"made{k}") for k in range(2)]
-    codes = start_together(((path, order, 8, logs[0]), {"die_after": 0.5}), ((path, order, 8, logs[1]), {}))
+    codes = start_together(((path, order, 8, logs[0]), {"die_after": 0.3}), ((path, order, 8, logs[1]), {}))
     assert codes[0] == 1 and codes[1] == 0
     assert sorted(int(i) for i in lines(logs[1])) == order  # the survivor generated every slice, the dead one's too
     assert sorted(json.loads(t)["i"] for t in lines(path)) == order
