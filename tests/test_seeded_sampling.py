@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from test_decode import PAD, P, V, prompt_batch, tiny
+from test_decode import PAD, P, V, naive_stats, prompt_batch, prompts, tiny
 from test_graph_replay import FakeGraph, emulated_graphs  # noqa: F401 (a fixture)
 from test_rporec import small
 
@@ -57,6 +57,18 @@ def test_a_row_draws_the_same_tokens_alone_and_in_any_batch(qwen3, backend):
 def test_both_backends_draw_the_same_tokens_from_a_row_seed(qwen3):
     for kw in ({"temperature": 1.0}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}):
         assert torch.equal(with_row(16, 3, "hf", qwen3, **kw)[0], with_row(16, 3, "fast", qwen3, **kw)[0])
+
+
+@pytest.mark.parametrize("backend", ["hf", "fast"])
+def test_seeded_stats_match_naive_recompute(qwen3, backend):
+    """The stats describe the raw logits at the temperature: the draw that follows them changes nothing."""
+    ids, mask = prompts()
+    cfg = decode.DecodeConfig(max_new_tokens=16, backend=backend, temperature=0.7, top_k=20, top_p=0.9)
+    out = decode.generate(qwen3, ids, mask, cfg, [5, 9], PAD, stats=True, row_seeds=list(range(len(ids))))
+    logp, ent = naive_stats(qwen3, out.tokens, 0.7)
+    assert torch.allclose(out.logp[out.mask], logp[out.mask], atol=1e-4)
+    assert torch.allclose(out.entropy[out.mask], ent[out.mask], atol=1e-4)
+    assert (out.logp[~out.mask] == 0).all() and (out.logp[out.mask] < 0).all()
 
 
 def test_row_seeds_change_the_draw_and_greedy_ignores_them(qwen3):
