@@ -121,17 +121,19 @@ class Recommender:
     @torch.no_grad()
     def reason(self, histories, seed=None):
         """The backbone's completion (CoT and answer) for each history of the source's ids: the run's prompt,
-        thinking mode and sampling, in batches of --gen_batch, each seeded from seed (default the run's --seed)."""
+        thinking mode and sampling, in batches of --gen_batch. Each history draws from its own seed, made from seed
+        (default the run's --seed) and the items its prompt shows, so a user's CoT does not depend on the batch or
+        the block it comes in, nor on the users beside it."""
         if self.model is None:
             raise ValueError("this run has no backbone (--model none): its Rechead ranks from the history alone")
         hs = [self.encode(h, f"history {i + 1}") for i, h in enumerate(histories)]
         seed, out, b = self.cfg.run.seed if seed is None else seed, [], self.cfg.run.gen_batch
         for i in range(0, len(hs), b):
-            with torch.random.fork_rng(devices=[DEVICE] if DEVICE.type == "cuda" else []):
-                torch.manual_seed(seeds.batch_seed(seed, "recommend", i))
-                messages = [data.build_messages(self.items, {"history": h}, self.cfg.data, self.cfg.run.prompt_suffix)
-                            for h in hs[i:i + b]]
-                out += decode.complete(self.model, self.tok, messages, self.sampling, self.cfg.run.thinking)[0]
+            messages = [data.build_messages(self.items, {"history": h}, self.cfg.data, self.cfg.run.prompt_suffix)
+                        for h in hs[i:i + b]]
+            row_seeds = [seeds.row_seed(seed, "recommend", json.dumps([self.items.item_keys[j] for j in h]))
+                         for h in hs[i:i + b]]
+            out += decode.complete(self.model, self.tok, messages, self.sampling, self.cfg.run.thinking, row_seeds)[0]
         return out
 
     @torch.no_grad()
@@ -239,14 +241,13 @@ def run_batch(rec, c):
     size = c.batch or (rec.cfg.run.gen_batch if generating else rec.cfg.eval.chunk)
     for b in tqdm(range(start, len(lines), size), desc="recommend", unit="block"):
         block = lines[b:b + size]
-        histories = [r["history"] for r in block]
-        seed = seeds.batch_seed(rec.cfg.run.seed, "recommend", b)  # a resumed block draws what it would have
+        histories = [r["history"] for r in block]  # each drawn from its own seed: a resumed block draws the same
         if c.nearline:
             out = [{"user": r["user"], "history": r["history"], "reasoning": t}
-                   for r, t in zip(block, rec.reason(histories, seed))]
+                   for r, t in zip(block, rec.reason(histories))]
         else:
             out = [{"user": r["user"], **o} for r, o in zip(block, rec.recommend(
-                histories, c.k, [r.get("reasoning") for r in block], c.keep_history, seed))]
+                histories, c.k, [r.get("reasoning") for r in block], c.keep_history))]
         checkpoint.append_cache(c.out, out)
     return len(lines) - start
 

@@ -56,7 +56,7 @@ class RunConfig:
     prompt_suffix: str = setting("")  # appended to the paper's prompt, e.g. a <think>/<answer>
     # format hint for backbones without a thinking mode (SmolLM2); "" = the paper's prompt
     gen_batch: int = setting(64, Range(1), rerun=True)  # prompts per generation batch (Stage I
-    # reasoning, evaluation); a batch shares a seed
+    # reasoning, evaluation); speed only: each sample draws from its own seed
     limit: int = setting(0, Range(0))  # > 0: only the first `limit` samples of each split
     seed: int = setting(0, SEED)  # seeds python, numpy, torch and every sampled CoT
     threads: int = setting(1, Range(0), rerun=True)  # torch's CPU threads; one keeps a CPU run's

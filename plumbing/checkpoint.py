@@ -2,6 +2,7 @@
 reasoning), the frozen-embedding cache, and Stage II's checkpoints and best/ backbone, each written beside
 its final place and swapped in whole.
 """
+import contextlib
 import dataclasses
 import fcntl
 import glob
@@ -35,48 +36,79 @@ from plumbing.report import progress
 def read_cache(path):
     """{sample index: record}. A last line cut short by a kill or a failed write is cut off the file first (under
     the file's lock, so never a line that another run sharing the data folder is appending)."""
+    return read_appended(path)[0]
+
+
+def read_appended(path, start=0):
+    """({sample index: record} of the whole lines from byte `start` on, the byte after the last whole line): a
+    reader that keeps that offset reads only what was appended since (cached_map, while other runs append)."""
     if not os.path.exists(path):
-        return {}
+        return {}, 0
     with open(path, "rb+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        _cut_partial_line(f)
+        f.seek(start)
         raw = f.read()
-        if raw and not raw.endswith(b"\n"):
-            f.truncate(raw.rfind(b"\n") + 1)
     try:
-        return {r["i"]: r for r in map(json.loads, raw[:raw.rfind(b"\n") + 1].decode().splitlines())}
+        return {r["i"]: r for r in map(json.loads, raw.decode().splitlines())}, start + len(raw)
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: the reasoning cache {path} is corrupt ({e}); delete it and rerun to "
                          "regenerate it") from None
 
 
+def _cut_partial_line(f):
+    """Cut a last line that a kill or a failed write left without its newline off the file f (open binary, under
+    its lock), reading back from the end only as far as the last newline."""
+    end = f.seek(0, os.SEEK_END)
+    pos = end
+    while pos > 0:
+        step = min(pos, 1 << 16)
+        f.seek(pos - step)
+        chunk = f.read(step)
+        if pos == end and chunk.endswith(b"\n"):
+            return
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            f.truncate(pos - step + cut + 1)
+            return
+        pos -= step
+    f.truncate(0)
+
+
 def append_cache(path, records):
     """One write and an fsync per batch, so a kill loses at most the batch in flight; whole lines under the file's
-    lock, so runs sharing a data folder can append to one cache."""
-    with writing(path), open(path, "a") as f:
+    lock, after cutting off a line that another process's failed write left half, so runs sharing a data folder can
+    append to one cache."""
+    with writing(path), open(path, "ab+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write("".join(json.dumps(r) + "\n" for r in records))
+        _cut_partial_line(f)
+        f.write("".join(json.dumps(r) + "\n" for r in records).encode())
         f.flush()
         os.fsync(f.fileno())
 
 
 def fold_shards(path):
-    """Rank 0 appends the per-rank shard files of a distributed run to the one cache, once every rank
-    has finished writing."""
+    """Rank 0 appends the per-rank shard files of a distributed run to the one cache (the records it lacks: another
+    run sharing the data folder may have written some), once every rank has finished writing."""
     barrier()
     if MAIN:
         for part in sorted(glob.glob(f"{path}.rank*")):
-            append_cache(path, list(read_cache(part).values()))
+            have = read_cache(path)
+            append_cache(path, [r for i, r in read_cache(part).items() if i not in have])
             os.remove(part)
     barrier()
 
 
+SAMPLER = "row-seeded inverse CDF"  # in the cache key: how a row's seed becomes its tokens (sampling.py)
+
+
 def reasoning_cache(cfg, model, split, seed, data_key):
-    """The reasoning cache of a split, keyed by the weights themselves (not the model's name), the batch size (a
-    batch shares one seed), the prompt, the resolved sampling, the seed and the data (data_key: the prompt's
-    version and the processed data's key, data.PROMPT_VERSION and data.cache_key): a key that changes with any of
-    them cannot go stale."""
+    """The reasoning cache of a split, keyed by the weights themselves (not the model's name), the sampler (each row
+    draws from its own seed, so not the batch size), the prompt, the resolved sampling, the seed and the data
+    (data_key: the prompt's version and the processed data's key, data.PROMPT_VERSION and data.cache_key): a key
+    that changes with any of them cannot go stale."""
     version, data_hash = data_key
-    key = json.dumps([weights_digest(model), cfg.run.gen_batch, cfg.run.thinking, cfg.run.prompt_suffix,
+    key = json.dumps([weights_digest(model), SAMPLER, cfg.run.thinking, cfg.run.prompt_suffix,
                       version, dataclasses.asdict(decode.resolve_sampling(cfg.decode, model)), seed,
                       cfg.data.max_history_chars, data_hash], sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -85,45 +117,79 @@ def reasoning_cache(cfg, model, split, seed, data_key):
 
 def cached_map(path, order, batch, fn, desc):
     """{i: record} for every index of order, from the JSONL cache at path, computing the missing ones with
-    fn(indices) -> (records, tokens). The batches are fixed slices of order, `batch` long, whatever the cache
-    holds (fn seeds each by its first index): a record depends on the seed and its batch alone, so a rerun after
-    a kill or a failed write regenerates a half-written batch whole, appends only its missing records, and ends
-    with the cache an uninterrupted run writes. Batches are sharded over ranks (each appends to its own
-    <path>.rankR, folded into path by rank 0), one fsync'd append each: a kill loses at most the batch in flight."""
+    fn(indices) -> (records, tokens). A record depends on its index alone (fn seeds each row by it), so a rerun
+    after a kill or a failed write generates only the missing records and ends with the cache an uninterrupted run
+    writes. Batches are slices of order, `batch` long, sharded over ranks (each appends to its own <path>.rankR,
+    folded into path by rank 0), one fsync'd append each: a kill loses at most the batch in flight.
+
+    Runs sharing the data folder split the work instead of each generating everything: a process claims a slice
+    (claim_slice: a lock on the slice's positions in <path>.claims, which the system drops when the process ends
+    or dies), reads what the others appended meanwhile, and generates only what is still missing. A slice that
+    another process holds is skipped, then waited for once the free ones are done."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fold_shards(path)
-    have = read_cache(path)
-    todo = shard([idx for idx in (order[b:b + batch] for b in range(0, len(order), batch))
-                  if any(i not in have for i in idx)])
+    have, seen = read_appended(path)
+    todo = shard([(b, order[b:b + batch]) for b in range(0, len(order), batch)
+                  if any(i not in have for i in order[b:b + batch])])
     mine = f"{path}.rank{RANK}" if WORLD > 1 else path
-    bar = progress(total=sum(i not in have for idx in todo for i in idx), desc=desc, unit="sample", disable=not MAIN)
-    t0, n_tok = time.time(), 0
-    for idx in todo:
-        records, tokens = fn(idx)
-        new = [r for r in records if r["i"] not in have]
-        append_cache(mine, new)
-        n_tok += tokens
-        bar.update(len(new))
-        bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
+    bar = progress(total=sum(i not in have for _, idx in todo for i in idx), desc=desc, unit="sample",
+                   disable=not MAIN)
+    t0, n_tok, wait = time.time(), 0, False
+    with open(f"{path}.claims", "a+b") as claims:
+        while todo:
+            held = []  # slices another process is generating
+            for b, idx in todo:
+                with claim_slice(claims, b, len(idx), wait) as claimed:
+                    if not claimed:
+                        held.append((b, idx))
+                        continue
+                    before = sum(i in have for i in idx)
+                    new, seen = read_appended(path, seen)
+                    have.update(new)
+                    missing = [i for i in idx if i not in have]
+                    if missing:
+                        records, tokens = fn(missing)
+                        append_cache(mine, records)
+                        have.update((r["i"], r) for r in records)
+                        n_tok += tokens
+                    bar.update(len(idx) - before)
+                    bar.set_postfix(tok_s=f"{n_tok / (time.time() - t0):.0f}")
+            todo, wait = held, True
     bar.close()
     fold_shards(path)
     return read_cache(path)
 
 
+@contextlib.contextmanager
+def claim_slice(claims, start, length, wait):
+    """Holds an exclusive lock on bytes [start, start + length) of the open file claims, one byte per position of
+    the order a slice covers (so slices of other batch sizes that overlap it conflict too), and yields True; or
+    yields False at once when another process holds part of it and not wait. A POSIX record lock: released when
+    the process ends or dies, so a killed run leaves no stale claim."""
+    try:
+        fcntl.lockf(claims, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), length, start)
+    except (BlockingIOError, PermissionError):  # held by another process (EAGAIN or EACCES, by platform)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.lockf(claims, fcntl.LOCK_UN, length, start)
+
+
 def sample_cached(cfg, model, tok, split, order, prompt, seed, cost, data_key):
     """{i: completion text} for every sample index of order (prompt(i): its chat messages), sampled as the
-    backbone's resolved sampling and kept in the split's resumable cache (reasoning_cache, cached_map). Each fixed
-    batch of --gen_batch along order draws from its own seed, so a rerun draws the same CoTs; the rest of the run's
-    random stream stays untouched. cost gains what this call generated (samples, prompt and completion tokens, over
-    all ranks), its wall time, rate and peak memory."""
+    backbone's resolved sampling and kept in the split's resumable cache (reasoning_cache, cached_map). Each sample
+    draws from its own seed (seeds.row_seed of the seed, the split and its index), so its CoT depends on neither
+    its batch nor --gen_batch, a rerun draws the same CoTs, and the run's random stream stays untouched. cost gains
+    what this call generated (samples, prompt and completion tokens, over all ranks), its wall time, rate and peak
+    memory."""
     sampling = decode.resolve_sampling(cfg.decode, model)
     made = [0, 0, 0]  # samples, prompt tokens, completion tokens generated by this call on this rank
 
     def generate(idx):
-        with torch.random.fork_rng(devices=[DEVICE] if DEVICE.type == "cuda" else []):
-            torch.manual_seed(seeds.batch_seed(seed, split, idx[0]))
-            texts, out, prompt_tokens = decode.complete(model, tok, [prompt(i) for i in idx], sampling,
-                                                        cfg.run.thinking)
+        texts, out, prompt_tokens = decode.complete(model, tok, [prompt(i) for i in idx], sampling, cfg.run.thinking,
+                                                    [seeds.row_seed(seed, split, i) for i in idx])
         made[:] = made[0] + len(idx), made[1] + prompt_tokens, made[2] + int(out.mask.sum())
         return [{"i": i, "text": t} for i, t in zip(idx, texts)], int(out.mask.sum())
 
@@ -132,6 +198,9 @@ def sample_cached(cfg, model, tok, split, order, prompt, seed, cost, data_key):
         done = cached_map(path, order, cfg.run.gen_batch, generate, f"reasoning {split}")
     n, prompt_tokens, tokens = (int(v) for v in all_sum(*made))
     cost.update(samples=n, prompt_tokens=prompt_tokens, tokens=tokens, tok_s=rate(tokens, cost["s"]))
+    if lost := [i for i in order if i not in done]:
+        fail(f"{path} lost {len(lost)} of its {len(order)} CoTs while this run wrote it (deleted or cut from "
+             "outside?); rerun the same command: what is missing is generated again")
     return {i: r["text"] for i, r in done.items()}
 
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from plumbing.flags import OneOf, Range, setting
-from plumbing.sampling import (  # the output type and the stats rule both backends share
+from plumbing.sampling import (  # the output type, the stats rule and the seeded draw both backends share
     Rollout,
+    choose_tokens_seeded,
+    row_uniforms,
     token_stats,
 )
 from speed import fastdecode
@@ -77,17 +79,36 @@ class _Recorder:
         return scores
 
 
-def _generate_hf(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats):
+class _SeededChooser:
+    """LogitsProcessor that draws each row's token itself (sampling.choose_tokens_seeded, from the row's uniform
+    of this step) and leaves only that token finite; generate then runs greedy, so its argmax takes exactly that
+    token, and no HF warper or RNG comes after it. Must come after _Recorder, which reads the raw logits."""
+
+    def __init__(self, cfg, u, prompt_len):
+        self.cfg, self.u, self.prompt_len = cfg, u, prompt_len  # u: (B, max_new_tokens) float64
+
+    def __call__(self, input_ids, scores):
+        nxt = choose_tokens_seeded(scores, self.cfg, self.u[:, input_ids.shape[1] - self.prompt_len])  # (B,)
+        return torch.full_like(scores, float("-inf")).scatter_(1, nxt[:, None], 0.0)
+
+
+def _generate_hf(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats, row_seeds=None):
     from transformers import GenerationConfig, LogitsProcessorList
 
-    # greedy: temperature/top_p 1.0 and top_k 50 are HF's neutral defaults, so nothing warns
-    sampling = dict(temperature=1.0, top_p=1.0, top_k=50) if cfg.greedy else \
+    seeded = row_seeds is not None and not cfg.greedy
+    # greedy (and seeded: _SeededChooser has drawn): temperature/top_p 1.0 and top_k 50 are HF's neutral defaults,
+    # so nothing warns
+    sampling = dict(temperature=1.0, top_p=1.0, top_k=50) if cfg.greedy or seeded else \
         dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy,
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=not (cfg.greedy or seeded),
                                eos_token_id=list(eos_ids), pad_token_id=pad_id, **sampling)
     rec = _Recorder(cfg.temperature) if stats else None
+    processors = [rec] if stats else []
+    if seeded:
+        u = row_uniforms(row_seeds, torch.arange(cfg.max_new_tokens, device=input_ids.device))  # (B, T)
+        processors.append(_SeededChooser(cfg, u, input_ids.shape[1]))
     seq = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
-                         logits_processor=LogitsProcessorList([rec] if stats else []))
+                         logits_processor=LogitsProcessorList(processors))
     tokens = seq[:, input_ids.shape[1]:]  # (B, T)
     is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), dtype=torch.long, device=tokens.device))
     mask = is_eos.long().cumsum(1) - is_eos.long() == 0  # up to and including the first EOS
@@ -99,9 +120,11 @@ def _generate_hf(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats):
 
 
 @torch.no_grad()
-def generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False, generator=None):
-    """Decode completions for left-padded prompts. `generator` seeds the fast backend's sampling
-    (the hf backend draws from the global RNG: use torch.manual_seed)."""
+def generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False, generator=None, row_seeds=None):
+    """Decode completions for left-padded prompts. row_seeds (B,) (ints in [0, 2**63), e.g. seeds.row_seed): each
+    row samples from its own seed (sampling.row_uniforms), so its tokens depend on its prompt, its seed and the
+    model alone, not on the batch. Without them, `generator` seeds the fast backend's sampling and the hf backend
+    draws from the global RNG (use torch.manual_seed): a row's tokens then depend on its batch."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                          "must both be (B, P); tokenize the batch with padding=True")
@@ -120,13 +143,18 @@ def generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False
                          "use top_p=1.0 and top_k=0 to turn them off")
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    if row_seeds is not None:
+        row_seeds = torch.as_tensor(row_seeds, dtype=torch.long, device=input_ids.device)
+        if row_seeds.shape != input_ids.shape[:1] or bool((row_seeds < 0).any()):
+            raise ValueError(f"row_seeds must be one non-negative int per prompt ({input_ids.shape[0]}), got shape "
+                             f"{tuple(row_seeds.shape)}; build them with seeds.row_seed")
     backend = cfg.backend
     if backend == "auto":
         backend = "fast" if input_ids.is_cuda and fastdecode.fast_unsupported(model) is None else "hf"
     if backend == "hf":
-        return _generate_hf(model, input_ids, am, cfg, list(eos_ids), pad_id, stats)
+        return _generate_hf(model, input_ids, am, cfg, list(eos_ids), pad_id, stats, row_seeds)
     if backend == "fast":
-        return fastdecode.generate_fast(model, input_ids, am, cfg, list(eos_ids), pad_id, stats, generator)
+        return fastdecode.generate_fast(model, input_ids, am, cfg, list(eos_ids), pad_id, stats, generator, row_seeds)
     raise ValueError(f"unknown decode backend {cfg.backend!r}; use 'auto', 'hf' or 'fast'")
 
 
@@ -144,11 +172,11 @@ def encode_prompts(tok, messages, thinking, device):
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
-def complete(model, tok, messages, cfg, thinking):
+def complete(model, tok, messages, cfg, thinking, row_seeds=None):
     """Completion texts, the Rollout and the number of prompt tokens for a batch of chat messages, through
-    generate."""
+    generate (row_seeds: one seed per message, see generate)."""
     ids, mask = encode_prompts(tok, messages, thinking, model.device)
-    out = generate(model, ids, mask, cfg, eos_ids(model, tok), tok.pad_token_id)
+    out = generate(model, ids, mask, cfg, eos_ids(model, tok), tok.pad_token_id, row_seeds=row_seeds)
     texts = tok.batch_decode(out.tokens.masked_fill(~out.mask, tok.pad_token_id), skip_special_tokens=True)
     return texts, out, int(mask.sum())
 

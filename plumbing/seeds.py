@@ -13,9 +13,11 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
-def batch_seed(seed, split, first):
-    """The sampling seed of one generation batch: a rerun draws the same CoTs."""
-    return int(hashlib.sha1(f"{seed}|{split}|{first}".encode()).hexdigest()[:8], 16)
+def row_seed(seed, split, key):
+    """The sampling seed of one generated row (decode.generate's row_seeds), in [0, 2**63): a function of the run's
+    seed, the split (or "recommend") and the sample's own identity (its index, or the history it is asked about),
+    so a rerun, a resume or another batch size draws the same CoT for it."""
+    return int(hashlib.sha1(f"{seed}|{split}|{key}".encode()).hexdigest()[:16], 16) >> 1
 
 
 @functools.lru_cache(maxsize=4)

@@ -19,6 +19,10 @@ Decoders (KV cache + graphs) are cached per model: at most KEEP_DECODERS, least 
 each with a multiple of 8 rows; a smaller batch reuses a larger decoder, padded with copies of row 0
 that are marked done at once and sliced off the outputs.
 
+Sampling reads a caller-filled buffer, so no RNG runs inside a graph: Exp(1) noise (B, V) drawn from a generator
+before each step, or, with row seeds, every row's uniforms for all steps (B, max_len), hashed once per batch
+(sampling.row_uniforms), of which the graph reads the column of its step.
+
 Callers go through decode.generate. The sampling rules and the Rollout type are plumbing/sampling.py's, which
 both backends import; decode imports this module, never the other way round.
 """
@@ -28,7 +32,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from plumbing.sampling import Rollout, choose_tokens, token_stats
+from plumbing.sampling import Rollout, choose_tokens, choose_tokens_seeded, row_uniforms, token_stats
 
 FAST_ARCHS = ("qwen3", "qwen2", "llama")  # pre-norm, SwiGLU, RoPE, GQA; qwen3 adds q/k RMSNorm
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq independent of sequence length
@@ -196,7 +200,10 @@ class _FastDecoder:
         self.pad = torch.zeros(1, **long)
         self.eos = torch.full((8,), -1, **long)  # EOS ids, -1 = unused slot
         self.done = torch.zeros(batch, device=dev, dtype=torch.bool)
-        self.noise = torch.ones(batch, self.head.shape[0], device=dev)  # (B, V) Exp(1) draws
+        self.noise = torch.ones(batch, self.head.shape[0], device=dev)  # (B, V) Exp(1) draws, unseeded sampling
+        self.uniform = torch.zeros(batch, max_len, device=dev, dtype=torch.float64)  # (B, max_len) seeded sampling:
+        # each row's uniform per output column, sampling.row_uniforms
+        self.seeded = False  # this batch samples from self.uniform (a Python value: part of a graph's key)
         self.out_tok = torch.zeros(batch, max_len, **long)  # (B, max_len) columns = decode steps
         self.out_mask = torch.zeros(batch, max_len, device=dev, dtype=torch.bool)
         self.out_logp = torch.zeros(batch, max_len, device=dev)  # (B, max_len) float32
@@ -279,8 +286,13 @@ class _FastDecoder:
         return self._logits(torch.cat(last))
 
     def emit(self, logits, cfg, stats):
-        """Choose, record at column `step`, update EOS state, feed back. Graph-safe: no host syncs."""
-        nxt = torch.where(self.done, self.pad, choose_tokens(logits, cfg, self.noise))  # (B,)
+        """Choose, record at column `step`, update EOS state, feed back. Graph-safe: no host syncs. Samples from
+        each row's uniform of this step (self.uniform) when the batch is seeded, else from the noise buffer."""
+        if self.seeded:
+            chosen = choose_tokens_seeded(logits, cfg, self.uniform.index_select(1, self.step)[:, 0])
+        else:
+            chosen = choose_tokens(logits, cfg, self.noise)
+        nxt = torch.where(self.done, self.pad, chosen)  # (B,)
         self.out_tok.index_copy_(1, self.step, nxt[:, None])
         self.out_mask.index_copy_(1, self.step, ~self.done[:, None])
         if stats:
@@ -344,7 +356,7 @@ class _FastDecoder:
         it does not execute)."""
         if not use_graph:
             return self.decode_step(kv_len, cfg, stats, triton)
-        key = (kv_len, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p, stats, triton)
+        key = (kv_len, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p, stats, triton, self.seeded)
         if key in self.graphs:
             return self.graphs[key].replay()
         side = torch.cuda.Stream()
@@ -393,7 +405,7 @@ def _decoder(model, batch, max_len, dtype):
     return dec
 
 
-def generate_fast(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats, generator):
+def generate_fast(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats, generator, row_seeds=None):
     """decode.generate's "fast" backend, on inputs decode.generate has checked; a Rollout as the hf backend's."""
     _check(model, cfg, eos_ids)
     triton = use_triton(model, cfg, input_ids.device)
@@ -411,13 +423,17 @@ def generate_fast(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats,
     use_graph = cfg.cuda_graph and graphs_available(input_ids.device)
     dec.reset(input_ids, attention_mask, eos_ids, pad_id)
     dec.done[B:] = True  # padding rows emit pad_id and never hold up the early stop
-    if not cfg.greedy:  # real rows only: a seed gives the same samples whatever decoder is reused
+    dec.seeded = row_seeds is not None and not cfg.greedy
+    if dec.seeded:  # every step's uniforms up front: the graph reads its column, the hash runs once per batch
+        dec.uniform[:B, :cfg.max_new_tokens] = row_uniforms(row_seeds, torch.arange(cfg.max_new_tokens,
+                                                                                    device=input_ids.device))
+    elif not cfg.greedy:  # real rows only: a seed gives the same samples whatever decoder is reused
         dec.noise[:B].exponential_(generator=generator)
     dec.emit(dec.prefill(input_ids, attention_mask, cfg.prefill_rows), cfg, stats)
     for t in range(1, cfg.max_new_tokens):
         if t % cfg.sync_every == 0 and bool(dec.done.all()):
             break
-        if not cfg.greedy:
+        if not (cfg.greedy or dec.seeded):
             dec.noise[:B].exponential_(generator=generator)
         dec.run_step(min(dec.max_len, -(-(P + t) // align) * align), cfg, stats, use_graph, triton)
     mask = dec.out_mask[:B, :int(dec.step)]

