@@ -172,3 +172,51 @@ def weights_digest(module):
         h.update(name.encode())
         h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def lock_holder(path):
+    """'pid host' of the live process holding the lock file path (lock_run's run.lock, hold_lock's <file>.lock),
+    or None when none does: the kernel drops the lock of a process that ended, so a left-over file means nothing."""
+    try:
+        f = open(path)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released with the file, at once
+        except BlockingIOError:
+            return " on ".join(f.read().split()) or "?"
+    return None
+
+
+def hold_lock(path, busy):
+    """path locked (flock) by this process until the returned file is closed, with the pid written in; when
+    another live process holds it, the run stops with the error line busy(holder), holder being 'pid host'."""
+    with writing(path):
+        f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = " on ".join(f.read().split()) or "?"
+        f.close()
+        raise SystemExit(f"error: {busy(holder)}") from None
+    with writing(path):
+        f.truncate(0)
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.flush()
+    return f
+
+
+def check_out_file(flag, path):
+    """The `error:` line for an output file path that cannot be written (empty, a folder, in a folder that does not
+    exist or is not writable), or None: checked before any work, so no result is lost at the end."""
+    if not path or path.endswith(os.sep) or os.path.isdir(path):
+        return f"{flag} {path!r} is {'empty' if not path else 'a folder'}; pass a file name, e.g. {flag} out.json"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        return f"{flag} {path}: the folder {folder} {what}; create it or pass another {flag}"
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{flag} {path}: {path if os.path.exists(path) else folder} is not writable; pass another {flag}"
+    return None
