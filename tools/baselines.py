@@ -191,8 +191,9 @@ def train_sasrec(cfg: SASRecConfig, splits: dict, n_items: int, max_len: int, ev
               "a stopped run is no result; rerun the same command to train it again", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
+    stopper = Stop()
     try:
-        with Stop() as stop:  # SIGTERM or Ctrl-C: stop after this batch; a second one at once
+        with stopper as stop:  # SIGTERM or Ctrl-C: stop after this batch; a second one at once
             for epoch in range(cfg.epochs):
                 model.train()
                 t0, total, perm = time.time(), 0.0, torch.randperm(len(target), generator=gen)
@@ -224,8 +225,8 @@ def train_sasrec(cfg: SASRecConfig, splits: dict, n_items: int, max_len: int, ev
                     bad += 1
                     if bad >= cfg.patience:
                         break
-    except KeyboardInterrupt:  # the second signal
-        stopped(signal.SIGINT)
+    except KeyboardInterrupt:  # a second signal, or Ctrl-C before the handlers were set
+        stopped(stopper.signum or signal.SIGINT)
     model.load_state_dict(best_state)
     return model, best_epoch
 
@@ -317,12 +318,13 @@ def read_runs(folders: list[str], key: str | None, split: str) -> tuple[str, lis
     if len(keys) > 1:
         fail(f"the folders {' '.join(folders)} hold different methods ({', '.join(sorted(keys))}); "
              "name one with --a-key/--b-key")
+    method = keys.pop()
     for i, r in enumerate(runs):
         if (j := next((j for j in range(i) if runs[j] == r), None)) is not None:
-            fail(f"{folders[j]} and {folders[i]} have the same {keys.pop()} {split} metrics to the last digit: one "
+            fail(f"{folders[j]} and {folders[i]} have the same {method} {split} metrics to the last digit: one "
                  "run counted twice, or a method with no seed in it (a floor such as transition or popularity), "
                  "whose runs are one result; leave one out")
-    return keys.pop(), runs
+    return method, runs
 
 
 def run_seed(folder: str) -> str:
