@@ -19,7 +19,7 @@ input, as the data protocol does; every item of the history, the older ones too,
 the recommendations unless --keep_history (evaluation keeps them, as the paper does). A batch is
 written one block at a time, each flushed to disk, so a stop loses no finished line: --resume
 continues after them, and refuses another command (<out>.command.json records the input's
-digest, the run and the flags); <out>.lock gives an output one writer.
+digest, the run and the flags); <out>.lock, held while a batch writes, gives an output one writer.
 
 The run folder's parts are checked against each other before any work: a run still training (its
 run.lock held) or stopped before its end, an items.json other than the table its rechead.pt was
@@ -93,7 +93,8 @@ WHOLE = "copy the run folder again, whole"
 
 def load_config(run_dir):
     """The run's config.json as rporec.Config. Every field must be there, and no other: a missing
-    one would take this code's default and score with another config than the run's."""
+    one would take this code's default and score with another config than the run's. Only the
+    fields of how far and where a run goes (setting rerun= or place=) may be missing."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise RunError(f"{path} not found: the run folder lacks its config; {WHOLE}")
@@ -104,7 +105,8 @@ def load_config(run_dir):
     have = {f"{s}.{k}": v for s, section in saved.items() if isinstance(section, dict)
             for k, v in section.items()} if isinstance(saved, dict) else {}
     fix = f"{WHOLE}, or rerun the run with this code"
-    if missing := sorted(want - set(have)):
+    how_far = flags.marked(cfg, "rerun") | flags.marked(cfg, "place")  # no part of what a run is
+    if missing := sorted(want - set(have) - how_far):
         raise RunError(f"{path} lacks {len(missing)} field(s): {', '.join(missing[:6])}; a "
                        "default in their place could score with another config than the run's "
                        f"(older code or an edit?): {fix}")
@@ -433,12 +435,12 @@ def run_batch(rec, c):
         if rec.model is None and r.get("reasoning") is not None:
             fail(f"{c.input}, line {r['line']} has \"reasoning\", but this run has no backbone "
                  "(--model none): its Rechead was trained on histories alone; drop the field")
-
-    def busy(holder):
-        return (f"--out {c.out} is being written by another recommend.py (pid {holder}, see "
-                f"{c.out + LOCK}); wait for it to end, or pass another --out")
-    with files.hold_lock(c.out + LOCK, busy):
+    lock = files.lock_file(c.out + LOCK, f"--out {c.out}",
+                           "wait for it to end, or pass another --out")
+    try:
         return write_blocks(rec, c, raw, lines)
+    finally:
+        files.unlock_file(lock)
 
 
 def write_blocks(rec, c, raw, lines):

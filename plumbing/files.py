@@ -175,8 +175,8 @@ def weights_digest(module):
 
 
 def lock_holder(path):
-    """'pid host' of the live process holding the lock file path (lock_run's run.lock, hold_lock's <file>.lock),
-    or None when none does: the kernel drops the lock of a process that ended, so a left-over file means nothing."""
+    """'pid host' of the live process holding the lock file path (lock_file's, e.g. lock_run's run.lock), or None
+    when none does: the kernel drops the lock of a process that ended, so a left-over file means nothing."""
     try:
         f = open(path)
     except OSError:
@@ -187,25 +187,6 @@ def lock_holder(path):
         except BlockingIOError:
             return " on ".join(f.read().split()) or "?"
     return None
-
-
-def hold_lock(path, busy):
-    """path locked (flock) by this process until the returned file is closed, with the pid written in; when
-    another live process holds it, the run stops with the error line busy(holder), holder being 'pid host'."""
-    with writing(path):
-        f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = " on ".join(f.read().split()) or "?"
-        f.close()
-        raise SystemExit(f"error: {busy(holder)}") from None
-    with writing(path):
-        f.truncate(0)
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        f.flush()
-    return f
 
 
 def check_out_file(flag, path):

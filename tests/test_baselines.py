@@ -327,7 +327,7 @@ def test_two_sasrec_runs_on_one_out_do_not_interleave(tmp_path):
     holder.flush()
     (out / "log.jsonl").write_text('{"method": "sasrec", "epoch": 0}\n')
     try:
-        with pytest.raises(SystemExit, match=r"is in use by another run \(pid 4242 on elsewhere"):
+        with pytest.raises(SystemExit, match=r"is in use by another process \(pid 4242 on elsewhere"):
             baselines.main(["sasrec", "--data.data_dir", str(tmp_path / "data"), "--out", str(out),
                             "--sasrec.epochs", "1", "--sasrec.hidden", "16"])
         assert (out / "log.jsonl").read_text() == '{"method": "sasrec", "epoch": 0}\n'

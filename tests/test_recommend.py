@@ -406,6 +406,16 @@ def test_a_config_json_that_does_not_fit_is_refused(none_run, tmp_path, case, pa
     refused(run, pattern)
 
 
+def test_a_config_json_may_lack_only_how_far_and_where_a_run_goes(none_run, tmp_path):
+    """Fields of how far and where a run goes (rerun=, place=: threads, batch sizes, folders) change no score, so
+    a run written before such a field existed still recommends; any other missing field is refused."""
+    run = broken_copy(none_run[0], tmp_path)
+    edit_json(run / "config.json", lambda c: (c["run"].pop("threads"), c["eval"].pop("chunk"), c["data"].pop("force")))
+    assert recommend.Recommender.from_run(str(run)).recommend([["bk001"]], 3)[0]["items"]
+    edit_json(run / "config.json", lambda c: c["run"].pop("seed"))
+    refused(run, r"lacks 1 field\(s\): run.seed")
+
+
 def test_the_api_raises_value_errors_for_bad_arguments(none_run):
     rec = recommend.Recommender.from_run(str(none_run[0] / "run"))
     for kw, pattern in (({"k": 2.5}, r"k=2.5; ask for a whole number of items"), ({"k": True}, r"k=True"),
@@ -477,14 +487,13 @@ def test_one_writer_per_output(none_run, tmp_path):
     try:
         with pytest.raises(SystemExit) as e:
             recommend.main(["--run", run, "--input", inp, "--out", str(out)])
-        assert re.fullmatch(r"error: --out .*recs.jsonl is being written by another recommend.py \(pid 4242 on "
-                            r"elsewhere, see .*recs.jsonl.lock\); wait for it to end, or pass another --out",
-                            str(e.value))
+        assert re.fullmatch(r"error: --out .*recs.jsonl is in use by another process \(pid 4242 on elsewhere, see "
+                            r".*recs.jsonl.lock\); wait for it to end, or pass another --out", str(e.value))
         assert not out.exists()
     finally:
         holder.close()
     recommend.main(["--run", run, "--input", inp, "--out", str(out)])
-    assert len(read_jsonl(out)) == 5
+    assert len(read_jsonl(out)) == 5 and not os.path.exists(str(out) + ".lock")  # released, and gone
 
 
 @pytest.mark.parametrize("case, pattern", [

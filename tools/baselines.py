@@ -212,7 +212,7 @@ def train_sasrec(cfg: SASRecConfig, splits: dict, n_items: int, max_len: int, ev
                          f"--sasrec.init_std. {kept()}")
                 try:
                     m = evaluate_sasrec(model, splits["valid"], max_len, eval_cfg)
-                except ValueError as e:  # a NaN score: the weights broke in this epoch's last steps
+                except FloatingPointError as e:  # a NaN score: the weights broke in this epoch's last steps
                     fail(f"SASRec's valid scores after epoch {epoch} are not finite ({e}); lower --sasrec.lr or "
                          f"--sasrec.init_std. {kept()}")
                 log({"method": "sasrec", "epoch": epoch, "loss": total / len(target), "valid_hr@10": m["hr@10"],
