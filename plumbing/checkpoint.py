@@ -264,10 +264,14 @@ def save_rechead(out, state, epoch, cfg):
 
 def finish_stage1(out):
     """Mark <out>/rechead.pt finished once Stage I's metrics are saved: Stage II (--init, --resume) refuses a
-    Rechead whose training or evaluation was cut short."""
+    Rechead whose training or evaluation was cut short. The mark carries the item table the Rechead was trained
+    on (its size and items_digest, from the items.json this run wrote), so recommend.py refuses another table."""
     path = os.path.join(out, "rechead.pt")
     if os.path.exists(path):
-        save_torch(path, {**load_torch(path, "Rechead checkpoint", f"Rerun Stage I into {out}"), "finished": True})
+        table = load_items(out)
+        items = {"n": len(table["keys"]) - 1, "digest": items_digest(table)}
+        save_torch(path, {**load_torch(path, "Rechead checkpoint", f"Rerun Stage I into {out}"), "finished": True,
+                          "items": items})
 
 
 def load_rechead(folder):
@@ -470,6 +474,13 @@ def keep_for_recommend(cfg, ds, head, model, tok):
     if model is not None and not cfg.run.has_stage2() and whole_copy(backbone, "info.json") is None:
         save_pretrained(backbone, model, tok, {"model": cfg.run.model})
     barrier()
+
+
+def items_digest(table):
+    """A hash of what an item table says of each item id (the source's key, title, text) and the prompt's item
+    wording: two tables with one digest rank and label the same items."""
+    what = [table["category"], table["keys"], table["titles"], table["texts"]]
+    return hashlib.sha256(json.dumps(what, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def load_items(out):

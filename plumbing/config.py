@@ -17,10 +17,11 @@ from plumbing.processes import DISTRIBUTED, WORLD
 def parse(cfg, presets, argv, doc, program="rporec"):
     """Defaults (cfg) < presets[dataset] < flags, then the derived fields and every check (resolve). The flag
     table that answers the next --help at once is written first, if it changed (flags.answer_early)."""
+    header = "\nFlags (--section.field VALUE; run fields also bare; a bare boolean flag means true):"
     if flags_lib.load_table(program) is None:
-        flags_lib.save_table(program, cfg, presets, sys.modules[type(cfg).__module__])
+        flags_lib.save_table(program, cfg, presets, sys.modules[type(cfg).__module__], header)
     if "--help" in argv or "-h" in argv:
-        print(doc + "\nFlags (--section.field VALUE; run fields also bare; a bare boolean flag means true):")
+        print(doc + header)
         print(flags_lib.help_text(cfg))
         raise SystemExit(0)
     flags = flags_lib.parse_flags(cfg, argv)

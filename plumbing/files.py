@@ -172,3 +172,32 @@ def weights_digest(module):
         h.update(name.encode())
         h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def lock_holder(path):
+    """'pid host' of the live process holding the lock file path (lock_file's, e.g. lock_run's run.lock), or None
+    when none does: the kernel drops the lock of a process that ended, so a left-over file means nothing."""
+    try:
+        f = open(path)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released with the file, at once
+        except BlockingIOError:
+            return " on ".join(f.read().split()) or "?"
+    return None
+
+
+def check_out_file(flag, path):
+    """The `error:` line for an output file path that cannot be written (empty, a folder, in a folder that does not
+    exist or is not writable), or None: checked before any work, so no result is lost at the end."""
+    if not path or path.endswith(os.sep) or os.path.isdir(path):
+        return f"{flag} {path!r} is {'empty' if not path else 'a folder'}; pass a file name, e.g. {flag} out.json"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        return f"{flag} {path}: the folder {folder} {what}; create it or pass another {flag}"
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{flag} {path}: {path if os.path.exists(path) else folder} is not writable; pass another {flag}"
+    return None

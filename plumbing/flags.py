@@ -304,10 +304,10 @@ def _digest(path):
         return hashlib.sha1(f.read()).hexdigest()
 
 
-def save_table(name, cfg, presets, presets_module, bare="run"):
+def save_table(name, cfg, presets, presets_module, header, bare="run"):
     """Write the flag table of the program `name`: cfg's sections (their fields' types, defaults, rules and
-    comments), the presets, and the digests of the source files they come from. Quietly nothing where the
-    folder is not writable."""
+    comments), the presets, --help's header line and the digests of the source files they come from. Quietly
+    nothing where the folder is not writable."""
     sections = {}
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
@@ -316,7 +316,8 @@ def save_table(name, cfg, presets, presets_module, bare="run"):
                                    "rule": None if f.metadata.get("allowed") is None else
                                    {"kind": type(f.metadata["allowed"]).__name__, **vars(f.metadata["allowed"])},
                                    "comment": notes.get(f.name, "")} for f in dataclasses.fields(obj)]
-    table = {"sources": _sources(cfg, presets_module), "bare": bare, "sections": sections, "presets": presets}
+    table = {"sources": _sources(cfg, presets_module), "bare": bare, "header": header, "sections": sections,
+             "presets": presets}
     path = TABLE.format(name)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -336,14 +337,15 @@ def _rule(d):
 
 
 def load_table(name):
-    """(cfg, presets, bare) rebuilt from the flag table of `name`, or None when there is none or its sources
-    changed since it was written."""
+    """(cfg, presets, bare, header) rebuilt from the flag table of `name`, or None when there is none or its
+    sources changed since it was written."""
     try:
         with open(TABLE.format(name)) as f:
             table = json.load(f)
         if any(_digest(p) != d for p, d in table["sources"].items()):
             return None
-    except (OSError, ValueError, KeyError):
+        presets, bare, header = table["presets"], table["bare"], table["header"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or from other code
         return None
     types = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple, "None": None}
     sections = []
@@ -353,7 +355,7 @@ def load_table(name):
             dataclasses.field(default=tuple(f["default"]) if f["type"].startswith("tuple") else f["default"],
                               metadata={"allowed": _rule(f["rule"]), "comment": f["comment"]})) for f in fields])
         sections.append((sec, cls, dataclasses.field(default_factory=cls)))
-    return dataclasses.make_dataclass("Config", sections)(), table["presets"], table["bare"]
+    return dataclasses.make_dataclass("Config", sections)(), presets, bare, header
 
 
 def answer_early(name, argv, doc):
@@ -362,9 +364,9 @@ def answer_early(name, argv, doc):
     loaded = load_table(name)
     if loaded is None:
         return
-    cfg, presets, bare = loaded
+    cfg, presets, bare, header = loaded
     if "--help" in argv or "-h" in argv:
-        print(doc + "\nFlags (--section.field VALUE; run fields also bare; a bare boolean flag means true):")
+        print(doc + header)
         print(help_text(cfg, bare))
         sys.exit(0)
     given = parse_flags(cfg, argv, bare)  # exits with the error of a bad flag

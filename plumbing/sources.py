@@ -256,10 +256,36 @@ def movielens(cfg):
     return "movie", items, inter, src
 
 
+def _key(value, column, src, line):
+    """A custom table's id as text. A missing or empty one is an error: every such row would become one user or
+    item named "", and "" is the pad item's key in a run's items.json."""
+    if value is None or isinstance(value, (bool, list, dict)) or not str(value).strip():
+        raise ValueError(f"{src}, line {line}: {column} is {json.dumps(value)}; give every row a {column}")
+    return str(value)
+
+
 def custom(cfg):
-    """Bring-your-own tables: items (item_id, title[, more]) and interactions (user_id, item_id, timestamp)."""
-    rows = _rows(cfg.items, ("item_id", "title"))
-    items = _item_table(((line, str(r["item_id"]), _table_item(r)) for line, r in rows), cfg.items)
-    inter = [(str(r["user_id"]), str(r["item_id"]), _ts(r["timestamp"], cfg.interactions, line))
-             for line, r in _rows(cfg.interactions, ("user_id", "item_id", "timestamp"))]
+    """Bring-your-own tables: items (item_id, title[, more]) and interactions (user_id, item_id, timestamp). What
+    makes no sense is refused, naming the line: an empty id or title, an item id twice (_item_table), and an
+    interaction given twice (the same user, item and timestamp, whatever its other columns say), which would make
+    a phantom sample whose target is its own history's newest item and count that read twice in the split. A user
+    reading an item again at another time is kept (a re-read; evaluation keeps such a target's score)."""
+    def item(line, r):
+        key, (title, text) = _key(r["item_id"], "item_id", cfg.items, line), _table_item(r)
+        if not title:
+            raise ValueError(f"{cfg.items}, line {line}: item {key!r} has an empty title; the prompt and the "
+                             "recommendations name items by title: give it one, or drop the row")
+        return line, key, (title, text)
+
+    items = _item_table((item(line, r) for line, r in _rows(cfg.items, ("item_id", "title"))), cfg.items)
+    inter, seen = [], {}
+    for line, r in _rows(cfg.interactions, ("user_id", "item_id", "timestamp")):
+        row = (_key(r["user_id"], "user_id", cfg.interactions, line), _key(r["item_id"], "item_id",
+               cfg.interactions, line), _ts(r["timestamp"], cfg.interactions, line))
+        if row in seen:
+            raise ValueError(f"{cfg.interactions}: line {line} repeats line {seen[row]} (user {row[0]!r}, item "
+                             f"{row[1]!r}, timestamp {row[2]}): an interaction given twice makes a sample whose "
+                             "target is its own history's newest item; keep one row per interaction")
+        seen[row] = line
+        inter.append(row)
     return cfg.category, items, inter, cfg.interactions

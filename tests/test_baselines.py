@@ -1,7 +1,10 @@
 """SASRec on a tiny split and the seed comparison with its t-test (baselines.py)."""
+import fcntl
 import json
 import math
 import os
+import re
+import signal
 
 import pytest
 import torch
@@ -129,10 +132,14 @@ def test_welch_p_values_match_closed_forms():
     assert ms["mean"] == 2.0 and ms["std"] == 2.0
 
 
-def fake_run(folder, metrics, seed=0):
+def fake_run(folder, metrics, seed=None, dataset="ml-100k"):
+    """A finished run folder: metrics.json, and config.json with its seed (by default one per folder name)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(metrics, f)
+    seed = sum(map(ord, str(folder))) if seed is None else seed
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"run": {"seed": seed}, "data": {"dataset": dataset, "seed": 0}}, f)
     return str(folder)
 
 
@@ -155,10 +162,10 @@ def test_compare_reads_rporec_and_sasrec_folders(tmp_path, capsys):
     assert hr["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert "hr@10" in capsys.readouterr().out
-    # another method of the same folders, on another split
-    res = baselines.main(["compare", "--a", *a, "--b", *b, "--a-key", "transition", "--metrics", "ndcg@10",
-                          "--out", str(out)])
-    assert list(res["metrics"]) == ["ndcg@10"] and res["metrics"]["ndcg@10"]["a"]["std"] == 0
+    # another method of the same folders, one metric
+    res = baselines.main(["compare", "--a", *a, "--b", *b, "--a-key", "stage1", "--b-key", "sasrec", "--metrics",
+                          "ndcg@10", "--out", str(out)])
+    assert list(res["metrics"]) == ["ndcg@10"] and res["metrics"]["ndcg@10"]["a"]["mean"] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -170,8 +177,7 @@ def test_compare_reads_rporec_and_sasrec_folders(tmp_path, capsys):
     ("mixed", "different methods"),
 ])
 def test_compare_refuses_what_it_cannot_compare(tmp_path, case, message):
-    run = {"stage1": {"test": split_metrics(0.1, 0.05)}}
-    a = [fake_run(tmp_path / f"a{i}", run) for i in range(2)]
+    a = [fake_run(tmp_path / f"a{i}", {"stage1": {"test": split_metrics(0.1 + 0.1 * i, 0.05)}}) for i in range(2)]
     b = [fake_run(tmp_path / f"b{i}", {"sasrec": {"test": split_metrics(0.1 * i, 0.05)}}) for i in range(2)]
     args = {"one run": (a[:1], b, {}), "twice": (a + a[:1], b, {}), "no key": (a, b, {"a_key": "stage2"}),
             "other n": (a, [b[0], fake_run(tmp_path / "b9", {"sasrec": {"test": split_metrics(0.1, 0.05, 99)}})], {}),
@@ -180,6 +186,157 @@ def test_compare_refuses_what_it_cannot_compare(tmp_path, case, message):
     with pytest.raises(SystemExit) as e:
         baselines.compare(args[0], args[1], **args[2])
     assert str(e.value).startswith("error:") and message in str(e.value)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("same seed", r"are runs of the same seed \(--seed 3\); a group is one method over seeds"),
+    ("same toy seeds", r"same seed \(--seed 3 --data.seed 0\)"),
+    ("a floor", r"have the same transition test metrics to the last digit: one run counted twice, or a method "
+                r"with no seed in it"),
+    ("a copy", r"have the same stage1 test metrics to the last digit"),
+    ("nan", r"b1/metrics.json has test ndcg@10 = NaN, not a finite number: that run failed"),
+    ("inf", r"a0/metrics.json has test hr@10 = Infinity, not a finite number"),
+    ("text", r'has test hr@10 = "0.5", not a finite number'),
+    ("no config", r"a1/config.json not found; compare reads each run's seed from it"),
+])
+def test_compare_counts_each_run_once_and_only_finite_metrics(tmp_path, case, message):
+    """Two folders of one seed, or of a method that has no seed (a floor), are one result: counted twice they
+    give a std of 0 and a small p. A NaN metric is a failed run, never `nan +- nan`."""
+    def run(name, hr, ndcg, **kw):
+        return fake_run(tmp_path / name, {"stage1": {"test": split_metrics(hr, ndcg)},
+                                          "transition": {"test": split_metrics(0.4, 0.3)}}, **kw)
+    a = [run("a0", 0.5, 0.25), run("a1", 0.6, 0.3)]
+    b = [run("b0", 0.3, 0.15), run("b1", 0.35, 0.2)]
+    kw = {}
+    if case == "same seed":
+        a = [run("a0", 0.5, 0.25, seed=3), run("a1", 0.6, 0.3, seed=3)]
+    elif case == "same toy seeds":
+        b = [run("b0", 0.3, 0.15, seed=3, dataset="toy"), run("b1", 0.35, 0.2, seed=3, dataset="toy")]
+    elif case == "a floor":
+        kw = {"a_key": "transition"}
+    elif case == "a copy":
+        b = [b[0], run("b9", 0.3, 0.15)]
+    elif case in ("nan", "inf", "text"):
+        folder, key = {"nan": (b[1], "ndcg@10"), "inf": (a[0], "hr@10"), "text": (a[1], "hr@10")}[case]
+        m = json.loads(open(os.path.join(folder, "metrics.json")).read())
+        m["stage1"]["test"][key] = {"nan": math.nan, "inf": math.inf, "text": "0.5"}[case]
+        open(os.path.join(folder, "metrics.json"), "w").write(json.dumps(m))
+    elif case == "no config":
+        os.remove(os.path.join(a[1], "config.json"))
+    with pytest.raises(SystemExit) as e:
+        baselines.compare(a, b, **kw)
+    assert str(e.value).startswith("error:") and "\n" not in str(e.value)
+    assert re.search(message, str(e.value)), str(e.value)
+    toy = [run("t0", 0.5, 0.25, seed=3, dataset="toy"), run("t1", 0.6, 0.3, seed=3, dataset="toy")]
+    with open(os.path.join(toy[1], "config.json"), "w") as f:  # the toy drawn again: another data set
+        json.dump({"run": {"seed": 3}, "data": {"dataset": "toy", "seed": 1}}, f)
+    assert baselines.compare(toy, [run("b0", 0.3, 0.15), run("b1", 0.35, 0.2)])["a"]["runs"] == toy
+
+
+@pytest.mark.parametrize("out, message", [
+    ("nowhere/cmp.json", r"--out .*nowhere/cmp.json: the folder .*nowhere does not exist; create it"),
+    ("a0/metrics.json/cmp.json", r"the folder .*a0/metrics.json is a file, not a folder"),
+    ("a0", r"--out .*a0' is a folder; pass a file name"),
+    ("", r"--out '' is empty"),
+])
+def test_compare_out_that_cannot_be_written_is_one_line_before_any_work(tmp_path, out, message, capsys):
+    a = [fake_run(tmp_path / f"a{i}", {"stage1": {"test": split_metrics(0.1 * i, 0.05)}}) for i in range(2)]
+    b = [fake_run(tmp_path / f"b{i}", {"stage1": {"test": split_metrics(0.2 * i, 0.05)}}) for i in range(2)]
+    with pytest.raises(SystemExit) as e:
+        baselines.main(["compare", "--a", *a, "--b", *b, "--out", str(tmp_path / out) if out else ""])
+    assert str(e.value).startswith("error:") and "\n" not in str(e.value) and re.search(message, str(e.value))
+    assert "hr@10" not in capsys.readouterr().out  # refused before the table
+
+
+@pytest.mark.parametrize("flag", ["--sasrec.lr", "--sasrec.init_std"])
+@pytest.mark.parametrize("value", ["nan", "inf", "1e30", "0", "-1"])
+def test_sasrec_lr_and_init_std_out_of_range_are_refused(tmp_path, flag, value):
+    with pytest.raises(SystemExit) as e:
+        baselines.main(["sasrec", "--out", str(tmp_path / "run"), flag, value])
+    assert str(e.value) == f"error: {flag} must be a finite number in (0, 1], got {float(value)!r}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("broken", ["loss", "scores"])
+def test_a_non_finite_sasrec_is_one_line_naming_what_it_kept(tmp_path, monkeypatch, broken):
+    """Weights that break (a loss or a valid score that is NaN) stop with one line, not evaluate's traceback."""
+    splits, logs = tiny_splits(), []
+    cfg = small_cfg(epochs=6, patience=6, lr=1e-2, batch_size=32)
+    real = baselines.SASRec.scores
+    if broken == "loss":
+        monkeypatch.setattr(baselines.SASRec, "loss", lambda self, seq, t: real(self, seq)[:, 1:].sum() * math.nan
+                            if len(logs) == 2 else torch.nn.functional.cross_entropy(real(self, seq), t))
+    else:
+        monkeypatch.setattr(baselines.SASRec, "scores", lambda self, seq: real(self, seq) * (math.nan if
+                            len(logs) == 2 and not self.training else 1))
+    with pytest.raises(SystemExit) as e:
+        baselines.train_sasrec(cfg, splits, 12, 5, evaluate.EvalConfig(), 0, logs.append, str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    assert ("loss is nan in epoch 2" if broken == "loss" else "valid scores after epoch 2 are not finite") in msg
+    assert "lower --sasrec.lr" in msg and re.search(r"sasrec.pt holds the best epoch so far, [01] \(valid", msg)
+    assert torch.load(tmp_path / "sasrec.pt", weights_only=True)["epoch"] in (0, 1)
+
+
+def test_sigterm_stops_sasrec_saying_what_it_kept(tmp_path, capsys):
+    """SIGTERM (a scheduler's notice) stops after the batch in flight, as the train script's preemption does,
+    and says what sasrec.pt holds; before any finished epoch it says that nothing was kept."""
+    splits, logs = tiny_splits(), []
+
+    def log(rec):
+        logs.append(rec)
+        if len(logs) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    cfg = small_cfg(epochs=20, patience=20, lr=1e-2, batch_size=32)
+    with pytest.raises(SystemExit) as e:
+        baselines.train_sasrec(cfg, splits, 12, 5, evaluate.EvalConfig(), 0, log, str(tmp_path))
+    assert e.value.code == 128 + signal.SIGTERM and len(logs) == 2
+    err = capsys.readouterr().err
+    best = max(range(2), key=lambda i: (logs[i]["valid_ndcg@10"], -i))
+    assert re.search(rf"stopped by SIGTERM in epoch 2; .*sasrec.pt holds the best epoch so far, {best} \(valid "
+                     rf"NDCG@10 {logs[best]['valid_ndcg@10']:.4f}\)\. No metrics.json was written", err), err
+    assert torch.load(tmp_path / "sasrec.pt", weights_only=True)["epoch"] == best
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+
+    def early(rec):
+        raise AssertionError("no epoch should finish")
+    real = baselines.SASRec.loss
+    calls = []
+
+    def loss_then_term(self, *a):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a)
+    baselines.SASRec.loss = loss_then_term
+    try:
+        with pytest.raises(SystemExit):
+            baselines.train_sasrec(cfg, splits, 12, 5, evaluate.EvalConfig(), 0, early, None)
+    finally:
+        baselines.SASRec.loss = real
+    assert len(calls) == 1 and "in epoch 0; no epoch had finished, so nothing was kept" in capsys.readouterr().err
+
+
+def test_two_sasrec_runs_on_one_out_do_not_interleave(tmp_path):
+    """The run folder's lock, as rporec.py's: a second run stops at once naming the first, and leaves its files."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = open(out / "run.lock", "a+")  # another live run's lock (a separate open file: another holder)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write("4242 elsewhere\n")
+    holder.flush()
+    (out / "log.jsonl").write_text('{"method": "sasrec", "epoch": 0}\n')
+    try:
+        with pytest.raises(SystemExit, match=r"is in use by another process \(pid 4242 on elsewhere"):
+            baselines.main(["sasrec", "--data.data_dir", str(tmp_path / "data"), "--out", str(out),
+                            "--sasrec.epochs", "1", "--sasrec.hidden", "16"])
+        assert (out / "log.jsonl").read_text() == '{"method": "sasrec", "epoch": 0}\n'
+        assert not (out / "config.json").exists()
+    finally:
+        holder.close()
+    baselines.main(["sasrec", "--data.data_dir", str(tmp_path / "data"), "--out", str(out), "--sasrec.epochs", "1",
+                    "--sasrec.hidden", "16"])  # the holder gone, the folder is free
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
 
 
 def test_sasrec_refuses_a_folder_of_another_run(tmp_path):

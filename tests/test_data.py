@@ -488,6 +488,44 @@ def test_duplicate_item_ids_name_both_lines(tmp_path):
                                           raw_dir=str(tmp_path / "raw")))
 
 
+@pytest.mark.parametrize("ext", [".tsv", ".jsonl"])
+def test_custom_interactions_given_twice_are_refused(tmp_path, ext):
+    """Every row twice would double the samples, each copy a phantom whose target is its own history's newest item;
+    the same read with another rating is the same interaction too. A re-read at another time is kept."""
+    cfg = custom_cfg(tmp_path, ext, ratings=RATINGS + RATINGS)
+    first, again = (2, 18) if ext == ".tsv" else (1, 17)  # the header is line 1 of a .tsv
+    with pytest.raises(ValueError, match=rf"inter{ext}: line {again} repeats line {first} \(user 'u0', item '10', "
+                                         r"timestamp 0\): an interaction given twice"):
+        data.load_dataset(cfg)
+    assert no_cache(cfg)
+    (tmp_path / "r").mkdir(), (tmp_path / "ok").mkdir()
+    other_rating = RATINGS + [dict(RATINGS[5], rating=1)]
+    with pytest.raises(ValueError, match="repeats line"):
+        data.load_dataset(custom_cfg(tmp_path / "r", ext, ratings=other_rating))
+    reread = RATINGS + [dict(RATINGS[0], timestamp=RATINGS[3]["timestamp"] + 1)]
+    ds = data.load_dataset(custom_cfg(tmp_path / "ok", ext, ratings=reread))
+    u0 = [s for s in all_samples(ds) if s["user"] == "u0"]
+    assert len(u0) == 4 and u0[-1]["target"] == u0[0]["history"][0]  # the re-read is its own sample
+
+
+@pytest.mark.parametrize("table, row, message", [
+    ("inter", {"user_id": "", "item_id": 10, "timestamp": 5}, r"inter.jsonl, line 17: user_id is \"\"; give every row"),
+    ("inter", {"user_id": None, "item_id": 10, "timestamp": 5}, r"inter.jsonl, line 17: user_id is null"),
+    ("inter", {"user_id": "u9", "item_id": " ", "timestamp": 5}, r"inter.jsonl, line 17: item_id is \" \""),
+    ("items", {"item_id": "", "title": "Nameless"}, r"items.jsonl, line 5: item_id is \"\""),
+    ("items", {"item_id": 50, "title": "  "}, r"items.jsonl, line 5: item '50' has an empty title"),
+    ("items", {"item_id": 50, "title": None, "year": 1990}, r"items.jsonl, line 5: item '50' has an empty title"),
+])
+def test_custom_empty_ids_and_titles_are_refused(tmp_path, table, row, message):
+    """An empty id would merge every such row into one user or item named "" (the pad item's key in items.json);
+    an item without a title cannot be named in a prompt or a recommendation."""
+    ratings, movies = (RATINGS + [row], MOVIES) if table == "inter" else (RATINGS, MOVIES + [row])
+    cfg = custom_cfg(tmp_path, ".jsonl", ratings=ratings, movies=movies)
+    with pytest.raises(ValueError, match=message):
+        data.load_dataset(cfg)
+    assert no_cache(cfg)
+
+
 @pytest.mark.parametrize("ext,value,error", [
     (".tsv", "inf", "out of range"), (".tsv", "nan", "out of range"), (".tsv", "-5", "out of range"),
     (".tsv", "1e300", "out of range"), (".jsonl", float("inf"), "out of range"), (".jsonl", True, "not a number"),

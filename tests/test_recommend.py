@@ -1,10 +1,14 @@
 """recommend.py: a trained run recommends in the dataset's own ids, reproduces its own test metrics, needs nothing
 outside its folder, and stops on bad input with the line and the fix, keeping the lines already written."""
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
+import types
 
+import numpy as np
 import pytest
 import torch
 from test_rporec import small
@@ -118,14 +122,24 @@ def test_history_items_are_left_out_unless_kept(none_run):
 
 
 def test_a_history_longer_than_the_window_keeps_its_newest_items(none_run, capsys):
+    """The window's newest items are the Rechead's input; every item of the history, the older ones too, is left
+    out of the recommendations (unless keep_history)."""
     root, _ = none_run
     _, ds, _ = split_of(root)
     rec = recommend.Recommender.from_run(str(root / "run"))
-    long = ds.item_keys[1:rec.cfg.data.window + 6]  # 25 items
-    assert rec.recommend([long], 10)[0]["items"] != rec.recommend([long[:rec.cfg.data.window]], 10)[0]["items"]
-    assert rec.recommend([long], 10) == rec.recommend([long[-rec.cfg.data.window:]], 10)
-    recommend.main(["--run", str(root / "run"), "--history", ",".join(long)])
-    assert f"keeps the newest {rec.cfg.data.window}" in capsys.readouterr().out
+    w = rec.cfg.data.window
+    long = ds.item_keys[1:w + 6]  # 25 items
+    newest = long[-w:]
+    assert rec.recommend([long], 10, keep_history=True) == rec.recommend([newest], 10, keep_history=True)
+    assert rec.recommend([long], 10, keep_history=True) != rec.recommend([long[:w]], 10, keep_history=True)
+    every = rec.recommend([long], ds.n_items)[0]
+    assert not set(long) & set(every["items"]) and len(every["items"]) == ds.n_items - len(long)
+    window_only = rec.recommend([newest], ds.n_items)[0]  # the same input, only the window left out
+    assert [i for i in window_only["items"] if i not in long[:5]] == every["items"]
+    assert set(window_only["items"]) & set(long[:5])  # older history items that the window alone would give back
+    recommend.main(["--run", str(root / "run"), "--history", ",".join(long), "--k", str(ds.n_items)])
+    out = capsys.readouterr().out
+    assert f"keeps the newest {w}" in out and not any(f" {i} " in out for i in long[:5])
 
 
 def test_single_user_prints_the_cot_the_answer_and_the_items(both_run, capsys):
@@ -203,7 +217,7 @@ def test_a_stopped_batch_keeps_its_lines_and_resumes(none_run, tmp_path, monkeyp
     recommend.main(["--run", run, "--input", inp, "--out", cut, "--batch", "8", "--resume"])
     assert read_jsonl(cut) == read_jsonl(whole)
     other = write_jsonl(tmp_path / "other.jsonl", [dict(u, user="someone else") for u in users(ds, samples[:20])])
-    with pytest.raises(SystemExit, match="other users"):
+    with pytest.raises(SystemExit, match="written by another command"):
         recommend.main(["--run", run, "--input", other, "--out", cut, "--resume"])
 
 
@@ -247,15 +261,15 @@ def test_a_run_folder_without_rechead_or_best_is_named(both_run, tmp_path):
     root, _ = both_run
     no_head = shutil.copytree(root / "run", tmp_path / "a")
     os.remove(no_head / "rechead.pt")
-    with pytest.raises(SystemExit, match=r"rechead.pt not found: its Stage I has not finished"):
+    with pytest.raises(recommend.RunError, match=r"rechead.pt not found: its Stage I has not finished"):
         recommend.Recommender.from_run(str(no_head))
     no_best = shutil.copytree(root / "run", tmp_path / "b", ignore=shutil.ignore_patterns("best"))
-    with pytest.raises(SystemExit, match=r"best is missing or incomplete.*rerun its command with --resume"):
+    with pytest.raises(recommend.RunError, match=r"best is missing or incomplete.*rerun its command with --resume"):
         recommend.Recommender.from_run(str(no_best))
     no_items = shutil.copytree(root / "run", tmp_path / "c", ignore=shutil.ignore_patterns("items.json"))
-    with pytest.raises(SystemExit, match="lacks its item table"):
+    with pytest.raises(recommend.RunError, match="lacks its item table"):
         recommend.Recommender.from_run(str(no_items))
-    with pytest.raises(SystemExit, match="is not a folder"):
+    with pytest.raises(recommend.RunError, match="is not a folder"):
         recommend.Recommender.from_run(str(tmp_path / "nowhere"))
 
 
@@ -295,3 +309,224 @@ def test_item_ids_are_the_sources_own_and_old_caches_are_rebuilt(tmp_path, capsy
     again = data.load_dataset(cfg)
     assert "predates the source's item ids; rebuilding" in capsys.readouterr().out
     assert again == ds and json.load(open(path))["item_keys"] == ds.item_keys
+
+
+# ----------------------------------------------------------------------------- a run folder's parts, checked
+def broken_copy(root, tmp_path, name="copy"):
+    return shutil.copytree(root / "run", tmp_path / name)
+
+
+def edit_json(path, change):
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+def refused(folder, pattern):
+    """from_run raises RunError (a ValueError, not SystemExit) matching pattern; the CLI says it in one line."""
+    with pytest.raises(recommend.RunError, match=pattern):
+        recommend.Recommender.from_run(str(folder))
+    with pytest.raises(SystemExit) as e:
+        recommend.main(["--run", str(folder), "--history", "bk001"])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value) and re.search(pattern, str(e.value))
+
+
+def test_a_run_still_training_or_stopped_is_refused(none_run, both_run, tmp_path):
+    """A run whose Stage I has not finished (rechead.pt unmarked), a run that holds its run.lock (it is training
+    now) and a Stage II run stopped before its end (best/ is the best step so far) do not recommend."""
+    unfinished = broken_copy(none_run[0], tmp_path, "unfinished")
+    saved = torch.load(unfinished / "rechead.pt", weights_only=True)
+    del saved["finished"]
+    torch.save(saved, unfinished / "rechead.pt")
+    refused(unfinished, r"--run .*unfinished: its Stage I did not finish \(rechead.pt, from epoch \d+, is not marked "
+                        r"finished")
+    live = broken_copy(none_run[0], tmp_path, "live")
+    holder = open(live / "run.lock", "a+")  # a live run's lock: another open file holds it
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.truncate(0)
+    holder.write("4242 elsewhere\n")
+    holder.flush()
+    try:
+        refused(live, r"live is in use by a running run \(pid 4242 on elsewhere\): its Rechead or backbone may still")
+    finally:
+        holder.close()
+    assert recommend.Recommender.from_run(str(live)).recommend([["bk001"]], 3)  # a lock nobody holds is no run
+    stopped = broken_copy(both_run[0], tmp_path, "stopped")
+    edit_json(stopped / "metrics.json", lambda m: m.pop("stage2"))
+    refused(stopped, r"its Stage II did not finish \(.*metrics.json holds no stage2 result\), so best/ holds the "
+                     r"best step so far.*--resume")
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("cut to 50", r"items.json is not the item table rechead.pt was trained on \(50 items against 192\)"),
+    ("two keys swapped", r"not the item table rechead.pt was trained on \(the same number of items, but other ids"),
+    ("a key repeated", r"items.json names item 'bk001' twice"),
+    ("a title changed", r"not the item table rechead.pt was trained on \(the same number of items"),
+    ("the pad key named", r"its keys must be the pad \"\" and then one non-empty id per item"),
+    ("older rechead.pt", r"rechead.pt does not say which item table it was trained on \(older code finished it\)"),
+])
+def test_an_item_table_that_does_not_fit_the_rechead_is_refused(none_run, tmp_path, case, pattern):
+    """items.json labels and indexes the Rechead's rows: another table would rank the wrong items or mislabel them."""
+    run = broken_copy(none_run[0], tmp_path)
+
+    def change(t):
+        if case == "cut to 50":
+            for k in ("keys", "titles", "texts"):
+                t[k] = t[k][:51]
+        elif case == "two keys swapped":
+            t["keys"][1], t["keys"][2] = t["keys"][2], t["keys"][1]
+        elif case == "a key repeated":
+            t["keys"][2] = t["keys"][1]
+        elif case == "a title changed":
+            t["titles"][7] = "Another Book"
+        elif case == "the pad key named":
+            t["keys"][0] = "bk000"
+    edit_json(run / "items.json", change)
+    if case == "older rechead.pt":
+        saved = torch.load(run / "rechead.pt", weights_only=True)
+        del saved["items"]
+        torch.save(saved, run / "rechead.pt")
+    refused(run, pattern)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", r"config.json lacks 2 field\(s\): data.window, rechead.history_items; a default in their place"),
+    ("unknown", r"config.json has field\(s\) this code does not know: grpo.old_knob"),
+    ("other data", r"config.json and rechead.pt are of different runs \(data.window: 20 -> 10\)"),
+    ("bad value", r"config.json holds a value no run has: data.window must be >= 1, got 'twenty'"),
+    ("gone", r"config.json not found: the run folder lacks its config"),
+])
+def test_a_config_json_that_does_not_fit_is_refused(none_run, tmp_path, case, pattern):
+    """A field config.json lacks would take this code's default and score with another config than the run's."""
+    run = broken_copy(none_run[0], tmp_path)
+    if case == "gone":
+        os.remove(run / "config.json")
+    else:
+        edit_json(run / "config.json", {
+            "missing": lambda c: (c["data"].pop("window"), c["rechead"].pop("history_items")),
+            "unknown": lambda c: c["grpo"].update(old_knob=1),
+            "other data": lambda c: c["data"].update(window=10),
+            "bad value": lambda c: c["data"].update(window="twenty")}[case])
+    refused(run, pattern)
+
+
+def test_a_config_json_may_lack_only_how_far_and_where_a_run_goes(none_run, tmp_path):
+    """Fields of how far and where a run goes (rerun=, place=: threads, batch sizes, folders) change no score, so
+    a run written before such a field existed still recommends; any other missing field is refused."""
+    run = broken_copy(none_run[0], tmp_path)
+    edit_json(run / "config.json", lambda c: (c["run"].pop("threads"), c["eval"].pop("chunk"), c["data"].pop("force")))
+    assert recommend.Recommender.from_run(str(run)).recommend([["bk001"]], 3)[0]["items"]
+    edit_json(run / "config.json", lambda c: c["run"].pop("seed"))
+    refused(run, r"lacks 1 field\(s\): run.seed")
+
+
+def test_the_api_raises_value_errors_for_bad_arguments(none_run):
+    rec = recommend.Recommender.from_run(str(none_run[0] / "run"))
+    for kw, pattern in (({"k": 2.5}, r"k=2.5; ask for a whole number of items"), ({"k": True}, r"k=True"),
+                        ({"k": "3"}, r"k='3'"), ({"k": 0}, r"k=0"),
+                        ({"reasoning": [5]}, r"reasoning\[0\] is 5; give the stored completion as text"),
+                        ({"reasoning": "<answer>x</answer>"}, r"reasoning is a str; give a list")):
+        with pytest.raises(ValueError, match=pattern):
+            rec.recommend([["bk001"]], **({"k": 3} | kw))
+    with pytest.raises(ValueError, match="histories is a str"):
+        rec.recommend("bk001", 3)
+    assert len(rec.recommend([["bk001"]], np.int64(3))[0]["items"]) == 3  # a numpy integer is a whole number
+
+
+# ----------------------------------------------------------------------------- a batch: its input, output, resume
+def stop_after_first_block(monkeypatch):
+    real, calls = recommend.Recommender.recommend, []
+
+    def stop(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+    monkeypatch.setattr(recommend.Recommender, "recommend", stop)
+    return lambda: monkeypatch.setattr(recommend.Recommender, "recommend", real)
+
+
+def test_a_resume_refuses_another_command(none_run, tmp_path, monkeypatch):
+    """Other histories for the same users, another --k or --keep_history, or an output whose command is not on
+    record: a resume that would mix two commands' lines in one --out is refused, the lines kept. Another --batch
+    is no other command: each user's CoT draws from its own seed."""
+    root, _ = none_run
+    _, ds, samples = split_of(root)
+    run, inp = str(root / "run"), write_jsonl(tmp_path / "users.jsonl", users(ds, samples[:20]))
+    out = str(tmp_path / "recs.jsonl")
+    restore = stop_after_first_block(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        recommend.main(["--run", run, "--input", inp, "--out", out, "--batch", "8"])
+    restore()
+    first = read_jsonl(out)
+    assert len(first) == 8 and json.loads(open(out + ".command.json").read())["k"] == 10
+    shifted = [dict(u, history=u["history"][:-1] or u["history"] + ["bk001"]) for u in users(ds, samples[:20])]
+    other = write_jsonl(tmp_path / "other.jsonl", shifted)  # the same users, other histories
+    for argv, pattern in (([ "--input", other], r"written by another command \(--input's content\)"),
+                          (["--input", inp, "--k", "5"], r"another command \(--k 10 -> 5\)"),
+                          (["--input", inp, "--keep_history"], r"--keep_history False -> True")):
+        with pytest.raises(SystemExit, match=pattern):
+            recommend.main(["--run", run, "--out", out, "--resume", *argv, "--batch", "8"])
+        assert read_jsonl(out) == first
+    recommend.main(["--run", run, "--input", inp, "--out", out, "--batch", "4", "--resume"])  # another block size
+    whole = str(tmp_path / "whole.jsonl")
+    recommend.main(["--run", run, "--input", inp, "--out", whole, "--batch", "8"])
+    assert read_jsonl(out) == read_jsonl(whole)
+    os.remove(out + ".command.json")
+    with pytest.raises(SystemExit, match=r"has no .*recs.jsonl.command.json, the record of the command that wrote"):
+        recommend.main(["--run", run, "--input", inp, "--out", out, "--batch", "8", "--resume"])
+
+
+def test_one_writer_per_output(none_run, tmp_path):
+    """Two batches on one --out would both write every user: the second stops at once, naming the first."""
+    root, _ = none_run
+    _, ds, samples = split_of(root)
+    run, inp = str(root / "run"), write_jsonl(tmp_path / "users.jsonl", users(ds, samples[:5]))
+    out = tmp_path / "recs.jsonl"
+    holder = open(str(out) + ".lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write("4242 elsewhere\n")
+    holder.flush()
+    try:
+        with pytest.raises(SystemExit) as e:
+            recommend.main(["--run", run, "--input", inp, "--out", str(out)])
+        assert re.fullmatch(r"error: --out .*recs.jsonl is in use by another process \(pid 4242 on elsewhere, see "
+                            r".*recs.jsonl.lock\); wait for it to end, or pass another --out", str(e.value))
+        assert not out.exists()
+    finally:
+        holder.close()
+    recommend.main(["--run", run, "--input", inp, "--out", str(out)])
+    assert len(read_jsonl(out)) == 5 and not os.path.exists(str(out) + ".lock")  # released, and gone
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("not utf-8", r"users.jsonl, line 2 is not UTF-8 text \(invalid start byte at byte \d+\); re-save the file as"),
+    ("missing folder", r"--out .*nowhere/recs.jsonl: the folder .*nowhere does not exist; create it"),
+    ("a folder", r"--out .* is a folder; pass a file name"),
+    ("the input", r"--out .*users.jsonl is the --input file; pass another --out"),
+])
+def test_bad_batch_files_are_one_error_line(none_run, tmp_path, case, pattern):
+    inp = tmp_path / "users.jsonl"
+    inp.write_bytes(b'{"user": 0, "history": ["bk001"]}\n' + (b'{"user": "J\xfcrgen", "history": ["bk002"]}\n'
+                                                               if case == "not utf-8" else b""))
+    out = {"missing folder": tmp_path / "nowhere" / "recs.jsonl", "a folder": tmp_path, "the input": inp}.get(
+        case, tmp_path / "recs.jsonl")
+    with pytest.raises(SystemExit) as e:
+        recommend.main(["--run", str(none_run[0] / "run"), "--input", str(inp), "--out", str(out), "--resume"])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value) and re.search(pattern, str(e.value))
+    assert inp.read_bytes().startswith(b'{"user": 0, "history": ["bk001"]}\n')
+
+
+@pytest.mark.parametrize("times, said", [((0.0, 1.0, 11.0), r"3 users in 10.0 s \(0.3 users/s; loading the run took "
+                                                              r"1.0 s\)"),
+                                         ((0.0, 1.0, 1.001), r"3 users in 0.0 s \(too quick to time; "),
+                                         ((0.0, 1.0, 1.5), r"3 users in 0.5 s \(6 users/s; ")])
+def test_the_batch_rate_is_true(none_run, tmp_path, monkeypatch, capsys, times, said):
+    """3 users in 10 s is 0.3 users/s, never "0 users/s"; a time too short to measure gives no rate."""
+    root, _ = none_run
+    _, ds, samples = split_of(root)
+    inp = write_jsonl(tmp_path / "users.jsonl", users(ds, samples[:3]))
+    clock = iter(times)
+    monkeypatch.setattr(recommend, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    recommend.main(["--run", str(root / "run"), "--input", inp, "--out", str(tmp_path / "recs.jsonl")])
+    assert re.search(said, capsys.readouterr().err)

@@ -421,7 +421,8 @@ def _rows_of(tmp_path, name, rows):
     ("latin-1", "items.tsv is not UTF-8"), ("bad timestamp", "timestamp 'yesterday' is not a number"),
     ("duplicate id", "item id '20' is on line 3 and again"), ("missing column", r"lacks column\(s\) timestamp"),
     ("extra field", "line 2 has 5 fields but the header has 4"), ("unknown item", "names 1 item id"),
-    ("no user long enough", "too few for non-empty train/valid/test")])
+    ("no user long enough", "too few for non-empty train/valid/test"), ("row twice", "line 18 repeats line 2"),
+    ("no title", "item '30' has an empty title")])
 def test_every_custom_table_problem_is_one_error_line(tmp_path, case, msg):
     from test_data import MOVIES, RATINGS
     ratings, movies = [dict(r) for r in RATINGS], [dict(m) for m in MOVIES]
@@ -435,6 +436,10 @@ def test_every_custom_table_problem_is_one_error_line(tmp_path, case, msg):
         ratings.append(dict(ratings[0], item_id=99))
     elif case == "no user long enough":
         ratings = [dict(r, user_id=f"u{k}") for k, r in enumerate(ratings)]
+    elif case == "row twice":
+        ratings += ratings
+    elif case == "no title":
+        movies[2]["title"] = ""
     inter, items = _rows_of(tmp_path, "inter.tsv", ratings), _rows_of(tmp_path, "items.tsv", movies)
     raw = {"0-byte": b"", "header-only": b"item_id\ttitle\n", "binary": b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe",
            "latin-1": "item_id\ttitle\n10\tCaf\xe9 Society\n".encode("latin-1")}.get(case)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -35,11 +37,12 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from plumbing import config, errors, files, report, run, seeds
+from plumbing import config, errors, files, processes, report, run, seeds
 from plumbing import flags as flags_lib
 from plumbing.errors import fail
-from plumbing.flags import POSITIVE, SEED, OneOf, Own, Range, setting
+from plumbing.flags import SEED, OneOf, Own, Range, setting
 from plumbing.processes import DEVICE
+from plumbing.report import progress
 
 LN_EPS = 1e-12  # RecBole's layer_norm_eps
 
@@ -53,9 +56,10 @@ class SASRecConfig:
     inner: int = setting(256, Range(1))  # feed-forward width inside a block (RecBole inner_size)
     dropout: float = setting(0.5, Range(0, 1, open="high"))  # dropout on embeddings, attention weights and
     # block outputs (RecBole hidden/attn_dropout_prob)
-    init_std: float = setting(0.02, POSITIVE)  # std of the normal init of every linear and embedding weight
-    # (RecBole initializer_range)
-    lr: float = setting(1e-3, POSITIVE)  # Adam learning rate (RecBole learning_rate)
+    init_std: float = setting(0.02, Range(0, 1, open="low"))  # std of the normal init of every linear and
+    # embedding weight (RecBole initializer_range); above 1 no layer norm keeps the scores finite for long
+    lr: float = setting(1e-3, Range(0, 1, open="low"))  # Adam learning rate (RecBole learning_rate); Adam moves
+    # each weight by about lr a step, so above 1 nothing is learnt
     batch_size: int = setting(256, Range(1))  # train samples per step
     epochs: int = setting(300, Range(1))  # maximum epochs (RecBole epochs)
     patience: int = setting(5, Range(1))  # stop after this many epochs without a better valid NDCG@10
@@ -67,11 +71,13 @@ class SASRecRun:
     out: str = setting("", Own("a folder you can write to"))  # run folder; default
     # runs/sasrec-<dataset>-<time>
     seed: int = setting(0, SEED)  # seeds the init, the batch order and dropout
+    threads: int = setting(1, Range(0))  # torch's CPU threads (0 = torch's default), as rporec's --threads
 
 
 @dataclass
 class SASRecCli:
-    """The flags of `python -m tools.baselines sasrec`: --dataset, --out, --seed bare; data and eval spelled as in rporec."""
+    """The flags of `python -m tools.baselines sasrec`: --dataset, --out, --seed bare; data and eval spelled as
+    in rporec."""
     run: SASRecRun = field(default_factory=SASRecRun)
     data: data.DataConfig = field(default_factory=data.DataConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
@@ -156,39 +162,74 @@ def evaluate_sasrec(model: SASRec, samples: list[dict], max_len: int, cfg: evalu
     return evaluate.evaluate(lambda part: model.scores(sequences(part, max_len).to(DEVICE)), samples, cfg)
 
 
+class Stop(run.Preemption):
+    """The train script's preemption, said as SASRec does it: no checkpoint, a stop after the batch in flight."""
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this batch (send it again to stop at once)")
+
+
 def train_sasrec(cfg: SASRecConfig, splits: dict, n_items: int, max_len: int, eval_cfg, seed: int, log, out=None):
     """Train on every train sample; keep the epoch with the best valid NDCG@10 (patience epochs without a better
-    one stop it). Returns (the best model, its epoch). The best weights are saved to out/sasrec.pt as they come."""
+    one stop it). Returns (the best model, its epoch). The best weights are saved to out/sasrec.pt as they come.
+    SIGTERM or Ctrl-C stops it after the batch in flight (a second one at once), saying what out/sasrec.pt kept."""
     seeds.seed_all(seed)
     model = SASRec(cfg, n_items, max_len).to(DEVICE)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
     seq, target = sequences(splits["train"], max_len), torch.tensor([s["target"] for s in splits["train"]])
-    best, best_epoch, best_state, bad = -1.0, -1, None, 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0, total, perm = time.time(), 0.0, torch.randperm(len(target), generator=gen)
-        for b in tqdm(range(0, len(perm), cfg.batch_size), desc=f"sasrec epoch {epoch}", leave=False):
-            idx = perm[b:b + cfg.batch_size]
-            loss = model.loss(seq[idx].to(DEVICE), target[idx].to(DEVICE))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        epoch_s = time.time() - t0
-        m = evaluate_sasrec(model, splits["valid"], max_len, eval_cfg)
-        log({"method": "sasrec", "epoch": epoch, "loss": total / len(target), "valid_hr@10": m["hr@10"],
-             "valid_ndcg@10": m["ndcg@10"], "epoch_s": round(epoch_s, 2)})
-        if not math.isfinite(total):
-            fail(f"the SASRec loss is {total} in epoch {epoch}; lower --sasrec.lr")
-        if m["ndcg@10"] > best:
-            best, best_epoch, bad, best_state = m["ndcg@10"], epoch, 0, copy.deepcopy(model.state_dict())
-            if out:
-                files.save_torch(os.path.join(out, "sasrec.pt"), {"state": best_state, "epoch": epoch})
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
+    best, best_epoch, best_state, bad, epoch = -1.0, -1, None, 0, 0
+
+    def kept():
+        if best_epoch < 0:
+            return "no epoch had finished, so nothing was kept"
+        where = f"{out}/sasrec.pt holds" if out else "nothing is on disk (no run folder); it was"
+        return f"{where} the best epoch so far, {best_epoch} (valid NDCG@10 {best:.4f})"
+
+    def stopped(signum):
+        print(f"stopped by {signal.Signals(signum).name} in epoch {epoch}; {kept()}. No metrics.json was written: "
+              "a stopped run is no result; rerun the same command to train it again", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    stopper = Stop()
+    try:
+        with stopper as stop:  # SIGTERM or Ctrl-C: stop after this batch; a second one at once
+            for epoch in range(cfg.epochs):
+                model.train()
+                t0, total, perm = time.time(), 0.0, torch.randperm(len(target), generator=gen)
+                for b in progress(range(0, len(perm), cfg.batch_size), desc=f"sasrec epoch {epoch}", leave=False):
+                    idx = perm[b:b + cfg.batch_size]
+                    loss = model.loss(seq[idx].to(DEVICE), target[idx].to(DEVICE))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item() * len(idx)
+                    if stop.requested():
+                        stopped(stop.signum)
+                epoch_s = time.time() - t0
+                if not math.isfinite(total):
+                    fail(f"the SASRec loss is {total / len(target)} in epoch {epoch}; lower --sasrec.lr or "
+                         f"--sasrec.init_std. {kept()}")
+                try:
+                    m = evaluate_sasrec(model, splits["valid"], max_len, eval_cfg)
+                except FloatingPointError as e:  # a NaN score: the weights broke in this epoch's last steps
+                    fail(f"SASRec's valid scores after epoch {epoch} are not finite ({e}); lower --sasrec.lr or "
+                         f"--sasrec.init_std. {kept()}")
+                log({"method": "sasrec", "epoch": epoch, "loss": total / len(target), "valid_hr@10": m["hr@10"],
+                     "valid_ndcg@10": m["ndcg@10"], "epoch_s": round(epoch_s, 2)})
+                if m["ndcg@10"] > best:
+                    best, best_epoch, bad, best_state = m["ndcg@10"], epoch, 0, copy.deepcopy(model.state_dict())
+                    if out:
+                        files.save_torch(os.path.join(out, "sasrec.pt"), {"state": best_state, "epoch": epoch})
+                else:
+                    bad += 1
+                    if bad >= cfg.patience:
+                        break
+    except KeyboardInterrupt:  # a second signal, or Ctrl-C before the handlers were set
+        stopped(stopper.signum or signal.SIGINT)
     model.load_state_dict(best_state)
     return model, best_epoch
 
@@ -215,17 +256,29 @@ def sasrec_main(argv):
     cli.data.dataset = cli.run.dataset
     check_sasrec(cli)
     out = cli.run.out = cli.run.out or f"runs/sasrec-{cli.run.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if os.path.exists(cpath := os.path.join(out, "config.json")) and "sasrec" not in files.load_json(cpath, "pass a new --out"):
+    cpath = os.path.join(out, "config.json")
+    if os.path.exists(cpath) and "sasrec" not in files.load_json(cpath, "pass a new --out"):
         fail(f"{out} holds another kind of run (its config.json has no sasrec section); pass a new --out")
-    config.refuse_other_config(out, cli, {"eval.chunk"})
+    config.refuse_other_config(out, cli, {"eval.chunk", "run.threads"})
+    processes.set_threads(cli.run.threads)
     try:
         ds = data.load_dataset(cli.data)
     except (ValueError, OSError) as e:
         fail(str(e))
-    os.makedirs(out, exist_ok=True)
+    files.lock_run(out)  # one run per folder: a second stops here, naming this one
+    try:
+        return train_and_report(cli, ds, out)
+    finally:
+        files.unlock_run(out)
+
+
+def train_and_report(cli: SASRecCli, ds, out: str) -> dict:
+    """The sasrec command's work in its locked run folder: config.json, the training, metrics.json."""
+    config.refuse_other_config(out, cli, {"eval.chunk", "run.threads"})  # again, now the folder is ours
     files.save_json(os.path.join(out, "config.json"), dataclasses.asdict(cli))
-    if os.path.exists(log_path := os.path.join(out, "log.jsonl")):
-        os.remove(log_path)  # a rerun of the same config starts afresh; its lines replace the old ones
+    for name in ("log.jsonl", "sasrec.pt", "metrics.json"):  # a rerun starts afresh: what the folder holds is
+        if os.path.exists(path := os.path.join(out, name)):  # this run's, and metrics.json only when it finished
+            os.remove(path)
     print(f"sasrec on {ds.name}: {ds.n_items} items, " + ", ".join(f"{len(v)} {k}" for k, v in ds.splits.items()))
     t0 = time.time()
     model, epoch = train_sasrec(cli.sasrec, ds.splits, ds.n_items, cli.data.window, cli.eval, cli.run.seed,
@@ -244,10 +297,13 @@ METHODS = ("sasrec", "stage2", "stage1")  # the default method key of a folder: 
 
 
 def read_runs(folders: list[str], key: str | None, split: str) -> tuple[str, list[dict]]:
-    """(the method key, [the split's metrics of each folder]) from the folders' metrics.json."""
+    """(the method key, [the split's metrics of each folder]) from the folders' metrics.json. A group is one method
+    over seeds, each counted once: a seed twice (config.json's --seed, and the toy data's --data.seed) or two
+    runs with the same metrics to the last digit (a copy, or a method with no seed in it, such as a floor) are
+    refused, as they would count one result as several."""
     if len(set(map(os.path.abspath, folders))) != len(folders):
         fail(f"a run folder is named twice in {' '.join(folders)}; each seed counts once")
-    runs, keys = [], set()
+    runs, keys, seen = [], set(), {}
     for folder in folders:
         path = os.path.join(folder, "metrics.json")
         if not os.path.isfile(path):
@@ -255,14 +311,40 @@ def read_runs(folders: list[str], key: str | None, split: str) -> tuple[str, lis
         m = files.load_json(path, "rerun that run, or leave the folder out")
         k = key or next((k for k in METHODS if k in m), None)
         if k not in m or not isinstance(m[k], dict) or not isinstance(m[k].get(split), dict):
-            have = ", ".join(f"{k}.{s}" for k, v in m.items() if isinstance(v, dict) for s in v if isinstance(v[s], dict))
+            have = ", ".join(f"{k}.{s}" for k, v in m.items() if isinstance(v, dict)
+                             for s in v if isinstance(v[s], dict))
             fail(f"{path} has no {k or 'method'}.{split} (it has {have}); pick a method with --a-key/--b-key")
+        seed = run_seed(folder)
+        if seed in seen:
+            fail(f"{seen[seed]} and {folder} are runs of the same seed ({seed}); a group is one method over seeds, "
+                 "each seed once: leave one out")
+        seen[seed] = folder
         keys.add(k)
         runs.append(m[k][split])
     if len(keys) > 1:
         fail(f"the folders {' '.join(folders)} hold different methods ({', '.join(sorted(keys))}); "
              "name one with --a-key/--b-key")
-    return keys.pop(), runs
+    method = keys.pop()
+    for i, r in enumerate(runs):
+        if (j := next((j for j in range(i) if runs[j] == r), None)) is not None:
+            fail(f"{folders[j]} and {folders[i]} have the same {method} {split} metrics to the last digit: one "
+                 "run counted twice, or a method with no seed in it (a floor such as transition or popularity), "
+                 "whose runs are one result; leave one out")
+    return method, runs
+
+
+def run_seed(folder: str) -> str:
+    """A run's seed as config.json says it (rporec.py and baselines.py sasrec alike): --seed, and for the toy data
+    its --data.seed too, which draws another data set."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        fail(f"{path} not found; compare reads each run's seed from it: pass whole run folders")
+    cfg = files.load_json(path, "copy the run folder again, whole")
+    run_cfg, data_cfg = (cfg.get(s) if isinstance(cfg, dict) else None for s in ("run", "data"))
+    if not isinstance(run_cfg, dict) or "seed" not in run_cfg or not isinstance(data_cfg, dict):
+        fail(f"{path} holds no run.seed; pass run folders of rporec.py or baselines.py sasrec")
+    toy = data_cfg.get("dataset") == "toy"
+    return f"--seed {run_cfg['seed']}" + (f" --data.seed {data_cfg.get('seed')}" if toy else "")
 
 
 def welch(a: list[float], b: list[float]) -> float | None:
@@ -299,6 +381,11 @@ def compare(a_dirs, b_dirs, a_key=None, b_key=None, split="test", names=None) ->
     out = {"split": split, "n": counts.pop(), "test": "two-sided Welch t-test, scipy.stats.ttest_ind(equal_var=False)",
            "a": {"key": a_key, "runs": list(a_dirs)}, "b": {"key": b_key, "runs": list(b_dirs)}, "metrics": {}}
     for k in names:
+        for dirs, runs in ((a_dirs, a), (b_dirs, b)):
+            for folder, r in zip(dirs, runs):
+                if isinstance(r[k], bool) or not isinstance(r[k], (int, float)) or not math.isfinite(r[k]):
+                    fail(f"{folder}/metrics.json has {split} {k} = {json.dumps(r[k])}, not a finite number: that run "
+                         "failed or the file is damaged; rerun it, or leave it out")
         va, vb = [float(r[k]) for r in a], [float(r[k]) for r in b]
         out["metrics"][k] = {"a": mean_std(va), "b": mean_std(vb), "p": welch(va, vb)}
     return out
@@ -328,6 +415,8 @@ def compare_main(argv):
     p.add_argument("--metrics", help="comma-separated metric keys (default: every metric the runs share)")
     p.add_argument("--out", default="compare.json", help="where the JSON goes (default compare.json)")
     args = p.parse_args(argv)
+    if problem := files.check_out_file("--out", args.out):
+        fail(problem)
     res = compare(args.a, args.b, args.a_key, args.b_key, args.split, args.metrics and args.metrics.split(","))
     print_compare(res)
     files.save_json(args.out, res)
