@@ -52,8 +52,8 @@ import rewards
 import rporec
 from plumbing import checkpoint, decode, files, seeds
 from plumbing.errors import fail
-from plumbing.processes import DEVICE, DTYPE
-from plumbing.report import progress
+from plumbing.processes import DEVICE, DTYPE, set_threads
+from plumbing.report import progress, quiet_library_bars
 
 
 @dataclass
@@ -530,10 +530,12 @@ def main(argv):
     if c.out and (problem := files.check_out_file("--out", c.out)):
         fail(problem)
     t0 = time.time()
+    quiet_library_bars()
     try:
         rec = Recommender.from_run(c.run)
     except ValueError as e:
         fail(str(e))
+    set_threads(rec.cfg.run.threads)  # as the run: the same scores on any machine
     if c.history:
         return print_one(rec, c)
     t1 = time.time()

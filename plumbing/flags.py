@@ -19,12 +19,12 @@ def field_comments(cls):
     """{field: its '# comment'} read from the dataclass source, continuation lines joined."""
     out, last = {}, None
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s?(.*)", line)
+        m = re.match(r"\s+(\w+)\s*:[^#=]*=[^#]*(?:#\s?(.*))?$", line)  # a field, its comment here or below
         if m:
             last = m.group(1)
-            out[last] = m.group(2).strip()
+            out[last] = (m.group(2) or "").strip()
         elif last and re.match(r"\s+#", line):
-            out[last] += " " + line.strip().lstrip("#").strip()
+            out[last] = (out[last] + " " + line.strip().lstrip("#").strip()).strip()
         elif not line.strip().startswith("#"):
             last = None
     return out
@@ -316,8 +316,8 @@ def save_table(name, cfg, presets, presets_module, header, bare="run"):
                                    "rule": None if f.metadata.get("allowed") is None else
                                    {"kind": type(f.metadata["allowed"]).__name__, **vars(f.metadata["allowed"])},
                                    "comment": notes.get(f.name, "")} for f in dataclasses.fields(obj)]
-    table = {"sources": _sources(cfg, presets_module), "bare": bare, "header": header, "sections": sections,
-             "presets": presets}
+    table = {"parser": _digest(__file__), "sources": _sources(cfg, presets_module), "bare": bare,
+             "header": header, "sections": sections, "presets": presets}
     path = TABLE.format(name)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -342,8 +342,8 @@ def load_table(name):
     try:
         with open(TABLE.format(name)) as f:
             table = json.load(f)
-        if any(_digest(p) != d for p, d in table["sources"].items()):
-            return None
+        if table["parser"] != _digest(__file__) or any(_digest(p) != d for p, d in table["sources"].items()):
+            return None  # this parser, or a config class, changed since the table was written
         presets, bare, header = table["presets"], table["bare"], table["header"]
     except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or from other code
         return None

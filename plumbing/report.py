@@ -26,6 +26,9 @@ class _Lines(tqdm):
         self.shown = self.n
         return True
 
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)  # a line only when display() is due
+
     def close(self):
         if self.leave and not getattr(self, "disable", True):
             self.display()  # the final count, on a line of its own

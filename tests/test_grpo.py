@@ -388,7 +388,7 @@ def test_rollout_repeats_prompts_in_contiguous_groups(monkeypatch):
 
 
 def test_rollout_with_real_decoder_feeds_update():
-    decode = pytest.importorskip("decode")
+    decode = pytest.importorskip("plumbing.decode")
     model = tiny_model()
     prompt_ids = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]])
     prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)

@@ -14,7 +14,7 @@ set -u
 OUT=${OUT:-rehearsal_out}
 DATA=${DATA:-.carry/ml-100k}
 ENC=${ENC:-.carry/static-minilm-256}
-WORK=${WORK:-/tmp/rporec-rehearsal}
+WORK=${WORK:-$(mktemp -d /tmp/rporec-rehearsal.XXXX)}  # scratch of its own: two rehearsals never collide
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/main" "$WORK/dist" "$WORK/data/reasoning"  # fresh runs that generate (the data cache stays)
 export PYTHONUNBUFFERED=1
