@@ -7,6 +7,7 @@ gamma_0 = gamma * sigmoid(f_gate([r_sel || r_rea]) - 0.5)
 h_u = gamma_0 * r_rea + r_sel                                      eq. 4
 s(u, v) = h_u . h_v, h_v = f_item(text_v) precomputed into H_V     eq. 5
 L_rec = cross-entropy of the positive against k sampled negatives  eq. 6
+        (loss="full", beyond the paper: against every item 1..N, as RecBole trains SASRec)
 
 The `-cot` ablation (use_cot=False; paper 3.3: "removes CoT inputs and reasoning-augmented
 modeling") has no f_cot, eq. 3 or gate: h_u = r_sel, which is r_x when no answer parsed (the
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import StaticEmbedding
 from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
 
 from plumbing import checkpoint
-from plumbing.flags import POSITIVE, Range, Text, setting
+from plumbing.flags import POSITIVE, OneOf, Range, Text, setting
 from speed import static_encoder
 
 
@@ -56,7 +58,9 @@ class RecheadConfig:
     # and the item ids' tables (speed/static_encoder.py); must be False under DDP
     lr: float = setting(1e-3, POSITIVE)  # Adam learning rate (official)
     batch_size: int = setting(128, Range(1))  # training samples per step (official)
-    negatives: int = setting(49, Range(1))  # k in eq. 6 (official)
+    loss: str = setting("sampled", OneOf("sampled", "full"))  # eq. 6 against k sampled negatives
+    # (paper); "full": a softmax over every item 1..N
+    negatives: int = setting(49, Range(1))  # k in eq. 6 (official); unused by loss="full"
     epochs: int = setting(100, Range(1))  # most training epochs (official)
     patience: int = setting(5, Range(1))  # early stopping: epochs without a better valid NDCG@10
     encode_batch: int = setting(64, Range(1), rerun=True)  # texts per forward when encoding
@@ -252,7 +256,11 @@ class Rechead(nn.Module):
         return eq5(h_u, self.item_rows(cand))
 
     def loss(self, h_u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """Eq. 6 with this head's h_v: the positives pos (B,) against their negatives neg (B, k)."""
+        """Eq. 6 with this head's h_v: the positives pos (B,) against their negatives neg (B, k), or
+        with loss="full" against every item 1..N (neg unused: the loop draws it either way, so both
+        losses see the same batches for a seed)."""
+        if self.cfg.loss == "full":
+            return full_loss(h_u, pos, self.item_rows, len(self.item_vecs) - 1)
         return candidate_loss(self.candidate_scores(h_u, candidates(pos, neg)))
 
     def sparse_parameters(self) -> list[nn.Parameter]:
@@ -297,6 +305,28 @@ def candidate_loss(logits: torch.Tensor) -> torch.Tensor:
     (B, 1+k)."""
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # (B,)
     return F.cross_entropy(logits, target)
+
+
+FULL_CHUNK = 16384  # items per chunk of full_loss; a catalogue of at most this many: one plain pass
+
+
+def full_loss(h_u: torch.Tensor, pos: torch.Tensor, item_rows, n_items: int,
+              chunk: int = FULL_CHUNK) -> torch.Tensor:
+    """Eq. 6 over the whole catalogue: the mean of log sum_{v=1..N} exp s(u, v) - s(u, pos), the pad
+    item 0 never a column. item_rows(ids) -> (*ids.shape, d) gives h_v (Rechead.item_rows). Above
+    `chunk` items the log-sum-exp runs chunk by chunk, each recomputed in the backward pass
+    (checkpoint), so memory holds one (B, chunk) block of scores, not the whole catalogue's."""
+    if n_items <= chunk:
+        ids = torch.arange(1, n_items + 1, device=h_u.device)  # (N,)
+        return F.cross_entropy(eq5(h_u, item_rows(ids)), pos - 1)
+
+    def lse(h, ids):
+        return torch.logsumexp(eq5(h, item_rows(ids)), dim=1)  # (B,)
+
+    parts = [recompute(lse, h_u, torch.arange(a, min(a + chunk, n_items + 1), device=h_u.device),
+                       use_reentrant=False) for a in range(1, n_items + 1, chunk)]  # each (B,)
+    pos_scores = eq5(h_u, item_rows(pos[:, None]))[:, 0]  # (B,)
+    return (torch.logsumexp(torch.stack(parts, dim=1), dim=1) - pos_scores).mean()
 
 
 def make_optimizer(head: Rechead, lr: float) -> static_encoder.Optimizer:

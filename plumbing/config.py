@@ -46,6 +46,8 @@ def resolve(cfg, flags):
         cfg.rechead.sparse = False
     if errors := flags_lib.problems(cfg, bare="run"):  # each field's allowed values, each section's check()
         fail(errors[0])
+    if cfg.rechead.loss == "full" and "rechead.negatives" in flags:
+        fail("--rechead.negatives sets eq. 6's sampled negatives, which --rechead.loss full does not use; drop one")
     for key, value in (("rechead.batch_size", cfg.rechead.batch_size), ("grpo.prompts_per_step", g.prompts_per_step)):
         if value % WORLD:
             fail(f"--{key} {value} does not divide by {WORLD} processes")

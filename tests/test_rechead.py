@@ -276,3 +276,13 @@ def test_ground_scores_find_the_named_item(enc):
     assert s.shape == (2, len(ITEMS))
     assert s[:, 1:].argmax(1).tolist() == [4, 16]  # columns shifted by the pad
     assert abs(s[0, 5].item() - 1) < 1e-5 and (s[:, 0] == 0).all()
+
+
+def test_loss_flag():
+    import rporec
+    assert rporec.parse_config([]).rechead.loss == "sampled"
+    assert rporec.parse_config(["--rechead.loss", "full"]).rechead.loss == "full"
+    for bad, msg in ((["--rechead.loss", "softmax"], "one of"),
+                     (["--rechead.loss", "full", "--rechead.negatives", "9"], "does not use")):
+        with pytest.raises(SystemExit, match=msg):
+            rporec.parse_config(bad)

@@ -1,5 +1,6 @@
 """The fast path of trainable StaticEmbedding copies (tokenise once, row-sparse gradients, SparseAdam) and the
 item-ID vectors of eq. 5 (RecheadConfig.item_ids)."""
+import math
 import os
 
 import pytest
@@ -226,3 +227,91 @@ def test_non_static_encoder_keeps_the_encode_path(tmp_path):
     before = table.detach().clone()
     step(rh, opt, negatives())
     assert not table.grad.is_sparse and not torch.equal(table, before)
+
+
+def explicit_full_loss(h, table, pos):
+    """The full softmax written out: -log_softmax over the real items 1..N (table rows 1..N), mean over users."""
+    logp = torch.log_softmax(h @ table[1:].T, dim=1)  # (B, N)
+    return -logp[torch.arange(len(pos)), pos - 1].mean()
+
+
+@pytest.mark.parametrize("item_ids", [False, True])
+def test_full_loss_is_log_softmax_over_every_real_item(enc, item_ids):
+    rh = make(enc, item_ids=item_ids, loss="full").eval()
+    if item_ids:
+        with torch.no_grad():
+            rh.item_ids.weight[1:].normal_(generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = rh.user_vecs(X, Y, Z)
+        expect = explicit_full_loss(h, rh.item_table(), POS)
+        torch.testing.assert_close(rh.loss(h, POS, negatives()), expect)
+        by_hand = sum(math.log(sum(math.exp(h[b] @ rh.item_table()[v]) for v in range(1, len(ITEMS))))
+                      - float(h[b] @ rh.item_table()[POS[b]]) for b in range(3)) / 3
+        assert abs(rh.loss(h, POS, negatives()).item() - by_hand) < 1e-4
+        assert torch.equal(rh.loss(h, POS, negatives(3)), rh.loss(h, POS, negatives(9)))  # neg is unused
+
+
+def test_full_loss_never_counts_the_pad_item(enc):
+    rh = make(enc, item_ids=True, loss="full")
+    h = rh.user_vecs(X, Y, Z).detach().requires_grad_(True)
+    before = rh.loss(h, POS, negatives())
+    with torch.no_grad():
+        rh.item_vecs[0] = 100 * h.mean(0)  # the pad row would now win every softmax it took part in
+    after = rh.loss(h, POS, negatives())
+    assert torch.equal(after, before)
+    after.backward()
+    grad = rh.item_ids.weight.grad.coalesce()
+    assert 0 not in grad.indices().flatten().tolist()
+    assert sorted(grad.indices().flatten().tolist()) == list(range(1, len(ITEMS)))  # every real item has a row
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_full_loss_in_chunks_equals_the_plain_loss_and_gradient(enc, sparse):
+    """Chunks of 4 and of 7 items (15 items: the last chunk short) against one pass over all 15."""
+    grads = {}
+    for chunk in (4, 7, rechead.FULL_CHUNK):
+        rh = make(enc, item_ids=True, sparse=sparse)
+        with torch.no_grad():
+            rh.item_ids.weight[1:].normal_(generator=torch.Generator().manual_seed(1))
+        h = rh.user_vecs(X, Y, Z)
+        loss = rechead.full_loss(h, POS, rh.item_rows, len(ITEMS) - 1, chunk=chunk)
+        loss.backward()
+        g_ids = rh.item_ids.weight.grad
+        grads[chunk] = (loss.detach(), g_ids.to_dense() if g_ids.is_sparse else g_ids,
+                        {n: p.grad.to_dense() for n, p in rh.named_parameters() if p.grad is not None})
+    loss, g_ids, g_all = grads[rechead.FULL_CHUNK]
+    torch.testing.assert_close(loss, explicit_full_loss(h.detach(), rh.item_table().detach(), POS))
+    for chunk in (4, 7):
+        torch.testing.assert_close(grads[chunk][0], loss, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(grads[chunk][1], g_ids, atol=1e-6, rtol=1e-5)
+        assert grads[chunk][2].keys() == g_all.keys()
+        for n, g in g_all.items():
+            torch.testing.assert_close(grads[chunk][2][n], g, atol=1e-6, rtol=1e-5)
+    assert not g_ids[0].any() and g_ids[1:].abs().sum(1).min() > 0
+
+
+def test_sampled_loss_is_the_default_and_unchanged(enc):
+    assert RecheadConfig().loss == "sampled"
+    for item_ids in (False, True):
+        rh = make(enc, item_ids=item_ids)
+        with torch.no_grad():
+            h = rh.user_vecs(X, Y, Z)
+            cand = torch.cat([POS[:, None], negatives()], 1)  # (3, 7), the positive first
+            logits = torch.einsum("bd,bkd->bk", h, rh.item_table()[cand])
+            expect = torch.nn.functional.cross_entropy(logits, torch.zeros(3, dtype=torch.long))
+            assert torch.equal(rh.loss(h, POS, negatives()), expect)
+            assert torch.equal(make(enc, item_ids=item_ids, loss="sampled").loss(h, POS, negatives()), expect)
+
+
+@pytest.mark.parametrize("variant", [dict(use_cot=False), dict(use_cot=False, item_ids=True), dict(),
+                                     dict(item_ids=True), dict(trainable=False, item_ids=True)])
+def test_every_variant_trains_with_the_full_loss(enc, variant):
+    """The faithful text path (-cot and with CoTs), item ids, a frozen encoder: full-loss steps lower the loss,
+    and with item ids every real item's vector moves, the pad's does not."""
+    rh = make(enc, loss="full", **variant)
+    opt = rechead.make_optimizer(rh, 1e-2)
+    losses = [step(rh, opt, negatives()) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    if rh.cfg.item_ids:
+        ids = rh.item_ids.weight.detach()
+        assert not ids[0].any() and ids[1:].abs().sum(1).min() > 0
