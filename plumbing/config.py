@@ -113,6 +113,9 @@ def refuse_other_config(out, cfg, ok, ok_stage1=None):
     if not os.path.exists(path):
         return
     old = files.load_json(path, "pass a new --out, or delete that folder")
+    defaults = dataclasses.asdict(type(cfg)())  # a field the folder's config.json lacks came later: its
+    old = {**old, **{sec: {**fields, **old.get(sec, {})} for sec, fields in defaults.items()}}  # default is
+    # what that run did
     if ok_stage1 is not None:
         was = {k: old.get("run", {}).get(k) for k in ("stage", "ablate")}
         ok = ok if dataclasses.replace(cfg.run, **was).has_stage2() else ok_stage1

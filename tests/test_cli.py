@@ -1,6 +1,7 @@
 """What a user meets at the command line: flags (mistyped, repeated, contradicting), refusals that name the
 right flag and leave nothing behind, one error line instead of a traceback, the thread count, progress in a
 log file, the lock of a finished run, and a resume that rebuilds a deleted metrics.json."""
+import json
 import os
 import subprocess
 import sys
@@ -208,3 +209,18 @@ def test_a_reasoning_cache_deleted_mid_run_is_one_error_line(tmp_path, monkeypat
     refused(small(tmp_path, "--stage", "1", "--gen_batch", "16"), r"train.jsonl lost \d+ of its 48 CoTs while")
     monkeypatch.setattr(checkpoint, "append_cache", real)
     rporec.main(small(tmp_path, "--stage", "1", "--gen_batch", "16"))
+
+
+def test_a_run_folder_from_before_a_new_field_resumes(tmp_path):
+    """config.json written before a field existed (here rechead.loss and run.threads): the field's default is
+    what that run did, so a resume takes the folder."""
+    flags = ("--grpo.steps", "2", "--grpo.save_every", "1")
+    rporec.main(small(tmp_path, *flags, "--grpo.eval_every", "1"))
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["rechead"]["loss"], saved["run"]["threads"]
+    path.write_text(json.dumps(saved))
+    m = rporec.main(small(tmp_path, "--grpo.steps", "3", "--grpo.save_every", "1", "--grpo.eval_every", "1",
+                          "--resume"))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl") if '"reward"' in line] == \
+        [1, 2, 3] and "stage2" in m
