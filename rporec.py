@@ -303,21 +303,21 @@ def final_eval(cfg, ds, head, model, tok, splits, run, best):
 # ----------------------------------------------------------------------------- main
 def main(argv):
     cfg = parse_config(argv)  # every check runs before any work or write
-    run = Run(cfg, Config())  # processes, seeds, the run folder: lock, config.json, log, metrics
-    with run.starting():  # a failed start leaves nothing behind
-        ds, head, model, tok = load(cfg, run)
-    splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
-    if run.runs_stage1:
-        stage1(cfg, ds, head, model, tok, splits, run)
-    else:  # Stage II alone, or resumed: the finished Stage I's Rechead, copied into this folder
-        checkpoint.restore_rechead(head, cfg.run.init or cfg.run.out, cfg.run.out)
-    if run.runs_stage1 or run.lost_stage1:  # a resume rebuilds what a deleted metrics.json lost
-        run.finish_stage1(stage1_metrics(cfg, ds, head, model, tok, splits))
-    if cfg.run.has_stage2():
-        best = stage2(cfg, ds, head, model, tok, splits, run)
-        run.finish_stage2({"stage2": final_eval(cfg, ds, head, model, tok, splits, run, best)},
-                          cfg.rewards.labels())
-    return run.close()
+    with Run(cfg, Config()) as run:  # processes, seeds, the run folder: lock, config.json, log, metrics
+        with run.starting():  # a failed start leaves nothing behind
+            ds, head, model, tok = load(cfg, run)
+        splits = {k: v[:cfg.run.limit or None] for k, v in ds.splits.items()}
+        if run.runs_stage1:
+            stage1(cfg, ds, head, model, tok, splits, run)
+        else:  # Stage II alone, or resumed: the finished Stage I's Rechead, copied into this folder
+            checkpoint.restore_rechead(head, cfg.run.init or cfg.run.out, cfg.run.out)
+        if run.runs_stage1 or run.lost_stage1:  # a resume rebuilds what a deleted metrics.json lost
+            run.finish_stage1(stage1_metrics(cfg, ds, head, model, tok, splits))
+        if cfg.run.has_stage2():
+            best = stage2(cfg, ds, head, model, tok, splits, run)
+            run.finish_stage2({"stage2": final_eval(cfg, ds, head, model, tok, splits, run, best)},
+                              cfg.rewards.labels())
+        return run.close()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,13 @@ class Run:
             if os.path.exists(self.metrics_path) else {}
         self.metrics.pop("cost", None)  # recomputed from log.jsonl
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        """However the run ends, its folder's lock goes with it (close() releases it on success)."""
+        unlock_run(self.out)
+
     @contextlib.contextmanager
     def starting(self):
         """The start (data, models, their checks): when it fails, what this invocation wrote goes again (the
