@@ -209,7 +209,16 @@ def rollout(model, prompt_ids, prompt_mask, group_size, decode_cfg, eos_ids, pad
         raise ValueError("GRPO rollouts must sample; set greedy=False in the rollout DecodeConfig")
     ids = prompt_ids.repeat_interleave(group_size, 0)  # (N*G, P)
     am = prompt_mask.repeat_interleave(group_size, 0)  # (N*G, P)
-    return decode.generate(model, ids, am, decode_cfg, eos_ids, pad_id, stats=True)
+    out = None
+    try:
+        out = decode.generate(model, ids, am, decode_cfg, eos_ids, pad_id, stats=True)
+    except RuntimeError as e:  # transformers' sampler refuses non-finite probabilities itself
+        if "probability tensor" not in str(e):
+            raise
+    bad = out is None or not bool(torch.isfinite(out.logp[out.mask.bool()]).all())
+    if _any_rank([bad], ids.device)[0]:  # every process stops together
+        raise FloatingPointError("the policy's next-token probabilities are not finite")
+    return out
 
 
 def make_batch(prompt_ids, prompt_mask, out, advantages, group_size) -> dict:
@@ -312,10 +321,15 @@ def _pass(model, optimizer, batch, micro, ent_mask, refs, olds, cfg, autocast_dt
 @torch.no_grad()
 def finite_outputs(model, ids, mask, autocast_dtype=None) -> bool:
     """Whether the policy's next-token logits on prompts ids, mask (b, P) are finite on every
-    process. A finite but far too large update (a far too high lr) can break the weights with every
+    process, in eval mode as the rollout samples (a model can be finite in one mode and not the
+    other). A finite but far too large update (a far too high lr) can break the weights with every
     gradient finite; the next rollout would then sample from NaN probabilities."""
-    with _autocast(ids.device, autocast_dtype):
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits  # (b, 1, V)
+    training = model.training
+    try:
+        with _autocast(ids.device, autocast_dtype):
+            logits = model.eval()(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits  # (b, 1, V)
+    finally:
+        model.train(training)
     return not _any_rank([not bool(torch.isfinite(logits).all())], ids.device)[0]
 
 

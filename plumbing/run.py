@@ -207,9 +207,19 @@ class GRPOLoop:
                 if halt:
                     stop.stop(out, state["step"], self.total)
 
+    @contextlib.contextmanager
     def timed(self, part):
-        """Measures a part of the step (rollout, rewards, update) into its line."""
-        return measure(self.cost, f"{part}_s")
+        """Measures a part of the step (rollout, rewards, update) into its line. A rollout that meets
+        non-finite probabilities (grpo.rollout) stops the run: an earlier update broke the weights in a way
+        guard's check on the prompts it had did not show."""
+        with measure(self.cost, f"{part}_s"):
+            try:
+                yield
+            except FloatingPointError as e:
+                done = self.state["step"]
+                fail(f"step {done}'s update broke the weights: at step {done + 1}'s {part}, {e} (--grpo.lr "
+                     f"{self.g.lr:g} far too high?). "
+                     + checkpoint.restart_advice(self.run.cfg, "Lower --grpo.lr"))
 
     def log(self, step, samples, scored, rollout, stats, adv):
         """The step's line: every reward part, KL, entropy, clip fractions, lengths and cost; and now and then a
@@ -234,18 +244,22 @@ class GRPOLoop:
                        f"{scored.texts[0][:1500]}\n--- its summary: {scored.summaries[0][:300]}")
 
     def guard(self, step, stats, outputs_finite):
-        """Non-finite values never reach a checkpoint: a skipped step (update() found one) is counted and, after
-        --grpo.max_skips in a row, stops the run; after a step that went through, the policy's outputs
-        (outputs_finite(), called only then) must be finite, or the run stops before saving anything."""
+        """Non-finite values never reach a checkpoint: a step that update() stopped before any pass stepped is
+        counted and, after --grpo.max_skips in a row, stops the run; after a step whose passes (all, or the
+        ones before a stop) reached the weights, the policy's outputs (outputs_finite(), called only then)
+        must be finite, or the run stops before saving anything."""
         state, g, cfg = self.state, self.g, self.run.cfg
-        state["skips"] = state["skips"] + 1 if stats["skipped"] else 0
+        stepped = len(stats["passes"])  # --grpo.iterations > 1 may stop after some passes went through
+        state["skips"] = state["skips"] + 1 if stats["skipped"] and not stepped else 0
         if stats["skipped"]:
-            tqdm.write(f"warning: step {step + 1} skipped, nothing reached the weights: {stats['skipped']}")
+            went = f"{stepped} pass(es) before it reached the weights" if stepped else "nothing reached the weights"
+            tqdm.write(f"warning: step {step + 1} stopped, {went}: {stats['skipped']}")
             if state["skips"] >= g.max_skips:
                 fail(f"{state['skips']} GRPO steps in a row had non-finite values ({stats['skipped']}). "
                      + checkpoint.restart_advice(cfg, "Lower --grpo.lr or check the rewards"))
-        elif not outputs_finite():
-            fail(f"step {step + 1}'s update broke the weights: every gradient was finite, the policy's outputs are not "
+        if (stepped or not stats["skipped"]) and not outputs_finite():
+            finite = "" if stats["skipped"] else "every gradient was finite, "
+            fail(f"step {step + 1}'s update broke the weights: {finite}the policy's outputs are not "
                  f"(--grpo.lr {g.lr:g} far too high?). " + checkpoint.restart_advice(cfg, "Lower --grpo.lr"))
 
     def eval_due(self, step):
