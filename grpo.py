@@ -327,7 +327,8 @@ def finite_outputs(model, ids, mask, autocast_dtype=None) -> bool:
     training = model.training
     try:
         with _autocast(ids.device, autocast_dtype):
-            logits = model.eval()(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits  # (b, 1, V)
+            logits = model.eval()(input_ids=ids, attention_mask=mask,
+                                  logits_to_keep=1).logits  # (b, 1, V)
     finally:
         model.train(training)
     return not _any_rank([not bool(torch.isfinite(logits).all())], ids.device)[0]

@@ -1,37 +1,41 @@
 """The embedded toy bookstore and the models built in code, all offline: `source` (the `toy` dataset: readers
-keep to 1-2 genres and read series in order), `build_backbone` (a tiny random Qwen3) and `build_encoder` (a tiny
-StaticEmbedding sentence-transformer), both with a word-level vocabulary (`words`), and `build_standin` (--model
-random:NAME: a named checkpoint's architecture at its real size with random weights and Qwen's BPE tokenizer,
-to time and size a run where no weights can be downloaded).
+alternate between two series, book by book), `lessons` and `build_backbone` (a tiny Qwen3, taught the bookstore
+for a few seconds so that its reasoning starts out half right), `build_encoder` (a tiny random StaticEmbedding
+sentence-transformer), both with a word-level vocabulary (`words`), and `build_standin` (--model random:NAME: a
+named checkpoint's architecture at its real size with random weights and Qwen's BPE tokenizer, to time and size
+a run where no weights can be downloaded).
 """
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
 import tempfile
 from datetime import datetime, timezone
 
+from plumbing.report import progress
 from plumbing.sources import item_text
 
-TOY_GENRES = {  # genre: "series nouns|story hook|story hook"
+TOY_GENRES = {  # genre: "series nouns|story hook|story hook" (every hook seven words: all books' texts
+    # have one length in tokens, so the toy backbone finds a book in a prompt at a fixed place)
     "Mystery": "Harbor Ledger Chapel Orchard Cipher Lantern|a retired inspector reopens a cold case|a locked "
-               "library hides a second body|a village baker finds a letter that should not exist",
+               "library hides a second body|a baker finds a letter never sent",
     "Fantasy": "Crown Dragon Tower Forest Blade Throne|an apprentice mage steals a forbidden map|two rival "
-               "kingdoms wake an old dragon|a blind queen hunts the thief of her crown",
-    "Science Fiction": "Station Orbit Signal Colony Engine Horizon|a mining crew hears a signal from a dead star|"
-                       "the last colony ship wakes a century early|an android pilot questions her orders",
-    "Romance": "Cottage Vineyard Letters Summer Bakery Island|a chef returns home and meets her first love|two "
-               "wedding planners compete for one client|a letter lost for forty years finds its reader",
-    "Thriller": "Protocol Witness Dossier Border Target Cartel|an analyst uncovers a mole inside the agency|a "
+               "kingdoms wake an old dragon|a blind queen hunts her crown thief",
+    "Scifi": "Station Orbit Signal Colony Engine Horizon|a mining crew hears a dead star|the last colony "
+             "ship wakes too early|an android pilot questions her own orders",
+    "Romance": "Cottage Vineyard Letters Summer Bakery Island|a chef returns home to first love|two wedding "
+               "planners compete for one client|a lost letter finally finds its reader",
+    "Thriller": "Protocol Witness Dossier Border Target Cartel|an analyst uncovers a mole inside headquarters|a "
                 "juror learns the trial is rigged|a courier carries a package everyone wants",
-    "History": "Empire Frontier Dynasty Republic Voyage Siege|a Roman engineer builds a bridge under siege|a "
-               "merchant family survives the fall of Constantinople|sailors chart the unknown Pacific",
-    "Horror": "Manor Hollow Asylum Well Marsh Attic|a family inherits a house that remembers|a night nurse hears "
-              "voices on the empty ward|a fishing village makes its yearly offering",
-    "Cooking": "Kitchen Table Pantry Harvest Oven Garden|simple weeknight dinners from one pan|slow breads and the "
-               "science of sourdough|seasonal vegetables from market to plate",
+    "History": "Empire Frontier Dynasty Republic Voyage Siege|a Roman engineer bridges a besieged river|a "
+               "merchant family survives the fall Constantinople|sailors chart the unknown Pacific at last",
+    "Horror": "Manor Hollow Asylum Well Marsh Attic|a family inherits a house that remembers|a night nurse "
+              "hears voices on wards|a fishing village makes its yearly offering",
+    "Cooking": "Kitchen Table Pantry Harvest Oven Garden|simple weeknight dinners cooked in one pan|slow breads "
+               "and the science of sourdough|seasonal vegetables carried from market to plate",
 }
 TOY_WORDS = ("Silent Crimson Hollow Golden Broken Northern Last Hidden Iron Paper Winter Glass".split(),
              "Mara Elias Nora Tobias Ivy Felix Clara Jonah Lena Arthur Rosa Milo".split(),
@@ -71,7 +75,10 @@ TOY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
 
 
 def source(cfg):
-    """Fictional bookstore: readers keep to 1-2 genres and read series in order (learnable from the text)."""
+    """Fictional bookstore: each reader keeps two series on the go and alternates between them, book by
+    book, in order (a finished series gives way to another of the reader's 1-2 genres). The next book is
+    thus the next of the series read *before* the last one: the order of the history says which, the set of
+    books in it does not, and the last book alone names a different series for every reader."""
     rng, items, series = random.Random(cfg.seed), {}, []  # series: (genre, [item keys, book 1 first])
     for genre, spec in TOY_GENRES.items():
         nouns, *hooks = spec.split("|")
@@ -81,21 +88,23 @@ def source(cfg):
             series.append((genre, [f"bk{len(items) + k:03d}" for k in range(1, n + 1)]))  # the store's own ids
             for k, key in enumerate(series[-1][1], 1):
                 title = f"{name}, Book {k}"
-                desc = f"{genre}, book {k} of {n} in the series {name} by {author}: {rng.choice(hooks)}."
+                desc = f"{genre}, book {k} of {n} by {author}: {rng.choice(hooks)}."
                 items[key] = (title, item_text(title, round(rng.uniform(3.4, 4.9), 1), rng.randint(12, 4000), desc))
     keys, pop = list(items), [1 / (1 + j % 5) for j in range(len(series))]  # popular and niche series per genre
     t0, day, inter = int(datetime(2023, 1, 1, tzinfo=timezone.utc).timestamp()), 86400, []
     for u in range(cfg.toy_users):
         fav = rng.sample(list(TOY_GENRES), rng.choice((1, 1, 2)))
-        t, j, k = t0 + rng.randrange(365 * day), -1, 0
+        t, shelf = t0 + rng.randrange(365 * day), []  # shelf: the two series in reading, [series, next book]
         for _ in range(rng.randint(4, 14)):
             if rng.random() < cfg.toy_noise:
                 key = rng.choice(keys)
             else:
-                if j < 0 or k >= len(series[j][1]):  # series finished: start another one in a favourite genre
-                    pool = [p for p, (g, _) in enumerate(series) if g in fav and p != j]
-                    j, k = rng.choices(pool, [pop[p] for p in pool])[0], 0
-                key, k = series[j][1][k], k + 1
+                if len(shelf) < 2 or shelf[0][1] >= len(series[shelf[0][0]][1]):  # start another series
+                    shelf = shelf[-1:] if len(shelf) == 2 else shelf
+                    pool = [p for p, (g, _) in enumerate(series) if g in fav and p not in {s for s, _ in shelf}]
+                    shelf.insert(0, [rng.choices(pool, [pop[p] for p in pool])[0], 0])
+                j, k = shelf[0]
+                key, shelf = series[j][1][k], [*shelf[1:], [j, k + 1]]  # the other series is next
             inter.append((f"reader{u}", key, t))
             t += rng.randint(1, 12) * day
     return "book", items, inter, "toy generator"
@@ -123,16 +132,47 @@ def _own_rng(build):
     return wrapped
 
 
+HISTORY_CHARS = 400  # the toy prompts' history budget: every book's text is 161-190 characters, so the
+# newest two books and never a third (the two the next book depends on), which keeps a prompt short
+
+# How the toy backbone learns the bookstore before Stage I: next-token cross-entropy on the completions of
+# `lessons`, Adam steps of `batch` lessons at `lr`, `steps` of them or `epochs` passes over the lessons if
+# fewer (the bookstore's 2,169 train samples: 250 steps, about 20 s on one CPU thread). `right` is the share
+# of lessons that continue the series read before the last (what readers do); the others continue the last
+# series. So the backbone starts out writing the answer's shape and, more often than not, the right series.
+PRETRAIN = dict(steps=250, epochs=3, batch=16, lr=5e-3, right=0.8)
+
+
+def lessons(ds, samples, messages, right=PRETRAIN["right"], seed=0):
+    """[(chat messages, completion)] for samples of the bookstore (ds.name "toy"), [] for any other data:
+    the toy backbone's pre-training. A completion reasons about which series to continue and answers with
+    its genre: `<think>next in the Harbor series: book 3</think><answer>'description': Mystery</answer>`.
+    messages(sample) gives a sample's prompt."""
+    if ds.name != "toy":
+        return []
+    rng, out = random.Random(seed), []
+    for s in samples:
+        h = s["history"]
+        book = h[-2] if len(h) > 1 and rng.random() < right else h[-1]
+        series, k = ds.titles[book].rsplit(", Book ", 1)
+        genre = ds.texts[book].split("'description': ", 1)[1].split(",", 1)[0]
+        out.append((messages(s), f"<think>next in the {series.split()[-1]} series: book {int(k) + 1}</think>"
+                                 f"<answer>'description': {genre}</answer>"))
+    return out
+
+
 @_own_rng
-def build_backbone(texts, out_dir, seed=0):
-    """A 2-layer random Qwen3 with a word-level tokenizer over `texts`, saved as a normal HF folder
-    so that the toy run loads it exactly like a real checkpoint."""
+def build_backbone(texts, out_dir, seed=0, lessons=()):
+    """A 2-layer Qwen3 with a word-level tokenizer over `texts` and the lessons' words, saved as a normal HF
+    folder so that the toy run loads it exactly like a real checkpoint. Random, or taught `lessons` (see
+    PRETRAIN): its attention starts as a copy of the tokens it attends to, which it then learns to aim."""
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     import torch  # here, not at the top: `import toy` (so `import data`) stays light
     from tokenizers import decoders, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    tk = _word_tokenizer(texts, pre_tokenizers.BertPreTokenizer(), TOY_SPECIALS)
+    words_of = [*texts, *(m["content"] for msgs, _ in lessons for m in msgs), *(c for _, c in lessons)]
+    tk = _word_tokenizer(words_of, pre_tokenizers.BertPreTokenizer(), TOY_SPECIALS)
     tk.decoder = decoders.WordPiece()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|im_end|>",
                                   additional_special_tokens=TOY_SPECIALS[2:], chat_template=TOY_TEMPLATE)
@@ -140,15 +180,47 @@ def build_backbone(texts, out_dir, seed=0):
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+        num_key_value_heads=4, head_dim=16, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id))
     with torch.no_grad():  # zero (tied) rows: decoding then emits words, not control tokens
         model.get_input_embeddings().weight[tok.convert_tokens_to_ids(TOY_SPECIALS)] = 0
+    if lessons:
+        _teach(model, tok, lessons, seed)
 
     def save(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return _save_whole(out_dir, save, "config.json")
+
+
+def _teach(model, tok, lessons, seed):
+    """PRETRAIN's supervised steps on the lessons' completions (their prompts are context, not targets)."""
+    import torch
+    with torch.no_grad():  # values and outputs start as the identity: attending to a word copies it
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.copy_(torch.eye(model.config.hidden_size))
+            layer.self_attn.o_proj.weight.copy_(torch.eye(model.config.hidden_size))
+    prompts = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False).input_ids for m, _ in lessons]
+    answers = [tok(c + tok.eos_token, add_special_tokens=False).input_ids for _, c in lessons]
+    gen, n = torch.Generator().manual_seed(seed), PRETRAIN["batch"]
+    steps = min(PRETRAIN["steps"], math.ceil(PRETRAIN["epochs"] * len(lessons) / n))
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
+    model.train()
+    for _ in progress(range(steps), desc="teaching the toy backbone"):
+        batch = torch.randint(len(lessons), (n,), generator=gen).tolist()
+        width = max(len(prompts[i]) + len(answers[i]) for i in batch)
+        ids = torch.full((n, width), tok.pad_token_id)  # (n, T), right-padded
+        labels = torch.full((n, width), -100)  # (n, T): only the completions are targets
+        for r, i in enumerate(batch):
+            p, a = len(prompts[i]), len(answers[i])
+            ids[r, :p + a] = torch.tensor(prompts[i] + answers[i])
+            labels[r, p:p + a] = torch.tensor(answers[i])
+        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
 
 
 @_own_rng
@@ -286,8 +358,9 @@ def standin_tokenizer(name, cache_dir=None):
 def notice(model):
     """What the run says when --model is one of the models built here, else ""."""
     if model == "toy":
-        return ("toy preset: a tiny randomly initialised Qwen3 backbone and a random static-embedding encoder, both "
-                "built in code (no download). Its reasoning is noise; the numbers only exercise the code.")
+        return ("toy backbone: a 2-layer Qwen3 built in code (no download). On the bookstore it is first taught to "
+                "name the series to continue, right about half the time (plumbing/toy.py); on other data it stays "
+                "random and its reasoning is noise.")
     if model.startswith("random:"):
         return (f"stand-in backbone {model}: the real architecture and vocabulary with random weights, built in code. "
                 "Its text is noise that almost never stops before the token cap: the timings are the worst case and "

@@ -1,6 +1,5 @@
 """data.py, sources.py, toy.py: Amazon 2023 processing, MovieLens, bring-your-own tables, toy set, cache, prompts,
 errors, toy models."""
-import collections
 import csv
 import dataclasses
 import gzip
@@ -652,23 +651,49 @@ def test_toy_builds_fast_deterministic_and_realistic():
     assert ds.texts[1].startswith(f"'title': {ds.titles[1]}\n 'average_rating': ")
 
 
-def test_toy_series_heuristic_beats_popularity():
-    """The next book of the last series (else popular books of its genre) is read from the item text."""
+def test_toy_readers_alternate_two_series():
+    """The bookstore's rule, read from the titles: most next books continue the series read before the last
+    one, almost none the last one's; and the toy prompts' history budget holds exactly the newest two books."""
+    from tokenizers import pre_tokenizers
     ds = data.load_dataset(data.DataConfig())
-    info = {i: (*re.fullmatch(r"(.*), Book (\d+)", ds.titles[i]).groups(), ds.texts[i].split("'description': ")[1]
-                .split(",")[0]) for i in range(1, ds.n_items + 1)}
-    by_key = {(s, int(k)): i for i, (s, k, _) in info.items()}
-    pop = collections.Counter(s["target"] for s in ds.splits["train"])
-    by_pop = sorted(info, key=lambda i: -pop[i])
-    test = ds.splits["test"]
+    key = {t: i for i, t in enumerate(ds.titles)}
 
-    def top10(history):
-        series, k, genre = info[history[-1]]
-        nxt = [by_key[(series, int(k) + 1)]] if (series, int(k) + 1) in by_key else []
-        return list(dict.fromkeys(nxt + [i for i in by_pop if info[i][2] == genre and i not in history]))[:10]
-    hr_rule = sum(s["target"] in top10(s["history"]) for s in test) / len(test)
-    hr_pop = sum(s["target"] in by_pop[:10] for s in test) / len(test)
-    assert hr_rule > 0.4 and hr_rule > 3 * hr_pop
+    def next_of(i):
+        series, k = ds.titles[i].rsplit(", Book ", 1)
+        return key.get(f"{series}, Book {int(k) + 1}")
+    for split in ds.splits.values():
+        before_last = sum(len(s["history"]) > 1 and s["target"] == next_of(s["history"][-2]) for s in split)
+        last = sum(s["target"] == next_of(s["history"][-1]) for s in split)
+        assert before_last > 0.5 * len(split) and last < 0.01 * len(split)
+    pre = pre_tokenizers.BertPreTokenizer()
+    assert len({len(pre.pre_tokenize_str(t.lower())) for t in ds.texts[1:]}) == 1  # one length in tokens
+    for s in ds.splits["train"][:300]:
+        shown = data.history_text(ds, s["history"], toy.HISTORY_CHARS)
+        assert shown.count("'title': ") == min(2, len(s["history"]))
+
+
+def test_toy_lessons_parse_and_are_right_as_often_as_asked():
+    """The toy backbone's lessons: every completion has the paper's format, names the series to continue and
+    its next book (the one read before the last for a share `right` of them, else the last one's), answers
+    with its genre; other data gets none."""
+    import rewards
+    ds = data.load_dataset(data.DataConfig())
+    train = [s for s in ds.splits["train"] if len(s["history"]) > 1]
+    lessons = toy.lessons(ds, train, lambda s: [{"role": "user", "content": str(s["target"])}], right=0.6)
+    assert [m[0]["content"] for m, _ in lessons] == [str(s["target"]) for s in train]
+
+    def says(i):  # what a lesson continuing book i's series says
+        series, k = ds.titles[i].rsplit(", Book ", 1)
+        genre = ds.texts[i].split("'description': ")[1].split(",")[0]
+        return f"next in the {series.split()[-1]} series: book {int(k) + 1}", f"'description': {genre}"
+    right = 0
+    for s, (_, text) in zip(train, lessons):
+        assert rewards.format_reward(text) == 1.0
+        said = rewards.parse_completion(text)
+        assert said in (says(s["history"][-2]), says(s["history"][-1]))
+        right += said == says(s["history"][-2])
+    assert abs(right / len(train) - 0.6) < 0.04
+    assert toy.lessons(dataclasses.replace(ds, name="custom-1"), train, lambda s: []) == []
 
 
 def test_history_text_budget_keeps_latest():
@@ -783,6 +808,31 @@ def test_toy_builders_load_are_seeded_and_build_once(tmp_path):
     (tmp_path / "junk" / "f.txt").write_text("x")
     with pytest.raises(ValueError, match="delete it"):
         toy.build_encoder(texts, str(tmp_path / "junk"))
+
+
+def test_a_taught_toy_backbone_writes_the_papers_format(tmp_path, monkeypatch):
+    """Eighty steps of the lessons (a run takes 250) already give greedy completions in the paper's format
+    that name a series of the store; the untaught backbone's do not."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import rewards
+    monkeypatch.setitem(toy.PRETRAIN, "steps", 80)
+    ds, cfg = data.load_dataset(data.DataConfig()), data.DataConfig(max_history_chars=toy.HISTORY_CHARS)
+    lessons = toy.lessons(ds, ds.splits["train"][:400], lambda s: data.build_messages(ds, s, cfg))
+    nouns = {t.rsplit(", Book ", 1)[0].split()[-1].lower() for t in ds.titles[1:]}
+    for taught, where in ((lessons, tmp_path / "taught"), ((), tmp_path / "random")):
+        toy.build_backbone(ds.texts[1:], str(where), lessons=taught)
+        tok = AutoTokenizer.from_pretrained(where, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(where)
+        prompts = [tok.apply_chat_template(data.build_messages(ds, s, cfg), tokenize=False, add_generation_prompt=True)
+                   for s in ds.splits["valid"][:8]]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)  # (8,)
+        named = [re.search(r"next in the (\w+) series", t) for t in texts]
+        ok = [rewards.format_reward(t) == 1.0 and m is not None and m.group(1) in nouns for t, m in zip(texts, named)]
+        assert all(ok) if taught else not any(ok), texts
 
 
 def test_toy_builders_leave_the_callers_rng_alone(tmp_path):

@@ -371,18 +371,38 @@ def test_update_under_bf16_autocast_runs():
 
 def test_rollout_repeats_prompts_in_contiguous_groups(monkeypatch):
     calls = {}
+    out = grpo.decode.Rollout(torch.ones(6, 2, dtype=torch.long), torch.ones(6, 2, dtype=torch.bool),
+                              torch.zeros(6, 2), torch.zeros(6, 2))
 
     def fake_generate(model, input_ids, attention_mask, cfg, eos_ids, pad_id, stats=False):
         calls.update(ids=input_ids, am=attention_mask, stats=stats)
-        return "rollout"
+        return out
 
     monkeypatch.setattr(grpo.decode, "generate", fake_generate)
     ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     am = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    assert grpo.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=False), [2], 0) == "rollout"
+    assert grpo.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=False), [2], 0) is out
     assert calls["ids"].tolist() == [[0, 5, 6]] * 3 + [[7, 8, 9]] * 3
     assert calls["am"].tolist() == [[0, 1, 1]] * 3 + [[1, 1, 1]] * 3
     assert calls["stats"] is True
+
+
+def test_a_rollout_from_broken_weights_raises_floating_point_error(monkeypatch):
+    """Non-finite probabilities, as a NaN log-prob or as transformers' own refusal to sample, are one
+    FloatingPointError (the run turns it into one error line); any other error passes through."""
+    nan = grpo.decode.Rollout(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.bool),
+                              torch.tensor([[0.0, float("nan")], [0.0, 0.0]]), torch.zeros(2, 2))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+    def other(*args, **kwargs):
+        raise RuntimeError("something else")
+    ids, am = torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long)
+    for fake, error in ((lambda *a, **k: nan, FloatingPointError), (refuse, FloatingPointError), (other, RuntimeError)):
+        monkeypatch.setattr(grpo.decode, "generate", fake)
+        with pytest.raises(error):
+            grpo.rollout(None, ids, am, 2, types.SimpleNamespace(greedy=False), [2], 0)
     with pytest.raises(ValueError, match="greedy"):
         grpo.rollout(None, ids, am, 3, types.SimpleNamespace(greedy=True), [2], 0)
 

@@ -358,7 +358,7 @@ def test_a_run_still_training_or_stopped_is_refused(none_run, both_run, tmp_path
 
 
 @pytest.mark.parametrize("case, pattern", [
-    ("cut to 50", r"items.json is not the item table rechead.pt was trained on \(50 items against 192\)"),
+    ("cut to 50", r"items.json is not the item table rechead.pt was trained on \(50 items against 191\)"),
     ("two keys swapped", r"not the item table rechead.pt was trained on \(the same number of items, but other ids"),
     ("a key repeated", r"items.json names item 'bk001' twice"),
     ("a title changed", r"not the item table rechead.pt was trained on \(the same number of items"),

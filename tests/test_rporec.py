@@ -9,7 +9,7 @@ import torch
 import data
 import rewards
 import rporec
-from plumbing import checkpoint, decode
+from plumbing import checkpoint, decode, toy
 
 real_encode = rporec.rechead.encode
 
@@ -200,7 +200,9 @@ def test_resume_repeats_and_loses_no_step(tmp_path):
 def test_reward_parts_on_formatted_completions(tmp_path):
     cfg = rporec.parse_config(small(tmp_path, "--rewards.summary_max_new_tokens", "4", "--rewards.drop", ""))
     ds = rporec.data.load_dataset(cfg.data)
-    model, tok = rporec.load_backbone(cfg, ds)
+    # the untaught toy backbone: its greedy summaries are never empty (a taught one may end at once)
+    model, tok = decode.load_model(toy.build_backbone(ds.texts[1:], str(tmp_path / "random")), torch.float32,
+                                   torch.device("cpu"))
     head = rporec.make_head(cfg, ds)
     samples = [dict(ds.splits["train"][i], i=i) for i in range(2)]
     good = "<think>mystery series book</think><answer>the northern dossier</answer>"
@@ -280,7 +282,8 @@ def test_frozen_embedding_survives_a_kill_midway(tmp_path, monkeypatch):
 
 def test_history_window_keeps_the_newest_items(tmp_path):
     """--rechead.history_items N builds x from the newest N history items; the prompt keeps all of them."""
-    cfg = rporec.parse_config(small(tmp_path, "--rechead.history_items", "2"))
+    cfg = rporec.parse_config(small(tmp_path, "--rechead.history_items", "2", "--data.max_history_chars", "6000",
+                                    "--rechead.history_chars", "0"))  # the paper's budgets, not the toy's
     ds = rporec.data.load_dataset(cfg.data)
     sample = next(s for s in ds.splits["train"] if len(s["history"]) >= 4)
     (x,), _, _ = data.rechead_inputs(cfg, ds, [sample], [("", None)])

@@ -210,7 +210,7 @@ def test_recommend_output_does_not_depend_on_the_batch(stage1_run, tmp_path):
     rec = recommend.Recommender.from_run(run)
     alone = rec.recommend([users[11]["history"]], 10)[0]
     assert same_recs(lines(outs["0"])[11:12], [json.dumps({"user": users[11]["user"], **alone})])
-    assert len({json.loads(t)["reasoning"] for t in lines(outs["0"])}) == 30
+    assert len({json.loads(t)["reasoning"] for t in lines(outs["0"])}) > 25  # each user its own draws
 
 
 def test_recommend_resumed_after_a_failed_write_equals_the_whole_batch(stage1_run, tmp_path, monkeypatch):

@@ -306,7 +306,8 @@ def test_toy_models_are_kept_per_item_table(tmp_path):
     cfg = rporec.parse_config(small(tmp_path))
     ds = rporec.data.load_dataset(cfg.data)
     rporec.make_head(cfg, ds), rporec.load_backbone(cfg, ds)  # the bookstore's, built first
-    other = dataclasses.replace(ds, texts=[""] + [f"zebra quartet live {i}" for i in range(1, ds.n_items + 1)])
+    other = dataclasses.replace(ds, name="custom-zebra",
+                                texts=[""] + [f"zebra quartet live {i}" for i in range(1, ds.n_items + 1)])
     assert "zebra" in rporec.make_head(cfg, other).item_encoder[0].tokenizer.get_vocab()
     assert "zebra" in rporec.load_backbone(cfg, other)[1].get_vocab()
     assert "zebra" not in rporec.make_head(cfg, ds).item_encoder[0].tokenizer.get_vocab()
@@ -525,7 +526,7 @@ def test_every_field_of_every_config_is_checked_before_any_work(tmp_path):
 
 
 def test_checks_that_need_the_data_come_before_any_model(tmp_path):
-    with pytest.raises(SystemExit, match="toy has 192 items .*--rewards.negatives 500 asks .* at most 191 negatives"):
+    with pytest.raises(SystemExit, match="toy has 191 items .*--rewards.negatives 500 asks .* at most 190 negatives"):
         rporec.main(small(tmp_path, "--rewards.negatives", "500"))
     with pytest.raises(SystemExit, match="encoder dimension 64 is not divisible by heads=3"):
         rporec.main(small(tmp_path, "--rechead.heads", "3", "--out", str(tmp_path / "other")))
