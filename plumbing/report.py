@@ -77,8 +77,15 @@ def plot_stage2(out, records, labels):
         ("cot_len", "CoT length", "tokens")]
     cols = (len(curves) + 2) // 2
     fig, axes = plt.subplots(2, cols, figsize=(3.4 * cols, 6.2))
-    for ax, (key, title, unit) in zip(axes.flat, curves):
-        ax.plot([r["step"] for r in steps], [r[key] for r in steps], marker=".")
+    w = max(1, len(steps) // 6)  # a step's values are noisy (a few prompts): the trend is their running mean
+    for i, (ax, (key, title, unit)) in enumerate(zip(axes.flat, curves)):
+        x, y = [r["step"] for r in steps], [r[key] for r in steps]
+        ax.plot(x, y, marker=".", alpha=0.35 if w > 1 else 1.0, label="each step")
+        if w > 1:
+            ax.plot(x, [sum(y[max(0, j - w + 1):j + 1]) / len(y[max(0, j - w + 1):j + 1]) for j in range(len(y))],
+                    color="tab:blue", linewidth=2, label=f"mean of the last {w}")
+            if i == 0:
+                ax.legend(loc="best", fontsize="small")
         ax.set(title=title, xlabel="GRPO step", ylabel=unit)
     ax = axes.flat[len(curves)]
     ax.plot([r["step"] for r in evals], [r["valid_ndcg@10"] for r in evals], marker="o")
