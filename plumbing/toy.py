@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -159,6 +160,24 @@ def lessons(ds, samples, messages, right=PRETRAIN["right"], seed=0):
         out.append((messages(s), f"<think>next in the {series.split()[-1]} series: book {int(k) + 1}</think>"
                                  f"<answer>'description': {genre}</answer>"))
     return out
+
+
+COT_KINDS = ("before the last", "the last", "another book", "none")  # what a CoT's "next in ..." names
+
+
+def cot_kind(ds, history, text):
+    """Which book a toy CoT names as next (`next in the Harbor series: book 3`): the next book of the series
+    read before the last one (what the readers do), of the last one's series, another book, or none."""
+    said = re.search(r"next in the (\w+) series\s*:\s*book (\d+)", text.lower())
+    if not said:
+        return COT_KINDS[3]
+
+    def names_next_of(book):
+        series, k = ds.titles[book].rsplit(", Book ", 1)
+        return said.groups() == (series.split()[-1].lower(), str(int(k) + 1))
+    if len(history) > 1 and names_next_of(history[-2]):
+        return COT_KINDS[0]
+    return COT_KINDS[1] if names_next_of(history[-1]) else COT_KINDS[2]
 
 
 @_own_rng

@@ -810,6 +810,22 @@ def test_toy_builders_load_are_seeded_and_build_once(tmp_path):
         toy.build_encoder(texts, str(tmp_path / "junk"))
 
 
+def test_a_toy_cot_is_sorted_by_the_book_it_names():
+    """tools.toy_cots' classes: the next book of the series read before the last, of the last one's, another, none."""
+    ds = data.load_dataset(data.DataConfig())
+    s = next(s for s in ds.splits["test"] if len(s["history"]) > 1
+             and ds.titles[s["history"][-1]].split(",")[0] != ds.titles[s["history"][-2]].split(",")[0])
+
+    def cot(book, step=1):
+        series, k = ds.titles[book].rsplit(", Book ", 1)
+        return f"<think> next in the {series.split()[-1].lower()} series : book {int(k) + step} </think>"
+    assert toy.cot_kind(ds, s["history"], cot(s["history"][-2])) == "before the last"
+    assert toy.cot_kind(ds, s["history"], cot(s["history"][-1])) == "the last"
+    assert toy.cot_kind(ds, s["history"], cot(s["history"][-1], step=2)) == "another book"
+    assert toy.cot_kind(ds, s["history"], "<think> fantasy </think>") == "none"
+    assert toy.cot_kind(ds, s["history"][-1:], cot(s["history"][-2])) == "another book"
+
+
 def test_a_taught_toy_backbone_writes_the_papers_format(tmp_path, monkeypatch):
     """Eighty steps of the lessons (a run takes 250) already give greedy completions in the paper's format
     that name a series of the store; the untaught backbone's do not."""
