@@ -144,6 +144,13 @@ HISTORY_CHARS = 400  # the toy prompts' history budget: every book's text is 161
 PRETRAIN = dict(steps=250, epochs=3, batch=16, lr=5e-3, right=0.8)
 
 
+def next_in_series(ds, book):
+    """(series noun, number) of the book after `book` in its series: "The Last Harbor, Book 2" gives
+    ("Harbor", 3), the words a toy CoT names it by."""
+    series, k = ds.titles[book].rsplit(", Book ", 1)
+    return series.split()[-1], int(k) + 1
+
+
 def lessons(ds, samples, messages, right=PRETRAIN["right"], seed=0):
     """[(chat messages, completion)] for samples of the bookstore (ds.name "toy"), [] for any other data:
     the toy backbone's pre-training. A completion reasons about which series to continue and answers with
@@ -155,9 +162,9 @@ def lessons(ds, samples, messages, right=PRETRAIN["right"], seed=0):
     for s in samples:
         h = s["history"]
         book = h[-2] if len(h) > 1 and rng.random() < right else h[-1]
-        series, k = ds.titles[book].rsplit(", Book ", 1)
+        noun, number = next_in_series(ds, book)
         genre = ds.texts[book].split("'description': ", 1)[1].split(",", 1)[0]
-        out.append((messages(s), f"<think>next in the {series.split()[-1]} series: book {int(k) + 1}</think>"
+        out.append((messages(s), f"<think>next in the {noun} series: book {number}</think>"
                                  f"<answer>'description': {genre}</answer>"))
     return out
 
@@ -173,8 +180,8 @@ def cot_kind(ds, history, text):
         return COT_KINDS[3]
 
     def names_next_of(book):
-        series, k = ds.titles[book].rsplit(", Book ", 1)
-        return said.groups() == (series.split()[-1].lower(), str(int(k) + 1))
+        noun, number = next_in_series(ds, book)
+        return said.groups() == (noun.lower(), str(number))
     if len(history) > 1 and names_next_of(history[-2]):
         return COT_KINDS[0]
     return COT_KINDS[1] if names_next_of(history[-1]) else COT_KINDS[2]
